@@ -1,0 +1,38 @@
+# DeepHEMNMA: PDB -> normal modes -> particles -> HEMNMA -> networks -> conformational space.
+import os
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version, validate
+
+from deephemnma.config import check_config
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+check_config(config, "config/schema.yaml")  # one line naming the key
+validate(config, "config/schema.yaml")  # fills in the schema's defaults
+
+
+envvars:
+    "PATH",
+
+
+# Jobs call the `deephemnma` CLI installed beside the Python that runs Snakemake.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+
+
+report: "report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/model.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_outputs(),

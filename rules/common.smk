@@ -1,0 +1,57 @@
+# Input functions and helpers (no rules).
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+
+def check_config_files():
+    """Fail at load time, naming the config key, when a configured input file is missing."""
+    keys = [
+        ("structure", config["structure"]),
+        ("nma.compare_to", config["nma"]["compare_to"]),
+    ]
+    for key, path in keys:
+        if path is not None and not Path(path).is_file():
+            raise WorkflowError(f"config key '{key}': file '{path}' does not exist")
+
+
+check_config_files()
+
+RES = config["results"]
+
+
+def res(path):
+    """A path under the results folder."""
+    return f"{RES}/{path}"
+
+
+def mode_numbers():
+    """Mode numbers in use: 7 .. 6 + n_modes."""
+    return list(range(7, 7 + config["nma"]["n_modes"]))
+
+
+def compare_to_args():
+    """CLI flag for the optional comparison structure."""
+    target = config["nma"]["compare_to"]
+    return [] if target is None else ["--compare-to", target]
+
+
+def quoted(items):
+    """Shell-quoted, space-joined arguments for a shell: directive."""
+    import shlex
+
+    return " ".join(shlex.quote(str(i)) for i in items)
+
+
+def anim_dir(wildcards, output):
+    """Folder of the per-mode animations."""
+    return str(Path(output.anim[0]).parent)
+
+
+def all_outputs():
+    """Final targets of the workflow."""
+    return [
+        res("model/modes.npz"),
+        res("model/modes.nmd"),
+        expand(res("model/anim/mode{k}.pdb"), k=mode_numbers()),
+    ]

@@ -1,0 +1,44 @@
+"""Shared fixtures: repository paths and a cached model + modes of open adenylate kinase."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from deephemnma import model as model_mod
+from deephemnma import nma as nma_mod
+
+REPO = Path(__file__).resolve().parents[1]
+OPEN_PDB = REPO / "resources" / "adk_open.pdb"
+CLOSED_PDB = REPO / "resources" / "adk_closed.pdb"
+
+
+@pytest.fixture(scope="session")
+def adk_atoms():
+    """Heavy atoms of open AK, centred (ProDy AtomGroup)."""
+    return model_mod.prepare_model(OPEN_PDB, "heavy", None, None, 500)
+
+
+@pytest.fixture(scope="session")
+def adk_modes(adk_atoms):
+    """(eigenvalues_all, eigenvalues, modes) of open AK heavy atoms, modes 7-9."""
+    return nma_mod.compute_modes(adk_atoms, 3, 15.0, 1.0, 5000)
+
+
+@pytest.fixture(scope="session")
+def adk_model_files(tmp_path_factory, adk_atoms, adk_modes):
+    """model.npz and modes.npz of open AK on disk."""
+    d = tmp_path_factory.mktemp("adk")
+    model_mod.save_model(adk_atoms, d / "model.npz", d / "model.pdb")
+    evals_all, evals, modes = adk_modes
+    np.savez(
+        d / "modes.npz",
+        coords=adk_atoms.getCoords(),
+        modes=modes,
+        mode_numbers=np.arange(7, 10),
+        eigenvalues=evals,
+        eigenvalues_all=evals_all,
+        collectivity=nma_mod.collectivity(modes),
+    )
+    return d

@@ -1,0 +1,47 @@
+"""The `deephemnma` command: one verb per workflow stage (`deephemnma --help` lists them)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .io import InputError
+
+# verb -> (module, one-line help)
+VERBS = {
+    "prepare-model": ("model", "atomic model (PDB/mmCIF/EM map) -> centred model.npz + PDB"),
+    "nma": ("nma", "ANM normal modes in HEMNMA units (modes.npz, .nmd, table, animations)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deephemnma", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, (module, text) in VERBS.items():
+        mod = importlib.import_module(f"deephemnma.{module}")
+        p = sub.add_parser(verb, help=text, description=text)
+        mod.add_args(p)
+        p.set_defaults(module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        args.module.main(args)
+    except InputError as exc:
+        print(f"deephemnma {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""File I/O shared by all stages: atomic writes, MRC stacks, RELION STAR files, clear input errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import starfile
+
+
+class InputError(Exception):
+    """A problem with a user-supplied file or value; the message names the file and the problem."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def require_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """Return `path` as a Path, or raise InputError if it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} does not exist")
+    return path
+
+
+# ----------------------------------------------------------------------------- MRC
+
+
+def write_mrc(path: str | os.PathLike, data: np.ndarray, pixel_size: float) -> None:
+    """Write a 2D image, an image stack (N, Y, X) or a volume (Z, Y, X) atomically as float32."""
+    with atomic_path(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
+            mrc.voxel_size = pixel_size
+            if data.ndim == 3 and Path(path).suffix == ".mrcs":
+                mrc.set_image_stack()
+
+
+def open_stack(path: str | os.PathLike) -> np.ndarray:
+    """Memory-map an MRC/MRCS stack read-only as a (N, Y, X) array; InputError if unreadable."""
+    path = require_file(path, "MRC stack")
+    try:
+        mrc = mrcfile.mmap(path, mode="r", permissive=False)
+    except Exception as exc:  # mrcfile raises ValueError/OSError for corrupt headers
+        raise InputError(f"{path}: not a valid MRC file ({exc})") from exc
+    data = mrc.data
+    if data is None:
+        raise InputError(f"{path}: MRC file has no data (truncated?)")
+    return data[None] if data.ndim == 2 else data
+
+
+def read_mrc(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """Read a whole MRC (map or image) into memory; return (data, voxel size in Å)."""
+    path = require_file(path, "MRC file")
+    try:
+        with mrcfile.open(path, mode="r", permissive=False) as mrc:
+            return np.array(mrc.data, dtype=np.float32), float(mrc.voxel_size.x)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: not a valid MRC file ({exc})") from exc
+
+
+# ----------------------------------------------------------------------------- STAR
+
+OPTICS_COLUMNS = [
+    "rlnOpticsGroup",
+    "rlnImagePixelSize",
+    "rlnImageSize",
+    "rlnVoltage",
+    "rlnSphericalAberration",
+    "rlnAmplitudeContrast",
+]
+
+
+def amplitude_column(mode: int) -> str:
+    """STAR column holding the amplitude of normal mode `mode` (e.g. 7)."""
+    return f"dhAmplitudeMode{mode}"
+
+
+def amplitude_modes(particles: pd.DataFrame, prefix: str = "dhAmplitudeMode") -> list[int]:
+    """Mode numbers that have an amplitude column with `prefix` in a particle table, sorted."""
+    return sorted(int(c[len(prefix) :]) for c in particles.columns if c.startswith(prefix))
+
+
+def read_star(
+    path: str | os.PathLike, required: list[str] | None = None
+) -> dict[str, pd.DataFrame]:
+    """Read a RELION STAR into {'optics': df, 'particles': df} (RELION 3.0 files get no optics).
+
+    Raises InputError if the file cannot be parsed or `required` particle columns are missing.
+    """
+    path = require_file(path, "STAR file")
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot parse STAR file ({exc})") from exc
+    if "particles" in blocks:
+        particles = blocks["particles"]
+        optics = blocks.get("optics")
+    elif len(blocks) == 1:  # RELION 3.0: a single data_ block
+        particles = next(iter(blocks.values()))
+        optics = None
+    else:
+        raise InputError(f"{path}: no data_particles block (found {sorted(blocks)})")
+    if not isinstance(particles, pd.DataFrame) or particles.empty:
+        raise InputError(f"{path}: particle table is empty")
+    missing = [c for c in required or [] if c not in particles.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join('_' + c for c in missing)}")
+    return {"optics": optics, "particles": particles}
+
+
+def write_star(path: str | os.PathLike, optics: pd.DataFrame, particles: pd.DataFrame) -> None:
+    """Write a RELION 3.1 STAR (data_optics + data_particles) atomically."""
+    with atomic_path(path) as tmp:
+        starfile.write({"optics": optics, "particles": particles}, tmp, overwrite=True)
+
+
+def split_image_name(names: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Split `idx@stack` image names into (0-based indices, stack paths)."""
+    parts = names.astype(str).str.split("@", n=1, expand=True)
+    if parts.shape[1] != 2 or parts[1].isna().any():
+        bad = names[parts[1].isna()].iloc[0] if parts.shape[1] == 2 else names.iloc[0]
+        raise InputError(f"rlnImageName '{bad}' is not of the form index@stack")
+    return parts[0].astype(int).to_numpy() - 1, parts[1].to_numpy()
+
+
+class ParticleImages:
+    """Lazy, memory-mapped access to the images named by a STAR's rlnImageName column.
+
+    Stack paths are resolved against `roots` in order (first existing wins).
+    """
+
+    def __init__(self, names: pd.Series, roots: list[Path]):
+        self.index, stacks = split_image_name(names)
+        self._stacks: dict[str, np.ndarray] = {}
+        self.stack_of = np.empty(len(stacks), dtype=object)
+        for name in pd.unique(stacks):
+            resolved = self._resolve(name, roots)
+            arr = open_stack(resolved)
+            self._stacks[name] = arr
+            sel = stacks == name
+            self.stack_of[sel] = name
+            too_big = self.index[sel] >= arr.shape[0]
+            if too_big.any():
+                raise InputError(
+                    f"{resolved}: image index {self.index[sel][too_big][0] + 1} is beyond the "
+                    f"stack's {arr.shape[0]} images"
+                )
+            if (self.index[sel] < 0).any():
+                raise InputError(f"{resolved}: image indices must be 1-based and positive")
+        shapes = {a.shape[1:] for a in self._stacks.values()}
+        if len(shapes) != 1:
+            raise InputError(f"particle stacks have mixed box sizes: {sorted(shapes)}")
+        self.box = int(next(iter(shapes))[0])
+
+    @staticmethod
+    def _resolve(name: str, roots: list[Path]) -> Path:
+        candidates = [Path(name)] if Path(name).is_absolute() else [r / name for r in roots]
+        for cand in candidates:
+            if cand.is_file():
+                return cand
+        tried = ", ".join(str(c) for c in candidates)
+        raise InputError(f"particle stack '{name}' not found (tried {tried})")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, rows: np.ndarray | slice) -> np.ndarray:
+        """Images for the given rows as a float32 (B, D, D) array."""
+        rows = np.arange(len(self))[rows]
+        out = np.empty((len(rows), self.box, self.box), dtype=np.float32)
+        for name, arr in self._stacks.items():
+            sel = np.nonzero(self.stack_of[rows] == name)[0]
+            if len(sel):
+                idx = self.index[rows[sel]]
+                order = np.argsort(idx)
+                out[sel[order]] = arr[idx[order]]
+        return out
+
+
+def particle_images(star_path: str | os.PathLike, particles: pd.DataFrame) -> ParticleImages:
+    """Images of a particle table whose stacks are named relative to the working dir or the STAR."""
+    star_dir = Path(star_path).resolve().parent
+    return ParticleImages(particles["rlnImageName"], [Path.cwd(), star_dir])

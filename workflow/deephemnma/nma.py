@@ -1,0 +1,180 @@
+"""nma: ANM normal modes of the prepared model with ProDy, in HEMNMA units.
+
+modes.npz holds ``coords`` (N, 3), ``modes`` (K, N, 3) — each unit-norm over all 3N coordinates —
+``mode_numbers`` (K,) (7, 8, ...), ``eigenvalues`` (K,), ``eigenvalues_all`` (6 + K,) including
+the six rigid-body ones, ``collectivity`` (K,). Deformation: x = x0 + sum_k q_k v_k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import prody
+
+from .io import InputError, atomic_path, require_file
+from .model import load_model, read_structure, write_pdb
+
+log = logging.getLogger(__name__)
+
+
+def atoms_from_pdb(pdb: str | Path) -> prody.AtomGroup:
+    """The cleaned model PDB written by prepare_model (same atom order as model.npz)."""
+    return read_structure(pdb)
+
+
+def anm_modes(
+    coords: np.ndarray, n_modes: int, cutoff: float, gamma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """ANM of `coords` (N, 3): eigenvalues (6 + n_modes,) and unit vectors (6 + n_modes, N, 3)."""
+    anm = prody.ANM("model")
+    anm.buildHessian(coords, cutoff=cutoff, gamma=gamma)
+    anm.calcModes(n_modes=n_modes + 6, zeros=True, turbo=True)
+    vecs = anm.getEigvecs().T.reshape(-1, len(coords), 3)
+    return anm.getEigvals().copy(), vecs
+
+
+def compute_modes(
+    atoms: prody.AtomGroup, n_modes: int, cutoff: float, gamma: float, coarse_above: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Modes 7..6+n_modes in HEMNMA units for `atoms`.
+
+    Returns (eigenvalues_all (6+K,), eigenvalues (K,), modes (K, N, 3)). Models with more than
+    `coarse_above` atoms are solved on their CA atoms and extended to all atoms (ProDy extendModel).
+    """
+    coords = atoms.getCoords()
+    if len(coords) < 3:
+        raise InputError(f"model has {len(coords)} atoms: too few for normal modes")
+    ca = atoms.select("name CA")
+    if len(coords) > coarse_above and ca is not None and ca.numAtoms() >= 3:
+        evals, vecs = anm_modes(ca.getCoords(), n_modes, cutoff, gamma)
+        anm = prody.ANM("ca")
+        anm.setEigens(vecs[6:].reshape(n_modes, -1).T, evals[6:])
+        ext, _ = prody.extendModel(anm, ca, atoms, norm=True)
+        modes = ext.getArray().T.reshape(n_modes, len(coords), 3)
+    else:
+        evals, vecs = anm_modes(coords, n_modes, cutoff, gamma)
+        modes = vecs[6:]
+    modes = modes / np.linalg.norm(modes.reshape(n_modes, -1), axis=1)[:, None, None]
+    return evals, evals[6:], modes
+
+
+def collectivity(modes: np.ndarray) -> np.ndarray:
+    """Brüschweiler collectivity of each mode (K, N, 3), in (0, 1]."""
+    p = (modes**2).sum(-1)
+    p = p / p.sum(1, keepdims=True)
+    ent = -(p * np.log(np.where(p > 0, p, 1.0))).sum(1)
+    return np.exp(ent) / modes.shape[1]
+
+
+def deform(coords: np.ndarray, modes: np.ndarray, amplitudes: np.ndarray) -> np.ndarray:
+    """x = x0 + sum_k q_k v_k for amplitudes (..., K); returns (..., N, 3)."""
+    return coords + np.tensordot(amplitudes, modes, axes=([-1], [0]))
+
+
+def displacement_to(atoms: prody.AtomGroup, target: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Displacement from `atoms` to `target` over CA atoms matched by chain and residue number.
+
+    The target is superposed on the model over those atoms first. Returns (indices into atoms, (M, 3)).
+    """
+    tgt = read_structure(target).select("name CA")
+    if tgt is None:
+        raise InputError(f"{target}: no CA atoms to compare with")
+    index = {(a.getChid(), a.getResnum()): a.getCoords() for a in tgt}
+    rows, xyz = [], []
+    for i, a in enumerate(atoms):
+        key = (a.getChid(), a.getResnum())
+        if a.getName() == "CA" and key in index:
+            rows.append(i)
+            xyz.append(index[key])
+    if len(rows) < 3:
+        raise InputError(f"{target}: fewer than 3 CA atoms match the model")
+    ref = atoms.getCoords()[rows]
+    mob = np.array(xyz)
+    mob_c, ref_c = mob - mob.mean(0), ref - ref.mean(0)
+    u, _, vt = np.linalg.svd(mob_c.T @ ref_c)
+    d = np.sign(np.linalg.det(u @ vt))
+    rot = u @ np.diag([1, 1, d]) @ vt
+    return np.array(rows), mob_c @ rot + ref.mean(0) - ref
+
+
+def overlaps(modes: np.ndarray, rows: np.ndarray, disp: np.ndarray) -> np.ndarray:
+    """|cos| between each mode restricted to `rows` and a displacement (M, 3)."""
+    sub = modes[:, rows].reshape(len(modes), -1)
+    sub = sub / np.linalg.norm(sub, axis=1, keepdims=True)
+    return np.abs(sub @ disp.ravel()) / np.linalg.norm(disp)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model.npz from prepare-model")
+    p.add_argument("--pdb", required=True, help="cleaned model PDB from prepare-model")
+    p.add_argument("--n-modes", type=int, default=3)
+    p.add_argument("--cutoff", type=float, default=15.0, help="ANM cutoff (Å)")
+    p.add_argument("--gamma", type=float, default=1.0, help="ANM spring constant")
+    p.add_argument(
+        "--coarse-above",
+        type=int,
+        default=5000,
+        help="solve on CA atoms and extend when the model has more atoms than this",
+    )
+    p.add_argument("--animate-amplitude", type=float, default=150.0)
+    p.add_argument("--compare-to", default=None, help="optional target structure for overlaps")
+    p.add_argument("--out-npz", required=True)
+    p.add_argument("--out-nmd", required=True)
+    p.add_argument("--out-table", required=True)
+    p.add_argument("--out-anim-dir", required=True)
+
+
+def main(args: argparse.Namespace) -> None:
+    model = load_model(args.model)
+    atoms = atoms_from_pdb(require_file(args.pdb, "model PDB"))
+    if atoms.numAtoms() != len(model["coords"]):
+        raise InputError(
+            f"{args.pdb}: {atoms.numAtoms()} atoms but {args.model} has {len(model['coords'])}"
+        )
+    atoms.setCoords(model["coords"])
+    evals_all, evals, modes = compute_modes(
+        atoms, args.n_modes, args.cutoff, args.gamma, args.coarse_above
+    )
+    numbers = np.arange(7, 7 + args.n_modes)
+    table = pd.DataFrame(
+        {"mode": numbers, "eigenvalue": evals, "collectivity": collectivity(modes)}
+    )
+    if args.compare_to:
+        rows, disp = displacement_to(atoms, args.compare_to)
+        table["overlap"] = overlaps(modes, rows, disp)
+    log.info("normal modes:\n%s", table.to_string(index=False))
+    with atomic_path(args.out_npz) as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            coords=model["coords"],
+            modes=modes,
+            mode_numbers=numbers,
+            eigenvalues=evals,
+            eigenvalues_all=evals_all,
+            collectivity=table["collectivity"].to_numpy(),
+        )
+    with atomic_path(args.out_table) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    nma = prody.NMA("deephemnma")
+    nma.setEigens(modes.reshape(args.n_modes, -1).T, evals)
+    with atomic_path(args.out_nmd) as tmp:
+        prody.writeNMD(str(tmp), nma, atoms)
+    out = Path(args.out_anim_dir)
+    steps = np.concatenate(
+        [np.linspace(0, 1, 6), np.linspace(1, -1, 11)[1:], np.linspace(-1, 0, 6)[1:]]
+    )
+    for k, number in enumerate(numbers):
+        frames = (
+            model["coords"][None] + args.animate_amplitude * steps[:, None, None] * modes[k][None]
+        )
+        write_pdb(out / f"mode{number}.pdb", atoms, frames)
+
+
+def load_modes(path: str | Path) -> dict[str, np.ndarray]:
+    """Read modes.npz."""
+    with np.load(require_file(path, "modes file")) as z:
+        return {k: z[k] for k in z.files}
