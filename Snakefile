@@ -30,6 +30,7 @@ report: "report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/model.smk"
+include: "rules/particles.smk"
 
 
 rule all:

@@ -48,10 +48,43 @@ def anim_dir(wildcards, output):
     return str(Path(output.anim[0]).parent)
 
 
+def simulate_args():
+    """CLI arguments of `deephemnma simulate` from config particles.simulate."""
+    c = config["particles"]["simulate"]
+    args = [
+        "--n-images",
+        c["n_images"],
+        "--box",
+        c["box"],
+        "--pixel-size",
+        c["pixel_size"],
+    ]
+    args += ["--oversample", c["oversample"], "--sigma-angstrom", c["sigma_angstrom"]]
+    args += ["--max-shift-px", c["max_shift_px"], "--seed", c["seed"]]
+    args += ["--amplitude-distribution", c["amplitude_distribution"]]
+    args += ["--amplitude-scale", c["amplitude_scale"], "--n-clusters", c["n_clusters"]]
+    args += ["--defocus", *c["defocus_angstrom"], "--voltage-kv", c["voltage_kv"]]
+    args += ["--cs-mm", c["cs_mm"], "--amplitude-contrast", c["amplitude_contrast"]]
+    args += ["--bfactor", c["bfactor"], "--images-per-stack", c["images_per_stack"]]
+    args += [] if c["snr"] is None else ["--snr", c["snr"]]
+    args += [] if c["ctf"] else ["--no-ctf"]
+    return args
+
+
+def import_args():
+    """CLI arguments of `deephemnma import` from config particles.import."""
+    c = config["particles"]["import"]
+    args = [] if c["datadir"] is None else ["--datadir", c["datadir"]]
+    args += [] if c["box"] is None else ["--box", c["box"]]
+    args += [] if c["normalize"] else ["--no-normalize"]
+    return args
+
+
 def all_outputs():
     """Final targets of the workflow."""
     return [
         res("model/modes.npz"),
         res("model/modes.nmd"),
         expand(res("model/anim/mode{k}.pdb"), k=mode_numbers()),
+        res("particles/particles.star"),
     ]

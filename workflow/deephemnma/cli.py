@@ -13,6 +13,8 @@ from .io import InputError
 VERBS = {
     "prepare-model": ("model", "atomic model (PDB/mmCIF/EM map) -> centred model.npz + PDB"),
     "nma": ("nma", "ANM normal modes in HEMNMA units (modes.npz, .nmd, table, animations)"),
+    "import": ("relion", "import a RELION 3.0/3.1 particle STAR + stacks (validated, normalised)"),
+    "simulate": ("simulate", "simulated particles with ground truth (MRCS stacks + RELION STAR)"),
 }
 
 

@@ -204,3 +204,173 @@ def particle_images(star_path: str | os.PathLike, particles: pd.DataFrame) -> Pa
     """Images of a particle table whose stacks are named relative to the working dir or the STAR."""
     star_dir = Path(star_path).resolve().parent
     return ParticleImages(particles["rlnImageName"], [Path.cwd(), star_dir])
+
+
+# ----------------------------------------------------------------------------- particle sets
+
+POSE_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
+CTF_COLUMNS = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift"]
+
+
+class ParticleSet:
+    """A particle STAR (RELION 3.1, as written by our simulate/import) with its images.
+
+    ``table`` is the particle table with the optics columns merged in per particle; ``images``
+    reads them lazily (memory-mapped).
+    """
+
+    def __init__(self, star: str | os.PathLike):
+        self.star = Path(star)
+        blocks = read_star(self.star, required=["rlnImageName", "rlnOpticsGroup", *CTF_COLUMNS[:2]])
+        optics, particles = blocks["optics"], blocks["particles"]
+        if optics is None:
+            raise InputError(f"{self.star}: no data_optics block (run `deephemnma import` first)")
+        missing = [c for c in OPTICS_COLUMNS if c not in optics.columns]
+        if missing:
+            raise InputError(
+                f"{self.star}: optics table lacks {', '.join('_' + c for c in missing)}"
+            )
+        self.optics = optics
+        self.particles = particles
+        self.table = particles.merge(optics, on="rlnOpticsGroup", how="left", suffixes=("", "_o"))
+        if self.table["rlnImagePixelSize"].isna().any():
+            raise InputError(f"{self.star}: particles refer to an optics group that does not exist")
+        sizes = self.table["rlnImagePixelSize"].unique()
+        if len(sizes) != 1:
+            raise InputError(f"{self.star}: optics groups have different pixel sizes {sizes}")
+        self.pixel_size = float(sizes[0])
+        self.images = particle_images(self.star, particles)
+        box = int(optics["rlnImageSize"].iloc[0])
+        if self.images.box != box:
+            raise InputError(
+                f"{self.star}: rlnImageSize {box} but the stacks hold {self.images.box}-pixel images"
+            )
+        self.box = box
+        self.has_ctf = bool(optics.get("dhCtf", pd.Series([1])).iloc[0])
+
+    def __len__(self) -> int:
+        return len(self.particles)
+
+    def euler(self, rows=slice(None)) -> np.ndarray:
+        """(n, 3) Euler angles in degrees."""
+        return self.table[POSE_COLUMNS[:3]].to_numpy(np.float64)[rows]
+
+    def shifts_px(self, rows=slice(None)) -> np.ndarray:
+        """(n, 2) particle displacements d in pixels (origin = -d · pixel size)."""
+        return -self.table[POSE_COLUMNS[3:]].to_numpy(np.float64)[rows] / self.pixel_size
+
+    def amplitudes(self, modes: list[int], rows=slice(None)) -> np.ndarray:
+        """(n, K) normal-mode amplitudes from the dhAmplitudeMode<k> columns."""
+        cols = [amplitude_column(k) for k in modes]
+        missing = [c for c in cols if c not in self.table.columns]
+        if missing:
+            raise InputError(
+                f"{self.star}: missing column(s) {', '.join('_' + c for c in missing)}"
+            )
+        return self.table[cols].to_numpy(np.float64)[rows]
+
+    def ctf_params(self, rows=slice(None)) -> dict[str, np.ndarray]:
+        """Per-particle CTF parameters (defocus in Å, angles in degrees, kV, mm)."""
+        t = self.table.iloc[rows] if isinstance(rows, slice) else self.table.iloc[np.asarray(rows)]
+
+        def get(col: str, default: float) -> np.ndarray:
+            return t[col].to_numpy(np.float64) if col in t else np.full(len(t), default)
+
+        return {
+            "defocus_u": get("rlnDefocusU", 0.0),
+            "defocus_v": get("rlnDefocusV", 0.0),
+            "defocus_angle": get("rlnDefocusAngle", 0.0),
+            "phase_shift": get("rlnPhaseShift", 0.0),
+            "voltage_kv": get("rlnVoltage", 300.0),
+            "cs_mm": get("rlnSphericalAberration", 2.7),
+            "amplitude_contrast": get("rlnAmplitudeContrast", 0.1),
+            "bfactor": get("rlnCtfBfactor", 0.0),
+        }
+
+
+def optics_table(
+    pixel_size: float, box: int, voltage_kv: float, cs_mm: float, amplitude_contrast: float,
+    has_ctf: bool = True,
+) -> pd.DataFrame:  # fmt: skip
+    """A one-group RELION 3.1 optics table (dhCtf = 0 marks CTF-free simulated images)."""
+    return pd.DataFrame(
+        {
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnOpticsGroup": [1],
+            "rlnImagePixelSize": [pixel_size],
+            "rlnImageSize": [box],
+            "rlnImageDimensionality": [2],
+            "rlnVoltage": [voltage_kv],
+            "rlnSphericalAberration": [cs_mm],
+            "rlnAmplitudeContrast": [amplitude_contrast],
+            "dhCtf": [int(has_ctf)],
+        }
+    )
+
+
+class StackWriter:
+    """Stream images into MRCS stacks of at most `per_stack` images, each written atomically.
+
+    ``names`` collects the RELION image names (``idx@path``, path relative to the working dir).
+    """
+
+    def __init__(self, folder: str | os.PathLike, n_images: int, box: int, pixel_size: float,
+                 per_stack: int, prefix: str = "stack"):  # fmt: skip
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.n, self.box, self.px, self.per = n_images, box, pixel_size, per_stack
+        self.prefix = prefix
+        self.written = 0
+        self.names: list[str] = []
+        self._mrc = None
+        self._tmp: Path | None = None
+        self._final: Path | None = None
+        self._pos = 0
+
+    def stack_paths(self) -> list[Path]:
+        n_stacks = -(-self.n // self.per)
+        return [self.folder / f"{self.prefix}_{i:04d}.mrcs" for i in range(n_stacks)]
+
+    def _open_next(self) -> None:
+        i = self.written // self.per
+        count = min(self.per, self.n - self.written)
+        self._final = self.stack_paths()[i]
+        fd, tmp = tempfile.mkstemp(prefix=f".{self._final.name}.", suffix=".mrcs", dir=self.folder)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        self._mrc = mrcfile.new_mmap(tmp, shape=(count, self.box, self.box), mrc_mode=2,
+                                     overwrite=True)  # fmt: skip
+        self._mrc.set_image_stack()
+        self._mrc.voxel_size = self.px
+        self._pos = 0
+
+    def _close(self) -> None:
+        self._mrc.update_header_stats()
+        self._mrc.close()
+        os.chmod(self._tmp, 0o644)
+        os.replace(self._tmp, self._final)
+        self._mrc = None
+
+    def write(self, images: np.ndarray) -> None:
+        """Append a batch (B, box, box)."""
+        i = 0
+        while i < len(images):
+            if self._mrc is None:
+                self._open_next()
+            room = self._mrc.data.shape[0] - self._pos
+            take = min(room, len(images) - i)
+            self._mrc.data[self._pos : self._pos + take] = images[i : i + take]
+            rel = os.path.relpath(self._final, Path.cwd())
+            self.names += [f"{self._pos + j + 1:06d}@{rel}" for j in range(take)]
+            self._pos += take
+            self.written += take
+            i += take
+            if self._pos == self._mrc.data.shape[0]:
+                self._close()
+
+    def abort(self) -> None:
+        """Remove a partially written stack."""
+        if self._mrc is not None:
+            self._mrc.close()
+            self._tmp.unlink(missing_ok=True)
+            self._mrc = None

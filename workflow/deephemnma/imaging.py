@@ -1,0 +1,136 @@
+"""Imaging core: Gaussian projector of atomic models, RELION CTF, Fourier cropping, noise.
+
+Conventions (DESIGN.md §3): arrays are ``img[..., y, x]``; the box centre is index D // 2; a model
+point r (Å, centred) seen with RELION matrix A lands at (A r)[:2] / pixel_size + shift (pixels from
+the centre). Particles are white on dark; the CTF is RELION's (positive at low frequency).
+All functions take torch tensors with leading batch dimensions and run on the tensors' device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch_ctf import calculate_ctf_2d
+
+# exp() of arguments below about -88 takes a slow denormal path in float32; nothing below matters
+_EXP_FLOOR = -60.0
+
+
+def project(
+    coords: torch.Tensor,
+    rotation: torch.Tensor,
+    shift_px: torch.Tensor,
+    weights: torch.Tensor,
+    box: int,
+    pixel_size: float,
+    sigma_angstrom: float,
+) -> torch.Tensor:
+    """Projections (B, box, box) of atomic models by Gaussian splatting.
+
+    Parameters
+    ----------
+    coords : (B, N, 3) or (N, 3) model coordinates in Å, centred.
+    rotation : (B, 3, 3) RELION matrices A.
+    shift_px : (B, 2) particle displacement (x, y) in pixels.
+    weights : (N,) or (B, N) scattering weights.
+    sigma_angstrom : width of each atom's Gaussian in Å.
+
+    Each atom integrates to its weight per Å², so values do not depend on the pixel size.
+    Separable Gaussians make the sum a batched matmul: img = Gyᵀ diag(w) Gx.
+    """
+    xy = torch.matmul(coords, rotation.transpose(-1, -2)[..., :2])  # (B, N, 2) Å
+    pos = xy / pixel_size + shift_px[:, None, :] + box // 2  # pixel index coordinates
+    grid = torch.arange(box, device=coords.device, dtype=coords.dtype)
+    inv = 1.0 / (2.0 * (sigma_angstrom / pixel_size) ** 2)
+    gx = torch.exp((-inv * (grid - pos[..., 0:1]) ** 2).clamp_min(_EXP_FLOOR))  # (B, N, D)
+    gy = torch.exp((-inv * (grid - pos[..., 1:2]) ** 2).clamp_min(_EXP_FLOOR))
+    w = weights if weights.dim() == 2 else weights[None]
+    img = torch.matmul((gy * w[..., None]).transpose(-1, -2), gx)  # (B, D, D): [y, x]
+    return img / (2.0 * math.pi * sigma_angstrom**2)
+
+
+def electron_wavelength(voltage_kv: float) -> float:
+    """Relativistic electron wavelength in Å."""
+    v = voltage_kv * 1e3
+    return 12.2642598 / math.sqrt(v * (1 + 0.978466e-6 * v))
+
+
+def ctf(
+    defocus_u: torch.Tensor,
+    defocus_v: torch.Tensor,
+    defocus_angle_deg: torch.Tensor,
+    voltage_kv: float,
+    cs_mm: float,
+    amplitude_contrast: float,
+    pixel_size: float,
+    box: int,
+    phase_shift_deg: torch.Tensor | float = 0.0,
+    bfactor: float = 0.0,
+) -> torch.Tensor:
+    """RELION CTF on the rfft grid (B, box, box // 2 + 1); defocus in Å, positive = underfocus.
+
+    The defocus angle is RELION's: from the x axis to the direction of defocus U. Computed with
+    torch-ctf (whose angle, despite its docstring, is measured from x as RELION's). B-factor: envelope exp(-B s² / 4).
+    """
+    defocus_u = torch.as_tensor(defocus_u, dtype=torch.float32)
+    defocus_v = torch.as_tensor(defocus_v, dtype=defocus_u.dtype, device=defocus_u.device)
+    angle = torch.as_tensor(defocus_angle_deg, dtype=defocus_u.dtype, device=defocus_u.device)
+    phase = torch.as_tensor(phase_shift_deg, dtype=defocus_u.dtype, device=defocus_u.device)
+    c = calculate_ctf_2d(
+        defocus=(defocus_u + defocus_v) / 2e4,
+        astigmatism=(defocus_u - defocus_v) / 2e4,
+        astigmatism_angle=angle,
+        voltage=voltage_kv,
+        spherical_aberration=cs_mm,
+        amplitude_contrast=amplitude_contrast,
+        phase_shift=phase,
+        pixel_size=pixel_size,
+        image_shape=(box, box),
+        rfft=True,
+        fftshift=False,
+    )
+    if bfactor:
+        s2 = frequency_squared(box, pixel_size, c.device)
+        c = c * torch.exp(-bfactor * s2 / 4.0)
+    return c
+
+
+def frequency_squared(box: int, pixel_size: float, device=None) -> torch.Tensor:
+    """|s|² in Å⁻² on the rfft grid (box, box // 2 + 1)."""
+    fy = torch.fft.fftfreq(box, d=pixel_size, device=device)
+    fx = torch.fft.rfftfreq(box, d=pixel_size, device=device)
+    return fy[:, None] ** 2 + fx[None, :] ** 2
+
+
+def apply_ctf(images: torch.Tensor, ctf_rfft: torch.Tensor) -> torch.Tensor:
+    """Multiply images (..., D, D) by a CTF given on the rfft grid (..., D, D // 2 + 1)."""
+    box = images.shape[-1]
+    return torch.fft.irfft2(torch.fft.rfft2(images) * ctf_rfft, s=(box, box))
+
+
+def fourier_crop(images: torch.Tensor, box: int) -> torch.Tensor:
+    """Fourier-crop images (..., D, D) to (..., box, box), keeping pixel values (the mean)."""
+    big = images.shape[-1]
+    if box == big:
+        return images
+    if box > big:
+        raise ValueError(f"cannot Fourier-crop a {big}-pixel image to {box} pixels")
+    f = torch.fft.fftshift(torch.fft.fft2(images), dim=(-2, -1))
+    lo = big // 2 - box // 2
+    f = f[..., lo : lo + box, lo : lo + box]
+    out = torch.fft.ifft2(torch.fft.ifftshift(f, dim=(-2, -1))).real
+    return out * (box / big) ** 2
+
+
+def add_noise(images: torch.Tensor, snr: float, generator: torch.Generator) -> torch.Tensor:
+    """Add white Gaussian noise so that var(image) / var(noise) = snr, image by image."""
+    var = images.var(dim=(-2, -1), keepdim=True)
+    noise = torch.randn(images.shape, generator=generator, dtype=images.dtype, device=images.device)
+    return images + noise * torch.sqrt(var / snr)
+
+
+def circular_mask(box: int, radius: float, device=None) -> torch.Tensor:
+    """Boolean (box, box) disc of `radius` pixels around the centre D // 2."""
+    c = torch.arange(box, device=device) - box // 2
+    return c[:, None] ** 2 + c[None, :] ** 2 <= radius**2
