@@ -31,6 +31,7 @@ report: "report/workflow.rst"
 include: "rules/common.smk"
 include: "rules/model.smk"
 include: "rules/particles.smk"
+include: "rules/hemnma.smk"
 
 
 rule all:

@@ -80,6 +80,33 @@ def import_args():
     return args
 
 
+def shard_ids():
+    """Indices of the HEMNMA shards."""
+    return list(range(config["hemnma"]["shards"]))
+
+
+def shard_args():
+    """CLI arguments of `deephemnma shard`."""
+    c = config["hemnma"]
+    return ([] if c["subset"] is None else ["--subset", c["subset"]]) + ["--seed", c["seed"]]
+
+
+def hemnma_args():
+    """CLI arguments of `deephemnma hemnma` from config hemnma."""
+    c = config["hemnma"]
+    args = ["--coarse-box", c["coarse_box"], "--n-directions", c["n_directions"]]
+    args += ["--psi-step", c["psi_step"], "--candidates", c["candidates"]]
+    args += ["--max-shift-px", c["max_shift_px"], "--iterations", *c["iterations"]]
+    return args + ["--batch", c["batch"], "--sigma-angstrom", sigma_angstrom()]
+
+
+def sigma_angstrom():
+    """Atom Gaussian width: the simulator's when particles are simulated, else 1 Å."""
+    if config["particles"]["source"] == "simulate":
+        return config["particles"]["simulate"]["sigma_angstrom"]
+    return 1.0
+
+
 def all_outputs():
     """Final targets of the workflow."""
     return [
@@ -87,4 +114,5 @@ def all_outputs():
         res("model/modes.nmd"),
         expand(res("model/anim/mode{k}.pdb"), k=mode_numbers()),
         res("particles/particles.star"),
+        res("hemnma/hemnma.star"),
     ]

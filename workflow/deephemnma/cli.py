@@ -14,6 +14,9 @@ VERBS = {
     "prepare-model": ("model", "atomic model (PDB/mmCIF/EM map) -> centred model.npz + PDB"),
     "nma": ("nma", "ANM normal modes in HEMNMA units (modes.npz, .nmd, table, animations)"),
     "import": ("relion", "import a RELION 3.0/3.1 particle STAR + stacks (validated, normalised)"),
+    "shard": ("shard", "choose the HEMNMA (sub)set and split it into shard STARs"),
+    "hemnma": ("hemnma", "HEMNMA elastic alignment of a particle shard (MPI-parallel)"),
+    "gather": ("gather", "merge aligned HEMNMA shards into one STAR"),
     "simulate": ("simulate", "simulated particles with ground truth (MRCS stacks + RELION STAR)"),
 }
 

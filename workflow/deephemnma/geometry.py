@@ -138,5 +138,7 @@ def fibonacci_sphere_euler(n_directions: int, psi_step_deg: float) -> np.ndarray
     tilt = np.degrees(np.arccos(1 - 2 * i / n_directions))
     rot = np.degrees(np.pi * (1 + 5**0.5) * i) % 360.0
     psis = np.arange(0.0, 360.0, psi_step_deg)
-    grid = np.stack(np.meshgrid(np.arange(n_directions), psis, indexing="ij"), -1).reshape(-1, 2)
-    return np.stack([rot[grid[:, 0]], tilt[grid[:, 0]], grid[:, 1]], -1)
+    n_psi = len(psis)
+    return np.stack(
+        [np.repeat(rot, n_psi), np.repeat(tilt, n_psi), np.tile(psis, n_directions)], -1
+    )

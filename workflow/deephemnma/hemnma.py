@@ -1,0 +1,366 @@
+"""hemnma: elastic 3D-to-2D alignment of particle images with a normal-mode-flexible atomic model.
+
+Per image it estimates normal-mode amplitudes, three Euler angles and two shifts, in two steps
+(DESIGN.md §4), batched over images, identical on CPU and GPU:
+
+1. global rigid search: every image (Fourier-cropped to a coarse box) is correlated with a gallery
+   of CTF-affected projections of the undeformed model on a near-uniform SO(3) grid; translations
+   come from FFT cross-correlation; the best few well-separated orientations are kept;
+2. local refinement: amplitudes, a small rotation and the shift of each candidate are optimised by
+   Adam on the normalised, CTF-aware correlation, first at the coarse box for all candidates, then
+   at the full box for the best one.
+
+The cost of each image is 1 - (final normalised correlation); under MPI, ranks split the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from . import geometry, imaging
+from .io import ParticleSet, amplitude_column, write_star
+from .model import load_model
+from .nma import load_modes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AlignSettings:
+    """Search and refinement settings (defaults suit 64-128 px images of a ~50-70 Å protein)."""
+
+    coarse_box: int = 32
+    n_directions: int = 400
+    psi_step: float = 10.0
+    candidates: int = 4
+    min_separation_deg: float = 20.0
+    max_shift_px: float = 6.0  # search window, pixels of the full box
+    iterations: tuple[int, int] = (40, 60)
+    batch: int = 8
+    sigma_angstrom: float = 1.0
+    lr_amplitude: float = 6.0
+    lr_rotation: float = 0.02  # radians
+    lr_shift: float = 0.3  # pixels of the full box
+
+
+@dataclass
+class Target:
+    """What the alignment needs about a batch of images at one resolution."""
+
+    images_f: torch.Tensor  # (B, d, d//2+1) rfft of the images
+    ctf: torch.Tensor  # (B, d, d//2+1)
+    box: int
+    pixel_size: float
+
+    def model_filter(self, sigma_angstrom: float) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """(projection sigma, model filter, rfft weights) for this resolution.
+
+        Atoms are projected with a Gaussian no narrower than 0.75 px (sampled without aliasing),
+        then re-sharpened in Fourier space to `sigma_angstrom`, the width the images were made
+        with; correlation weights stop at 0.85 × Nyquist, where that sharpening stays moderate.
+        """
+        sigma_p = max(sigma_angstrom, 0.75 * self.pixel_size)
+        s2 = imaging.frequency_squared(self.box, self.pixel_size, self.ctf.device)
+        filt = torch.exp(-2 * math.pi**2 * (sigma_angstrom**2 - sigma_p**2) * s2)
+        w = rfft_weights(self.box, self.ctf.device) * (s2 <= (0.85 / (2 * self.pixel_size)) ** 2)
+        return sigma_p, filt, w
+
+
+def rfft_weights(box: int, device=None) -> torch.Tensor:
+    """Weights that make sums over an rfft grid equal sums over the full grid; DC excluded."""
+    w = torch.full((box, box // 2 + 1), 2.0, device=device)
+    w[:, 0] = 1.0
+    if box % 2 == 0:
+        w[:, -1] = 1.0
+    w[0, 0] = 0.0  # mean-subtracted correlation
+    return w
+
+
+def make_target(images: torch.Tensor, ctf_params: dict, rows: np.ndarray, box: int,
+                pixel_size_full: float, has_ctf: bool) -> Target:  # fmt: skip
+    """Fourier-crop images (B, D, D) to `box` and compute their CTFs there."""
+    full = images.shape[-1]
+    px = pixel_size_full * full / box
+    small = imaging.fourier_crop(images, box)
+    dev, dt = images.device, images.dtype
+    if has_ctf:
+        p = {k: v[rows] for k, v in ctf_params.items()}
+        c = imaging.ctf(torch.tensor(p["defocus_u"], device=dev, dtype=dt),
+                        torch.tensor(p["defocus_v"], device=dev, dtype=dt),
+                        torch.tensor(p["defocus_angle"], device=dev, dtype=dt),
+                        float(p["voltage_kv"][0]), float(p["cs_mm"][0]),
+                        float(p["amplitude_contrast"][0]), px, box,
+                        phase_shift_deg=torch.tensor(p["phase_shift"], device=dev, dtype=dt),
+                        bfactor=float(p["bfactor"][0]))  # fmt: skip
+    else:
+        c = torch.ones(len(rows), box, box // 2 + 1, device=dev, dtype=dt)
+    return Target(torch.fft.rfft2(small), c.to(dt), box, px)
+
+
+class Gallery:
+    """rfft of projections of the undeformed model on an SO(3) grid, at the coarse box.
+
+    Each projection direction is projected once; its in-plane rotations are interpolated images
+    (bilinear, about the centre D // 2), which is ample at the coarse resolution of the search.
+    """
+
+    def __init__(self, coords: torch.Tensor, weights: torch.Tensor, box: int, pixel_size: float,
+                 settings: AlignSettings):  # fmt: skip
+        self.euler = geometry.fibonacci_sphere_euler(settings.n_directions, settings.psi_step)
+        psis = np.unique(self.euler[:, 2])
+        dirs = self.euler[:: len(psis)].copy()
+        dirs[:, 2] = 0.0
+        dev, dt = coords.device, coords.dtype
+        rot = geometry.euler_to_matrix(torch.tensor(dirs, dtype=dt, device=dev))
+        zero = torch.zeros(len(rot), 2, dtype=dt, device=dev)
+        sigma = max(settings.sigma_angstrom, pixel_size)
+        proj = imaging.project(coords, rot, zero, weights, box, pixel_size, sigma)  # (n_dir, d, d)
+        c = torch.arange(box, dtype=dt, device=dev) - box // 2
+        qy, qx = torch.meshgrid(c, c, indexing="ij")
+        chunks = []
+        for psi in psis:  # output(q) = input(Rz(psi)ᵀ q), RELION's in-plane rotation
+            cs, sn = math.cos(math.radians(psi)), math.sin(math.radians(psi))
+            src_x, src_y = cs * qx - sn * qy + box // 2, sn * qx + cs * qy + box // 2
+            grid = torch.stack([src_x, src_y], -1) * (2.0 / (box - 1)) - 1.0
+            rotated = torch.nn.functional.grid_sample(
+                proj[:, None], grid.expand(len(proj), box, box, 2), align_corners=True
+            )[:, 0]
+            chunks.append(rotated)
+        # order as self.euler: direction-major, psi-minor
+        proj_f = torch.fft.rfft2(torch.stack(chunks, 1).reshape(-1, box, box))
+        self.flat = torch.cat([proj_f.real, proj_f.imag], -1).flatten(1).T.contiguous()  # (2K, M)
+        self.power = (proj_f.abs() ** 2).flatten(1).T.contiguous()  # (K, M)
+        self.quat = geometry.euler_to_quaternion(self.euler)
+
+
+def global_search(target: Target, gallery: Gallery, settings: AlignSettings, full_box: int
+                  ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Best orientations and shifts per image: (B, C, 3) Euler degrees, (B, C, 2) full-box pixels.
+
+    For the integer coarse-pixel shifts s within the search radius, the CTF-weighted correlation
+    Re Σ_k w_k I_k e^{2πi k·s/d} C_k conj(G_mk) of every image with every gallery entry is one
+    real matrix product; it is normalised by each CTF-affected reference's norm.
+    """
+    d, dev = target.box, target.images_f.device
+    scale = full_box / d
+    w = rfft_weights(d, dev)
+    r = max(1, int(math.floor(settings.max_shift_px / scale)))
+    grid = torch.arange(-r, r + 1, device=dev, dtype=torch.float32)
+    sy, sx = torch.meshgrid(grid, grid, indexing="ij")
+    keep = sx**2 + sy**2 <= max(r, settings.max_shift_px / scale) ** 2
+    lags = torch.stack([sx[keep], sy[keep]], -1)  # (S, 2) as (x, y)
+    ky = torch.fft.fftfreq(d, 1 / d, device=dev)[:, None]
+    kx = torch.fft.rfftfreq(d, 1 / d, device=dev)[None, :]
+    # the image shifted back by s correlates with the reference: phase e^{+2πi k·s/d}
+    phase = torch.exp(
+        2j * math.pi * (lags[:, 0, None, None] * kx + lags[:, 1, None, None] * ky) / d
+    )
+    x = (w * target.ctf * target.images_f)[:, None] * phase  # (B, S, d, d/2+1)
+    x = torch.cat([x.real, x.imag], -1).flatten(2)  # (B, S, 2K)
+    cc = x @ gallery.flat  # (B, S, M)
+    norm = torch.sqrt((w * target.ctf**2).flatten(1) @ gallery.power)
+    cc = cc / norm[:, None, :]
+    best, idx = cc.max(1)  # over shifts: (B, M)
+    score = best.cpu().numpy()
+    shift = (lags[idx] * scale).cpu().numpy()  # (B, M, 2)
+    eulers, shifts = [], []
+    for b in range(score.shape[0]):
+        order = np.argsort(-score[b])[: 64 * settings.candidates]
+        picked: list[int] = []
+        for m in order:
+            q = gallery.quat[m]
+            if all(geometry.quaternion_distance_deg(q, gallery.quat[p]) > settings.min_separation_deg
+                   for p in picked):  # fmt: skip
+                picked.append(m)
+                if len(picked) == settings.candidates:
+                    break
+        while len(picked) < settings.candidates:
+            picked.append(picked[-1])
+        eulers.append(gallery.euler[picked])
+        shifts.append(shift[b, picked])
+    return np.array(eulers), np.array(shifts)
+
+
+def skew(v: torch.Tensor) -> torch.Tensor:
+    """(..., 3) -> (..., 3, 3) cross-product matrices."""
+    z = torch.zeros_like(v[..., 0])
+    return torch.stack(
+        [
+            torch.stack([z, -v[..., 2], v[..., 1]], -1),
+            torch.stack([v[..., 2], z, -v[..., 0]], -1),
+            torch.stack([-v[..., 1], v[..., 0], z], -1),
+        ],
+        -2,
+    )
+
+
+def ncc(model_f: torch.Tensor, target: Target, weights: torch.Tensor) -> torch.Tensor:
+    """Normalised correlation between CTF·model and the image, on the rfft grid (B,)."""
+    a = model_f * target.ctf
+    num = (weights * (a * target.images_f.conj()).real).sum((-2, -1))
+    den = torch.sqrt(
+        (weights * a.abs() ** 2).sum((-2, -1))
+        * (weights * target.images_f.abs() ** 2).sum((-2, -1))
+    )
+    return num / den.clamp_min(1e-30)
+
+
+def refine(
+    target: Target, coords: torch.Tensor, modes: torch.Tensor, weights: torch.Tensor,
+    rot0: torch.Tensor, shift0: torch.Tensor, amp0: torch.Tensor, iterations: int,
+    settings: AlignSettings, full_box: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Adam on -NCC over (amplitudes, rotation, shift). Returns rot, shift, amplitudes, ncc."""
+    omega = torch.zeros(len(rot0), 3, dtype=coords.dtype, device=coords.device, requires_grad=True)
+    shift = shift0.clone().requires_grad_(True)
+    amp = amp0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([
+        {"params": [amp], "lr": settings.lr_amplitude},
+        {"params": [omega], "lr": settings.lr_rotation},
+        {"params": [shift], "lr": settings.lr_shift},
+    ])  # fmt: skip
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=0.0)
+    scale = full_box / target.box
+    sigma, filt, w = target.model_filter(settings.sigma_angstrom)
+
+    def score() -> torch.Tensor:
+        rot = torch.linalg.matrix_exp(skew(omega)) @ rot0
+        x = coords + torch.einsum("bk,knc->bnc", amp, modes)
+        proj = imaging.project(x, rot, shift / scale, weights, target.box, target.pixel_size, sigma)
+        return ncc(torch.fft.rfft2(proj) * filt, target, w)
+
+    for _ in range(iterations):
+        opt.zero_grad(set_to_none=True)
+        (-score().sum()).backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        final = score()
+        rot = torch.linalg.matrix_exp(skew(omega)) @ rot0
+    return rot, shift.detach(), amp.detach(), final
+
+
+class Aligner:
+    """HEMNMA alignment of batches of images against one flexible model."""
+
+    def __init__(self, coords: np.ndarray, modes: np.ndarray, weights: np.ndarray, box: int,
+                 pixel_size: float, settings: AlignSettings, device: torch.device):  # fmt: skip
+        self.s, self.box, self.px, self.dev = settings, box, pixel_size, device
+        t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+        self.coords, self.modes, self.weights = t(coords), t(modes), t(weights)
+        self.coarse = min(settings.coarse_box, box)
+        self.gallery = Gallery(self.coords, self.weights, self.coarse, pixel_size * box / self.coarse,
+                               settings)  # fmt: skip
+
+    def align(self, images: np.ndarray, ctf_params: dict, rows: np.ndarray, has_ctf: bool) -> dict:
+        """Estimate (euler (B,3), shifts_px (B,2), amplitudes (B,K), cost (B,)) for one batch."""
+        s, dev = self.s, self.dev
+        imgs = torch.as_tensor(images, dtype=torch.float32, device=dev)
+        b, c, k = len(imgs), s.candidates, self.modes.shape[0]
+        coarse = make_target(imgs, ctf_params, rows, self.coarse, self.px, has_ctf)
+        eul, sh = global_search(coarse, self.gallery, s, self.box)
+        # stage 1: all candidates at the coarse box
+        rep = lambda x: x.repeat_interleave(c, 0)  # noqa: E731
+        coarse_c = Target(rep(coarse.images_f), rep(coarse.ctf), coarse.box, coarse.pixel_size)
+        rot0 = geometry.euler_to_matrix(torch.tensor(eul.reshape(-1, 3), dtype=torch.float32,
+                                                     device=dev))  # fmt: skip
+        shift0 = torch.tensor(sh.reshape(-1, 2), dtype=torch.float32, device=dev)
+        amp0 = torch.zeros(b * c, k, device=dev)
+        rot, shift, amp, score = refine(coarse_c, self.coords, self.modes, self.weights, rot0,
+                                        shift0, amp0, s.iterations[0], s, self.box)  # fmt: skip
+        best = score.view(b, c).argmax(1) + torch.arange(b, device=dev) * c
+        # stage 2: the best candidate at the full box
+        full = make_target(imgs, ctf_params, rows, self.box, self.px, has_ctf)
+        rot, shift, amp, score = refine(full, self.coords, self.modes, self.weights, rot[best],
+                                        shift[best], amp[best], s.iterations[1], s, self.box)  # fmt: skip
+        return {
+            "euler": geometry.matrix_to_euler(rot.double()).cpu().numpy(),
+            "shifts_px": shift.cpu().numpy().astype(np.float64),
+            "amplitudes": amp.cpu().numpy().astype(np.float64),
+            "cost": (1.0 - score).cpu().numpy().astype(np.float64),
+        }
+
+
+def align_rows(ps: ParticleSet, rows: np.ndarray, aligner: Aligner, desc: str = "hemnma"
+               ) -> dict[str, np.ndarray]:  # fmt: skip
+    """Align the particle rows `rows` in batches; returns stacked results."""
+    ctf_params = ps.ctf_params()
+    parts: list[dict] = []
+    bs = aligner.s.batch
+    for start in tqdm(range(0, len(rows), bs), desc=desc, unit="batch", mininterval=10):
+        r = rows[start : start + bs]
+        parts.append(aligner.align(ps.images[r], ctf_params, r, ps.has_ctf))
+    if not parts:
+        k = aligner.modes.shape[0]
+        return {"euler": np.zeros((0, 3)), "shifts_px": np.zeros((0, 2)),
+                "amplitudes": np.zeros((0, k)), "cost": np.zeros(0)}  # fmt: skip
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def result_table(ps: ParticleSet, result: dict, mode_numbers: np.ndarray) -> pd.DataFrame:
+    """The input particle rows with the estimated pose, amplitudes and cost."""
+    out = ps.particles.copy()
+    out["rlnAngleRot"], out["rlnAngleTilt"], out["rlnAnglePsi"] = result["euler"].T
+    out["rlnOriginXAngst"] = -result["shifts_px"][:, 0] * ps.pixel_size
+    out["rlnOriginYAngst"] = -result["shifts_px"][:, 1] * ps.pixel_size
+    for j, k in enumerate(mode_numbers):
+        out[amplitude_column(int(k))] = result["amplitudes"][:, j]
+    out["dhCost"] = result["cost"]
+    return out
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--particles", required=True, help="particle STAR (a shard)")
+    p.add_argument("--model", required=True, help="model.npz")
+    p.add_argument("--modes", required=True, help="modes.npz")
+    p.add_argument("--out", required=True, help="output STAR")
+    d = AlignSettings()
+    p.add_argument("--coarse-box", type=int, default=d.coarse_box)
+    p.add_argument("--n-directions", type=int, default=d.n_directions)
+    p.add_argument("--psi-step", type=float, default=d.psi_step)
+    p.add_argument("--candidates", type=int, default=d.candidates)
+    p.add_argument("--max-shift-px", type=float, default=d.max_shift_px)
+    p.add_argument("--iterations", type=int, nargs=2, default=list(d.iterations))
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--sigma-angstrom", type=float, default=d.sigma_angstrom)
+
+
+def settings_from_args(args: argparse.Namespace) -> AlignSettings:
+    return AlignSettings(coarse_box=args.coarse_box, n_directions=args.n_directions,
+                         psi_step=args.psi_step, candidates=args.candidates,
+                         max_shift_px=args.max_shift_px, iterations=tuple(args.iterations),
+                         batch=args.batch, sigma_angstrom=args.sigma_angstrom)  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> None:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    # Snakemake sets OMP_NUM_THREADS to the job's threads (= ranks): share them among ranks
+    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+    torch.set_num_threads(max(1, threads // size))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ps = ParticleSet(args.particles)
+    model, modes = load_model(args.model), load_modes(args.modes)
+    aligner = Aligner(model["coords"], modes["modes"], model["weights"], ps.box, ps.pixel_size,
+                      settings_from_args(args), device)  # fmt: skip
+    rows = np.arange(len(ps))[rank::size]
+    result = align_rows(ps, rows, aligner, desc=f"hemnma rank {rank}/{size}")
+    gathered = comm.gather((rows, result), root=0)
+    if rank == 0:
+        order = np.concatenate([g[0] for g in gathered])
+        merged = {k: np.concatenate([g[1][k] for g in gathered])[np.argsort(order)]
+                  for k in result}  # fmt: skip
+        write_star(args.out, ps.optics, result_table(ps, merged, modes["mode_numbers"]))
+        log.info("aligned %d images on %d rank(s): mean cost %.4f", len(ps), size,
+                 merged["cost"].mean() if len(ps) else math.nan)  # fmt: skip

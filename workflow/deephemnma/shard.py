@@ -1,0 +1,38 @@
+"""shard: pick the (sub)set of particles that HEMNMA aligns and split it into shard STARs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+
+from .io import InputError, read_star, require_file, write_star
+
+log = logging.getLogger(__name__)
+
+
+def shard_rows(n: int, subset: int | None, n_shards: int, seed: int) -> list[np.ndarray]:
+    """Row indices of each shard: a seeded random subset (sorted), cut into near-equal parts."""
+    rows = np.arange(n)
+    if subset is not None and subset < n:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=subset, replace=False))
+    return np.array_split(rows, n_shards)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--particles", required=True)
+    p.add_argument("--subset", type=int, default=None, help="random subset size (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", nargs="+", required=True, help="one output STAR per shard")
+
+
+def main(args: argparse.Namespace) -> None:
+    blocks = read_star(require_file(args.particles, "particle STAR"), required=["rlnImageName"])
+    parts = blocks["particles"]
+    if len(parts) < len(args.out):
+        raise InputError(f"{args.particles}: {len(parts)} particles for {len(args.out)} shards")
+    for path, rows in zip(args.out, shard_rows(len(parts), args.subset, len(args.out), args.seed),
+                          strict=True):  # fmt: skip
+        write_star(path, blocks["optics"], parts.iloc[rows].reset_index(drop=True))
+    log.info("split the particles (%d) into %d shards", len(parts), len(args.out))
