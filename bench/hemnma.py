@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--box", type=int, default=128)
     p.add_argument("--no-noise", action="store_true", help="no noise and no CTF")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--candidates", type=int, default=hemnma.AlignSettings.candidates)
+    p.add_argument("--n-directions", type=int, default=hemnma.AlignSettings.n_directions)
     a = p.parse_args()
     px = 1.1 * 128 / a.box
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,7 +56,12 @@ def main() -> None:
         os.chdir(d)
         ps = ParticleSet("p.star")
         m, md = load_model("model.npz"), load_modes("modes.npz")
-        settings = hemnma.AlignSettings(batch=a.batch, max_shift_px=6.0 * a.box / 128)
+        settings = hemnma.AlignSettings(
+            batch=a.batch,
+            max_shift_px=6.0 * a.box / 128,
+            candidates=a.candidates,
+            n_directions=a.n_directions,
+        )
         t0 = time.perf_counter()
         al = hemnma.Aligner(m["coords"], md["modes"], m["weights"], ps.box, ps.pixel_size,
                             settings, device)  # fmt: skip

@@ -96,6 +96,7 @@ def hemnma_args():
     c = config["hemnma"]
     args = ["--coarse-box", c["coarse_box"], "--n-directions", c["n_directions"]]
     args += ["--psi-step", c["psi_step"], "--candidates", c["candidates"]]
+    args += ["--gallery-amplitude", c["gallery_amplitude"]]
     args += ["--max-shift-px", c["max_shift_px"], "--iterations", *c["iterations"]]
     return args + ["--batch", c["batch"], "--sigma-angstrom", sigma_angstrom()]
 

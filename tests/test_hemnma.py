@@ -59,12 +59,13 @@ def test_global_search_finds_the_orientation(adk_model_files, tmp_path, monkeypa
     star = simulate(tmp_path, adk_model_files, 6, 32, 4.4, True, seed=2)
     monkeypatch.chdir(tmp_path)
     ps = ParticleSet(star)
-    m = load_model(adk_model_files / "model.npz")
+    m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
     settings = hemnma.AlignSettings(n_directions=400, psi_step=10, candidates=3)
     t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    gallery = hemnma.Gallery(t(m["coords"]), t(m["weights"]), 32, 4.4, settings)
+    gallery = hemnma.Gallery(t(m["coords"]), t(md["modes"]), t(m["weights"]), 32, 4.4, settings)
     target = hemnma.make_target(t(ps.images[:]), ps.ctf_params(), np.arange(6), 32, 4.4, True)
-    eul, _ = hemnma.global_search(target, gallery, settings, 32)
+    eul, _, amps = hemnma.global_search(target, gallery, settings, 32)
+    assert amps.shape == (6, 3, 3) and set(np.unique(amps)) <= {-100.0, 0.0, 100.0}
     best = np.array([geometry.euler_distance_deg(eul[i], ps.euler()[i]).min() for i in range(6)])
     # the grid spacing is about 10 degrees; amplitudes up to ±150 are not modelled in the search
     assert np.median(best) < 12.0
@@ -73,8 +74,9 @@ def test_global_search_finds_the_orientation(adk_model_files, tmp_path, monkeypa
 def test_gallery_rotation_matches_projection(adk_model_files):
     m = load_model(adk_model_files / "model.npz")
     t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    settings = hemnma.AlignSettings(n_directions=20, psi_step=30)
-    g = hemnma.Gallery(t(m["coords"]), t(m["weights"]), 32, 4.4, settings)
+    settings = hemnma.AlignSettings(n_directions=20, psi_step=30, gallery_amplitude=0.0)
+    g = hemnma.Gallery(t(m["coords"]), torch.zeros(3, len(m["coords"]), 3), t(m["weights"]), 32,
+                       4.4, settings)  # fmt: skip
     from deephemnma import imaging
 
     rot = geometry.euler_to_matrix(t(g.euler))

@@ -17,6 +17,10 @@ VERBS = {
     "shard": ("shard", "choose the HEMNMA (sub)set and split it into shard STARs"),
     "hemnma": ("hemnma", "HEMNMA elastic alignment of a particle shard (MPI-parallel)"),
     "gather": ("gather", "merge aligned HEMNMA shards into one STAR"),
+    "split": ("split", "seeded train/validation/test lists over the labelled images"),
+    "train": ("train", "train one ResNet per parameter type (amplitudes, angles, shifts)"),
+    "infer": ("infer", "infer one parameter type for every image with a trained network"),
+    "merge": ("merge", "merge the inferred parameter types into one RELION STAR"),
     "simulate": ("simulate", "simulated particles with ground truth (MRCS stacks + RELION STAR)"),
 }
 

@@ -42,6 +42,7 @@ class AlignSettings:
     n_directions: int = 400
     psi_step: float = 10.0
     candidates: int = 4
+    gallery_amplitude: float = 100.0  # gallery models: undeformed and ± this along each mode
     min_separation_deg: float = 20.0
     max_shift_px: float = 6.0  # search window, pixels of the full box
     iterations: tuple[int, int] = (40, 60)
@@ -107,44 +108,57 @@ def make_target(images: torch.Tensor, ctf_params: dict, rows: np.ndarray, box: i
 
 
 class Gallery:
-    """rfft of projections of the undeformed model on an SO(3) grid, at the coarse box.
+    """rfft of projections of the model on an SO(3) grid, at the coarse box.
 
+    The models are the undeformed one and, when `gallery_amplitude` > 0, the model deformed by
+    ± that amplitude along each mode, so strongly deformed particles still find their view.
     Each projection direction is projected once; its in-plane rotations are interpolated images
     (bilinear, about the centre D // 2), which is ample at the coarse resolution of the search.
     """
 
-    def __init__(self, coords: torch.Tensor, weights: torch.Tensor, box: int, pixel_size: float,
-                 settings: AlignSettings):  # fmt: skip
-        self.euler = geometry.fibonacci_sphere_euler(settings.n_directions, settings.psi_step)
-        psis = np.unique(self.euler[:, 2])
-        dirs = self.euler[:: len(psis)].copy()
+    def __init__(self, coords: torch.Tensor, modes: torch.Tensor, weights: torch.Tensor, box: int,
+                 pixel_size: float, settings: AlignSettings):  # fmt: skip
+        grid_euler = geometry.fibonacci_sphere_euler(settings.n_directions, settings.psi_step)
+        psis = np.unique(grid_euler[:, 2])
+        dirs = grid_euler[:: len(psis)].copy()
         dirs[:, 2] = 0.0
+        k = modes.shape[0]
+        amps = np.zeros((1, k))
+        if settings.gallery_amplitude > 0:
+            amps = np.concatenate([amps, settings.gallery_amplitude * np.eye(k),
+                                   -settings.gallery_amplitude * np.eye(k)])  # fmt: skip
         dev, dt = coords.device, coords.dtype
         rot = geometry.euler_to_matrix(torch.tensor(dirs, dtype=dt, device=dev))
         zero = torch.zeros(len(rot), 2, dtype=dt, device=dev)
         sigma = max(settings.sigma_angstrom, pixel_size)
-        proj = imaging.project(coords, rot, zero, weights, box, pixel_size, sigma)  # (n_dir, d, d)
         c = torch.arange(box, dtype=dt, device=dev) - box // 2
         qy, qx = torch.meshgrid(c, c, indexing="ij")
-        chunks = []
-        for psi in psis:  # output(q) = input(Rz(psi)ᵀ q), RELION's in-plane rotation
-            cs, sn = math.cos(math.radians(psi)), math.sin(math.radians(psi))
-            src_x, src_y = cs * qx - sn * qy + box // 2, sn * qx + cs * qy + box // 2
-            grid = torch.stack([src_x, src_y], -1) * (2.0 / (box - 1)) - 1.0
-            rotated = torch.nn.functional.grid_sample(
-                proj[:, None], grid.expand(len(proj), box, box, 2), align_corners=True
-            )[:, 0]
-            chunks.append(rotated)
-        # order as self.euler: direction-major, psi-minor
-        proj_f = torch.fft.rfft2(torch.stack(chunks, 1).reshape(-1, box, box))
-        self.flat = torch.cat([proj_f.real, proj_f.imag], -1).flatten(1).T.contiguous()  # (2K, M)
-        self.power = (proj_f.abs() ** 2).flatten(1).T.contiguous()  # (K, M)
+        flat, power = [], []
+        for amp in amps:
+            x = coords + torch.einsum("k,knc->nc", torch.tensor(amp, dtype=dt, device=dev), modes)
+            proj = imaging.project(x, rot, zero, weights, box, pixel_size, sigma)  # (n_dir, d, d)
+            chunks = []
+            for psi in psis:  # output(q) = input(Rz(psi)ᵀ q), RELION's in-plane rotation
+                cs, sn = math.cos(math.radians(psi)), math.sin(math.radians(psi))
+                src = torch.stack([cs * qx - sn * qy, sn * qx + cs * qy], -1) + box // 2
+                grid = (src * (2.0 / (box - 1)) - 1.0).expand(len(proj), box, box, 2)
+                chunks.append(torch.nn.functional.grid_sample(proj[:, None], grid,
+                                                              align_corners=True)[:, 0])  # fmt: skip
+            # order as grid_euler: direction-major, psi-minor
+            proj_f = torch.fft.rfft2(torch.stack(chunks, 1).reshape(-1, box, box))
+            flat.append(torch.cat([proj_f.real, proj_f.imag], -1).flatten(1).T)  # (2K, M)
+            power.append((proj_f.abs() ** 2).flatten(1).T)
+        self.flat = torch.cat(flat, 1).contiguous()  # (2K, n_models * M)
+        self.power = torch.cat(power, 1).contiguous()
+        self.euler = np.tile(grid_euler, (len(amps), 1))
+        self.amplitudes = np.repeat(amps, len(grid_euler), 0)
         self.quat = geometry.euler_to_quaternion(self.euler)
 
 
 def global_search(target: Target, gallery: Gallery, settings: AlignSettings, full_box: int
-                  ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Best orientations and shifts per image: (B, C, 3) Euler degrees, (B, C, 2) full-box pixels.
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Best well-separated candidates per image: Euler angles (B, C, 3) in degrees, shifts
+    (B, C, 2) in full-box pixels and the amplitudes (B, C, K) of the gallery model that matched.
 
     For the integer coarse-pixel shifts s within the search radius, the CTF-weighted correlation
     Re Σ_k w_k I_k e^{2πi k·s/d} C_k conj(G_mk) of every image with every gallery entry is one
@@ -172,7 +186,7 @@ def global_search(target: Target, gallery: Gallery, settings: AlignSettings, ful
     best, idx = cc.max(1)  # over shifts: (B, M)
     score = best.cpu().numpy()
     shift = (lags[idx] * scale).cpu().numpy()  # (B, M, 2)
-    eulers, shifts = [], []
+    eulers, shifts, amps = [], [], []
     for b in range(score.shape[0]):
         order = np.argsort(-score[b])[: 64 * settings.candidates]
         picked: list[int] = []
@@ -187,7 +201,8 @@ def global_search(target: Target, gallery: Gallery, settings: AlignSettings, ful
             picked.append(picked[-1])
         eulers.append(gallery.euler[picked])
         shifts.append(shift[b, picked])
-    return np.array(eulers), np.array(shifts)
+        amps.append(gallery.amplitudes[picked])
+    return np.array(eulers), np.array(shifts), np.array(amps)
 
 
 def skew(v: torch.Tensor) -> torch.Tensor:
@@ -258,8 +273,8 @@ class Aligner:
         t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
         self.coords, self.modes, self.weights = t(coords), t(modes), t(weights)
         self.coarse = min(settings.coarse_box, box)
-        self.gallery = Gallery(self.coords, self.weights, self.coarse, pixel_size * box / self.coarse,
-                               settings)  # fmt: skip
+        self.gallery = Gallery(self.coords, self.modes, self.weights, self.coarse,
+                               pixel_size * box / self.coarse, settings)  # fmt: skip
 
     def align(self, images: np.ndarray, ctf_params: dict, rows: np.ndarray, has_ctf: bool) -> dict:
         """Estimate (euler (B,3), shifts_px (B,2), amplitudes (B,K), cost (B,)) for one batch."""
@@ -267,14 +282,14 @@ class Aligner:
         imgs = torch.as_tensor(images, dtype=torch.float32, device=dev)
         b, c, k = len(imgs), s.candidates, self.modes.shape[0]
         coarse = make_target(imgs, ctf_params, rows, self.coarse, self.px, has_ctf)
-        eul, sh = global_search(coarse, self.gallery, s, self.box)
+        eul, sh, amp_init = global_search(coarse, self.gallery, s, self.box)
         # stage 1: all candidates at the coarse box
         rep = lambda x: x.repeat_interleave(c, 0)  # noqa: E731
         coarse_c = Target(rep(coarse.images_f), rep(coarse.ctf), coarse.box, coarse.pixel_size)
         rot0 = geometry.euler_to_matrix(torch.tensor(eul.reshape(-1, 3), dtype=torch.float32,
                                                      device=dev))  # fmt: skip
         shift0 = torch.tensor(sh.reshape(-1, 2), dtype=torch.float32, device=dev)
-        amp0 = torch.zeros(b * c, k, device=dev)
+        amp0 = torch.tensor(amp_init.reshape(-1, k), dtype=torch.float32, device=dev)
         rot, shift, amp, score = refine(coarse_c, self.coords, self.modes, self.weights, rot0,
                                         shift0, amp0, s.iterations[0], s, self.box)  # fmt: skip
         best = score.view(b, c).argmax(1) + torch.arange(b, device=dev) * c
@@ -328,6 +343,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-directions", type=int, default=d.n_directions)
     p.add_argument("--psi-step", type=float, default=d.psi_step)
     p.add_argument("--candidates", type=int, default=d.candidates)
+    p.add_argument(
+        "--gallery-amplitude",
+        type=float,
+        default=d.gallery_amplitude,
+        help="gallery models deformed by ± this along each mode (0: undeformed only)",
+    )
     p.add_argument("--max-shift-px", type=float, default=d.max_shift_px)
     p.add_argument("--iterations", type=int, nargs=2, default=list(d.iterations))
     p.add_argument("--batch", type=int, default=d.batch)
@@ -337,6 +358,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> AlignSettings:
     return AlignSettings(coarse_box=args.coarse_box, n_directions=args.n_directions,
                          psi_step=args.psi_step, candidates=args.candidates,
+                         gallery_amplitude=args.gallery_amplitude,
                          max_shift_px=args.max_shift_px, iterations=tuple(args.iterations),
                          batch=args.batch, sigma_angstrom=args.sigma_angstrom)  # fmt: skip
 

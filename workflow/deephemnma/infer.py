@@ -1,0 +1,108 @@
+"""infer: stream every image through a trained network and write its estimates as STAR columns.
+
+Images are read memory-mapped in contiguous chunks by DataLoader workers, preprocessed on the
+device exactly as in training, and predicted in large batches (bf16 + channels_last on CUDA), so
+memory does not grow with the number of images beyond the (n, outputs) result array.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import geometry
+from .io import ParticleSet, amplitude_column, require_file, write_star
+from .nets import ResNet
+from .train import preprocess
+
+log = logging.getLogger(__name__)
+
+
+class Chunks(Dataset):
+    """Contiguous chunks of images of a particle set (one DataLoader item per chunk)."""
+
+    def __init__(self, ps: ParticleSet, chunk: int):
+        self.images, self.n, self.chunk = ps.images, len(ps), chunk
+
+    def __len__(self) -> int:
+        return -(-self.n // self.chunk)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(
+            self.images[slice(i * self.chunk, min((i + 1) * self.chunk, self.n))]
+        )
+
+
+def load_network(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """A trained network (eval mode, on `device`) and its metadata."""
+    meta = torch.load(require_file(path, "network"), map_location="cpu", weights_only=True)
+    net = ResNet(meta["arch"], meta["n_out"])
+    net.load_state_dict(meta["state_dict"])
+    net = net.to(device).eval()
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    return net, meta
+
+
+@torch.no_grad()
+def predict(net: torch.nn.Module, meta: dict, ps: ParticleSet, device: torch.device,
+            batch: int, workers: int) -> np.ndarray:  # fmt: skip
+    """Unstandardised predictions (n, n_out) for every image, in row order."""
+    loader = DataLoader(Chunks(ps, batch), batch_size=None, num_workers=workers,
+                        pin_memory=device.type == "cuda")  # fmt: skip
+    mean, std = meta["mean"].to(device), meta["std"].to(device)
+    out = np.empty((len(ps), meta["n_out"]), dtype=np.float32)
+    pos = 0
+    for imgs in tqdm(loader, desc=f"infer {meta['param']}", unit="batch", mininterval=10):
+        x = preprocess(imgs.to(device, non_blocking=True).float())
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = net(x)
+        else:
+            y = net(x)
+        y = y.float() * std + mean
+        out[pos : pos + len(y)] = y.cpu().numpy()
+        pos += len(y)
+    return out
+
+
+def prediction_table(meta: dict, names: pd.Series, values: np.ndarray, pixel_size: float
+                     ) -> pd.DataFrame:  # fmt: skip
+    """STAR columns of one parameter type's predictions."""
+    t = pd.DataFrame({"rlnImageName": names.to_numpy()})
+    if meta["param"] == "amplitudes":
+        for j, k in enumerate(meta["mode_numbers"]):
+            t[amplitude_column(int(k))] = values[:, j]
+    elif meta["param"] == "shifts":
+        t["rlnOriginXAngst"] = -values[:, 0] * pixel_size
+        t["rlnOriginYAngst"] = -values[:, 1] * pixel_size
+    else:
+        v = values.astype(np.float64)
+        euler = geometry.quaternion_to_euler(v) if meta["angle_repr"] == "quaternion" else v
+        t["rlnAngleRot"], t["rlnAngleTilt"], t["rlnAnglePsi"] = euler.T
+    return t
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--network", required=True, help="model.pt from train")
+    p.add_argument("--particles", required=True, help="all particles (STAR)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", required=True, help="STAR with the predicted columns")
+
+
+def main(args: argparse.Namespace) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net, meta = load_network(args.network, device)
+    ps = ParticleSet(require_file(args.particles, "particle STAR"))
+    values = predict(net, meta, ps, device, args.batch, args.workers)
+    table = prediction_table(meta, ps.particles["rlnImageName"], values, ps.pixel_size)
+    write_star(args.out, ps.optics, table)
+    log.info("inferred %s for %d images", meta["param"], len(ps))

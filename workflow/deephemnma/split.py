@@ -1,0 +1,48 @@
+"""split: seeded train / validation / test lists over the labelled images."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+import pandas as pd
+
+from .io import InputError, atomic_path, read_star, require_file
+
+log = logging.getLogger(__name__)
+
+
+def count(n: int, value: float) -> int:
+    """A size given as a count (>= 1) or a fraction of n (< 1)."""
+    return int(value) if value >= 1 else int(round(value * n))
+
+
+def split_sets(n: int, n_val: float, n_test: float, seed: int) -> np.ndarray:
+    """Array of 'train' / 'val' / 'test' labels for n items (a seeded permutation)."""
+    nv, nt = count(n, n_val), count(n, n_test)
+    if nv + nt >= n or nv < 1:
+        raise InputError(f"cannot split {n} labelled images into {nv} validation, {nt} test and "
+                         "at least one training image")  # fmt: skip
+    perm = np.random.default_rng(seed).permutation(n)
+    sets = np.full(n, "train", dtype=object)
+    sets[perm[:nt]] = "test"
+    sets[perm[nt : nt + nv]] = "val"
+    return sets
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels", required=True, help="labelled particle STAR (HEMNMA or truth)")
+    p.add_argument("--n-val", type=float, default=0.15)
+    p.add_argument("--n-test", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="CSV: rlnImageName, set")
+
+
+def main(args: argparse.Namespace) -> None:
+    parts = read_star(require_file(args.labels, "label STAR"), ["rlnImageName"])["particles"]
+    sets = split_sets(len(parts), args.n_val, args.n_test, args.seed)
+    table = pd.DataFrame({"rlnImageName": parts["rlnImageName"], "set": sets})
+    with atomic_path(args.out) as tmp:
+        table.to_csv(tmp, index=False)
+    log.info("split: %s", table["set"].value_counts().to_dict())
