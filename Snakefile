@@ -28,10 +28,16 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PAT
 report: "report/workflow.rst"
 
 
+wildcard_constraints:
+    param="amplitudes|angles|shifts",
+    i=r"\d+",
+
+
 include: "rules/common.smk"
 include: "rules/model.smk"
 include: "rules/particles.smk"
 include: "rules/hemnma.smk"
+include: "rules/network.smk"
 
 
 rule all:

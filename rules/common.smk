@@ -43,11 +43,6 @@ def quoted(items):
     return " ".join(shlex.quote(str(i)) for i in items)
 
 
-def anim_dir(wildcards, output):
-    """Folder of the per-mode animations."""
-    return str(Path(output.anim[0]).parent)
-
-
 def simulate_args():
     """CLI arguments of `deephemnma simulate` from config particles.simulate."""
     c = config["particles"]["simulate"]
@@ -88,7 +83,10 @@ def shard_ids():
 def shard_args():
     """CLI arguments of `deephemnma shard`."""
     c = config["hemnma"]
-    return ([] if c["subset"] is None else ["--subset", c["subset"]]) + ["--seed", c["seed"]]
+    return ([] if c["subset"] is None else ["--subset", c["subset"]]) + [
+        "--seed",
+        c["seed"],
+    ]
 
 
 def hemnma_args():
@@ -108,6 +106,64 @@ def sigma_angstrom():
     return 1.0
 
 
+def label_star():
+    """The labelled particle STAR the networks learn from: HEMNMA's, or the simulated truth."""
+    if config["network"]["label_source"] == "truth":
+        return res("particles/particles.star")
+    return res("hemnma/hemnma.star")
+
+
+def network_params():
+    """Parameter types with a network of their own."""
+    return config["network"]["params"]
+
+
+def split_args():
+    """CLI arguments of `deephemnma split`."""
+    c = config["network"]
+    return ["--n-val", c["n_val"], "--n-test", c["n_test"], "--seed", c["seed"]]
+
+
+def train_args():
+    """CLI arguments of `deephemnma train` from config network."""
+    c = config["network"]
+    args = [
+        "--arch",
+        c["arch"],
+        "--angle-repr",
+        c["angle_repr"],
+        "--epochs",
+        c["epochs"],
+    ]
+    args += [
+        "--batch-size",
+        c["batch_size"],
+        "--lr",
+        c["lr"],
+        "--weight-decay",
+        c["weight_decay"],
+    ]
+    args += [
+        "--patience",
+        c["patience"],
+        "--workers",
+        c["workers"],
+        "--seed",
+        c["seed"],
+    ]
+    return args + ([] if c["augment"] else ["--no-augment"])
+
+
+def anim_dir(wildcards, output):
+    """Folder of the per-mode animations."""
+    return str(Path(output.anim[0]).parent)
+
+
+def output_dir(wildcards, output):
+    """Folder of a rule's first output."""
+    return str(Path(output[0]).parent)
+
+
 def all_outputs():
     """Final targets of the workflow."""
     return [
@@ -116,4 +172,10 @@ def all_outputs():
         expand(res("model/anim/mode{k}.pdb"), k=mode_numbers()),
         res("particles/particles.star"),
         res("hemnma/hemnma.star"),
-    ]
+        res("network/deephemnma.star"),
+    ] + ([res("evaluate/accuracy.md")] if simulated() else [])
+
+
+def simulated():
+    """Whether the particles are simulated (ground truth exists)."""
+    return config["particles"]["source"] == "simulate"

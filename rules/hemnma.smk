@@ -3,12 +3,12 @@ rule shard:
         star=res("particles/particles.star"),
     output:
         shards=expand(res("hemnma/shards/shard_{i}.star"), i=shard_ids()),
-    params:
-        args=quoted(shard_args()),
     log:
         res("logs/shard.log"),
     conda:
         "../envs/deephemnma.yaml"
+    params:
+        args=quoted(shard_args()),
     shell:
         "deephemnma shard --particles {input.star:q} {params.args} --out {output.shards:q} "
         "> {log:q} 2>&1"
@@ -22,18 +22,18 @@ rule hemnma:
         modes=rules.nma.output.npz,
     output:
         res("hemnma/aligned/shard_{i}.star"),
-    params:
-        args=quoted(hemnma_args()),
-    threads: config["hemnma"]["ranks"]
-    resources:
-        tasks=config["hemnma"]["ranks"],
-        mpi="mpiexec",
     log:
         res("logs/hemnma/shard_{i}.log"),
     benchmark:
         res("benchmarks/hemnma/shard_{i}.tsv")
     conda:
         "../envs/deephemnma.yaml"
+    threads: config["hemnma"]["ranks"]
+    resources:
+        tasks=config["hemnma"]["ranks"],
+        mpi="mpiexec",
+    params:
+        args=quoted(hemnma_args()),
     shell:
         "{resources.mpi} -n {resources.tasks} deephemnma hemnma --particles {input.shard:q} "
         "--model {input.model:q} --modes {input.modes:q} {params.args} --out {output:q} "

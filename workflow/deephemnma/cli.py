@@ -21,6 +21,7 @@ VERBS = {
     "train": ("train", "train one ResNet per parameter type (amplitudes, angles, shifts)"),
     "infer": ("infer", "infer one parameter type for every image with a trained network"),
     "merge": ("merge", "merge the inferred parameter types into one RELION STAR"),
+    "evaluate": ("evaluate", "accuracy tables against ground truth (seed Tables 1, S1, S2)"),
     "simulate": ("simulate", "simulated particles with ground truth (MRCS stacks + RELION STAR)"),
 }
 

@@ -77,7 +77,7 @@ def transform_images(images: torch.Tensor, alpha_deg: torch.Tensor, t_px: torch.
 
     out(q) = in(Rz(α)ᵀ (q - t)), Rz(α) = [[cos α, sin α], [-sin α, cos α]] acting on (x, y).
     """
-    b, d = images.shape[0], images.shape[-1]
+    d = images.shape[-1]
     a = torch.deg2rad(alpha_deg)[:, None, None]
     c = torch.arange(d, dtype=images.dtype, device=images.device) - d // 2
     qy, qx = torch.meshgrid(c, c, indexing="ij")
@@ -208,8 +208,18 @@ def train(args: argparse.Namespace) -> None:
     out = Path(args.out_dir)
     ckpt_path = out / "checkpoint.pt"
     state = {"epoch": 0, "best_val": math.inf, "best_state": None, "bad_epochs": 0, "history": []}
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    fingerprint = {k: v for k, v in sorted(vars(args).items())
+                   if k not in ("module", "verbose", "workers", "stop_after_epoch")}  # fmt: skip
+    fingerprint = repr(fingerprint) + f" world={world}"
+    ckpt = (
+        torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ckpt_path.exists()
+        else None
+    )
+    if ckpt is not None and ckpt.get("fingerprint") != fingerprint:
+        log.info("ignoring %s: written by a run with other settings", ckpt_path)
+        ckpt = None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optim"])
         sched.load_state_dict(ckpt["sched"])
@@ -281,7 +291,7 @@ def train(args: argparse.Namespace) -> None:
                      row["train_loss"], row["val_loss"], row["val_metric"], row["seconds"])  # fmt: skip
             with atomic_path(ckpt_path) as tmp:
                 torch.save({"model": model.state_dict(), "optim": opt.state_dict(),
-                            "sched": sched.state_dict(), **state}, tmp)  # fmt: skip
+                            "sched": sched.state_dict(), "fingerprint": fingerprint, **state}, tmp)  # fmt: skip
         if args.stop_after_epoch and epoch == args.stop_after_epoch:
             return  # testing hook: behave like a job killed after this epoch's checkpoint
         if state["bad_epochs"] >= args.patience:
@@ -298,6 +308,7 @@ def train(args: argparse.Namespace) -> None:
         with atomic_path(out / "history.csv") as tmp:
             history.to_csv(tmp, index=False, float_format="%.6g")
         loss_figure(history, args.param, out / "loss.png")
+        ckpt_path.unlink()  # finished: a later run with new settings starts afresh
         log.info("%s %s: %.1f M parameters, best validation loss %.4f", args.param, args.arch,
                  n_parameters(model) / 1e6, state["best_val"])  # fmt: skip
     if world > 1:

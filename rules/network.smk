@@ -1,0 +1,112 @@
+rule split:
+    input:
+        labels=label_star(),
+    output:
+        res("network/split.csv"),
+    log:
+        res("logs/split.log"),
+    conda:
+        "../envs/deephemnma.yaml"
+    params:
+        args=quoted(split_args()),
+    shell:
+        "deephemnma split --labels {input.labels:q} {params.args} --out {output:q} > {log:q} 2>&1"
+
+
+rule train:
+    input:
+        labels=label_star(),
+        split=rules.split.output[0],
+        stacks=res("particles/stacks"),
+    output:
+        model=res("network/{param}/model.pt"),
+        history=res("network/{param}/history.csv"),
+        loss=report(
+            res("network/{param}/loss.png"),
+            caption="../report/loss.rst",
+            category="4. Networks",
+            subcategory="{param}",
+        ),
+    log:
+        res("logs/train_{param}.log"),
+    benchmark:
+        res("benchmarks/train_{param}.tsv")
+    conda:
+        "../envs/deephemnma.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        args=quoted(train_args()),
+        out_dir=output_dir,
+    shell:
+        "deephemnma train --param {wildcards.param} --labels {input.labels:q} "
+        "--split {input.split:q} {params.args} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+
+
+rule infer:
+    input:
+        model=rules.train.output.model,
+        particles=res("particles/particles.star"),
+        stacks=res("particles/stacks"),
+    output:
+        res("network/{param}/inferred.star"),
+    log:
+        res("logs/infer_{param}.log"),
+    benchmark:
+        res("benchmarks/infer_{param}.tsv")
+    conda:
+        "../envs/deephemnma.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        batch=config["network"]["infer_batch"],
+        workers=config["network"]["workers"],
+    shell:
+        "deephemnma infer --network {input.model:q} --particles {input.particles:q} "
+        "--batch {params.batch} --workers {params.workers} --out {output:q} > {log:q} 2>&1"
+
+
+rule merge:
+    input:
+        particles=res("particles/particles.star"),
+        inferred=expand(res("network/{param}/inferred.star"), param=network_params()),
+        labelled=res("hemnma/hemnma.star"),
+    output:
+        res("network/deephemnma.star"),
+    log:
+        res("logs/merge.log"),
+    conda:
+        "../envs/deephemnma.yaml"
+    shell:
+        "deephemnma merge --particles {input.particles:q} --inferred {input.inferred:q} "
+        "--labelled {input.labelled:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule evaluate:
+    input:
+        truth=res("particles/particles.star"),
+        network=rules.merge.output[0],
+        hemnma=res("hemnma/hemnma.star"),
+        split=rules.split.output[0],
+    output:
+        csv=res("evaluate/accuracy.csv"),
+        md=report(
+            res("evaluate/accuracy.md"),
+            caption="../report/accuracy.rst",
+            category="5. Evaluation",
+        ),
+        figure=report(
+            res("evaluate/overlap.png"),
+            caption="../report/overlap.rst",
+            category="5. Evaluation",
+        ),
+    log:
+        res("logs/evaluate.log"),
+    conda:
+        "../envs/deephemnma.yaml"
+    shell:
+        "deephemnma evaluate --truth {input.truth:q} --network {input.network:q} "
+        "--hemnma {input.hemnma:q} --split {input.split:q} --out-csv {output.csv:q} "
+        "--out-md {output.md:q} --out-figure {output.figure:q} > {log:q} 2>&1"
