@@ -31,6 +31,7 @@ report: "report/workflow.rst"
 wildcard_constraints:
     param="amplitudes|angles|shifts",
     i=r"\d+",
+    g=r"\d+",
 
 
 include: "rules/common.smk"
@@ -38,6 +39,7 @@ include: "rules/model.smk"
 include: "rules/particles.smk"
 include: "rules/hemnma.smk"
 include: "rules/network.smk"
+include: "rules/analysis.smk"
 
 
 rule all:

@@ -164,6 +164,41 @@ def output_dir(wildcards, output):
     return str(Path(output[0]).parent)
 
 
+def space_input():
+    """Amplitudes of all images: the network's (default) or HEMNMA's."""
+    if config["analysis"]["source"] == "hemnma":
+        return res("hemnma/hemnma.star")
+    return res("network/deephemnma.star")
+
+
+def group_ids():
+    """Indices of the groups picked in the conformational space."""
+    g = config["analysis"]["groups"]
+    return list(range(g["n_groups"] if g["method"] == "kmeans" else len(g["boxes"])))
+
+
+def space_args():
+    """CLI arguments of `deephemnma space`."""
+    import json
+
+    a = config["analysis"]
+    g = a["groups"]
+    args = [
+        "--method",
+        g["method"],
+        "--n-groups",
+        g["n_groups"],
+        "--boxes",
+        json.dumps(g["boxes"]),
+    ]
+    return args + [
+        "--frames",
+        a["trajectory_frames"],
+        "--span-std",
+        a["trajectory_span_std"],
+    ]
+
+
 def all_outputs():
     """Final targets of the workflow."""
     return [
@@ -173,6 +208,8 @@ def all_outputs():
         res("particles/particles.star"),
         res("hemnma/hemnma.star"),
         res("network/deephemnma.star"),
+        res("space/pca.npz"),
+        expand(res("fsc/group_{g}.json"), g=group_ids()),
     ] + ([res("evaluate/accuracy.md")] if simulated() else [])
 
 

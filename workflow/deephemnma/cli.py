@@ -22,6 +22,9 @@ VERBS = {
     "infer": ("infer", "infer one parameter type for every image with a trained network"),
     "merge": ("merge", "merge the inferred parameter types into one RELION STAR"),
     "evaluate": ("evaluate", "accuracy tables against ground truth (seed Tables 1, S1, S2)"),
+    "space": ("space", "PCA of the amplitudes, groups, centroid models and trajectories"),
+    "reconstruct": ("reconstruct", "direct Fourier reconstruction of a group (half-maps, map)"),
+    "fsc": ("fsc", "FSC of half-maps and against the centroid model's map; resolutions"),
     "simulate": ("simulate", "simulated particles with ground truth (MRCS stacks + RELION STAR)"),
 }
 
