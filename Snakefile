@@ -10,10 +10,12 @@ from deephemnma.config import check_config
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+configfile: f"{workflow.basedir}/config/config.yaml"
 
 
-check_config(config, "config/schema.yaml")  # one line naming the key
+check_config(
+    config, f"{workflow.basedir}/config/schema.yaml"
+)  # one line naming the key
 validate(config, "config/schema.yaml")  # fills in the schema's defaults
 
 

@@ -1,0 +1,126 @@
+"""The workflow through Snakemake: DAG, a full tiny run, partial reruns, report."""
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from .conftest import CLOSED_PDB, OPEN_PDB, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def snakemake(workdir, *args, check=True):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+           str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
+
+
+def planned_jobs(workdir, **changes):
+    """{rule: count} that a dry run would execute with the config changed (then restored)."""
+    write_config(workdir, **changes)
+    try:
+        out = snakemake(workdir, "-n").stdout
+    finally:
+        write_config(workdir)
+    if "Nothing to be done" in out:
+        return {}
+    stats = out.split("Job stats:")[1].split("total")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M) if m[1] != "job"}
+
+
+def write_config(workdir, **changes):
+    cfg = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text())
+    cfg["structure"] = str(OPEN_PDB)
+    for key, value in changes.items():
+        node = cfg
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """A complete run of the tiny workflow."""
+    wd = tmp_path_factory.mktemp("wf")
+    write_config(wd)
+    snakemake(wd)
+    return wd
+
+
+def test_dry_run_plans_the_whole_dag(tmp_path):
+    write_config(tmp_path)
+    jobs = planned_jobs(tmp_path)
+    assert jobs == {"prepare_model": 1, "nma": 1, "simulate": 1, "shard": 1, "hemnma": 2,
+                    "gather": 1, "split": 1, "train": 3, "infer": 3, "merge": 1, "evaluate": 1,
+                    "space": 1, "reconstruct": 2, "fsc": 2, "all": 1}  # fmt: skip
+
+
+def test_full_run_outputs(done):
+    import starfile
+
+    net = starfile.read(done / "results/network/deephemnma.star")
+    assert len(net["particles"]) == 120
+    assert net["particles"]["dhHemnmaLabelled"].sum() == 60
+    assert "rlnPhaseShift" in net["particles"]
+    hem = starfile.read(done / "results/hemnma/hemnma.star")["particles"]
+    assert len(hem) == 60 and "dhCost" in hem
+    assert (done / "results/evaluate/accuracy.md").read_text().count("|") > 20
+    for g in (0, 1):
+        assert (done / f"results/maps/group_{g}.mrc").stat().st_size > 32**3 * 4
+    assert (done / "results/benchmarks/hemnma/shard_0.tsv").exists()
+
+
+def test_nothing_reruns_after_complete_run(done):
+    assert planned_jobs(done) == {}
+
+
+def test_training_parameter_reruns_only_its_branch(done):
+    jobs = planned_jobs(done, **{"network.epochs": 3})
+    assert jobs.get("train") == 3 and jobs.get("infer") == 3
+    assert {"merge", "space", "reconstruct", "fsc", "evaluate"} <= set(jobs)
+    assert not {"prepare_model", "nma", "simulate", "shard", "hemnma", "gather", "split"} & set(
+        jobs
+    )
+
+
+def test_nma_cutoff_reruns_everything_downstream(done):
+    jobs = planned_jobs(done, **{"nma.cutoff": 12.0})
+    assert "nma" in jobs and "prepare_model" not in jobs
+    assert {"simulate", "hemnma", "train", "infer", "space", "reconstruct", "fsc"} <= set(jobs)
+
+
+def test_new_structure_reruns_everything(done, tmp_path):
+    other = tmp_path / "other.pdb"
+    shutil.copy(CLOSED_PDB, other)
+    jobs = planned_jobs(done, structure=str(other))
+    assert {"prepare_model", "nma", "simulate", "hemnma", "train", "fsc"} <= set(jobs)
+
+
+def test_failed_shard_reruns_alone(done):
+    """As after a run that died in shard 1: its output and the gathered STAR are missing."""
+    shard0 = done / "results/hemnma/aligned/shard_0.star"
+    before = shard0.stat().st_mtime_ns
+    (done / "results/hemnma/aligned/shard_1.star").unlink()
+    (done / "results/hemnma/hemnma.star").unlink()
+    out = snakemake(done, "-n", "results/hemnma/hemnma.star").stdout
+    stats = out.split("Job stats:")[1].split("total")[0]
+    jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M) if m[1] != "job"}
+    assert jobs == {"hemnma": 1, "gather": 1}
+    snakemake(done, "results/hemnma/hemnma.star")
+    assert shard0.stat().st_mtime_ns == before
+    assert (done / "results/hemnma/aligned/shard_1.star").exists()
+
+
+def test_report_builds(done):
+    snakemake(done, "--report", str(done / "report.html"))
+    html = (done / "report.html").read_text(errors="ignore")
+    assert len(html) > 10000 and "pca.png" in html and "loss.png" in html
