@@ -28,8 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(cmd, cwd):
-    subprocess.run([sys.executable, "-m", "deephemnma", *cmd], cwd=cwd, check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "deephemnma", *cmd], cwd=cwd, check=True, capture_output=True
+    )
 
 
 def main() -> None:
@@ -44,13 +45,57 @@ def main() -> None:
     px = 1.1 * 128 / a.box
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as d:
-        run(["prepare-model", "--structure", str(REPO / "resources/adk_open.pdb"),
-             "--out-npz", "model.npz", "--out-pdb", "model.pdb"], d)  # fmt: skip
-        run(["nma", "--model", "model.npz", "--pdb", "model.pdb", "--out-npz", "modes.npz",
-             "--out-nmd", "m.nmd", "--out-table", "m.csv", "--out-anim-dir", "anim"], d)  # fmt: skip
-        sim = ["simulate", "--model", "model.npz", "--modes", "modes.npz", "--n-images",
-               str(a.n_images), "--box", str(a.box), "--pixel-size", str(px), "--max-shift-px",
-               str(5 * a.box / 128), "--seed", "7", "--out-star", "p.star", "--out-stacks", "s"]  # fmt: skip
+        run(
+            [
+                "prepare-model",
+                "--structure",
+                str(REPO / "resources/adk_open.pdb"),
+                "--out-npz",
+                "model.npz",
+                "--out-pdb",
+                "model.pdb",
+            ],
+            d,
+        )
+        run(
+            [
+                "nma",
+                "--model",
+                "model.npz",
+                "--pdb",
+                "model.pdb",
+                "--out-npz",
+                "modes.npz",
+                "--out-nmd",
+                "m.nmd",
+                "--out-table",
+                "m.csv",
+                "--out-anim-dir",
+                "anim",
+            ],
+            d,
+        )
+        sim = [
+            "simulate",
+            "--model",
+            "model.npz",
+            "--modes",
+            "modes.npz",
+            "--n-images",
+            str(a.n_images),
+            "--box",
+            str(a.box),
+            "--pixel-size",
+            str(px),
+            "--max-shift-px",
+            str(5 * a.box / 128),
+            "--seed",
+            "7",
+            "--out-star",
+            "p.star",
+            "--out-stacks",
+            "s",
+        ]
         run(sim + (["--no-ctf"] if a.no_noise else ["--snr", "0.1"]), d)
         cwd = os.getcwd()
         os.chdir(d)
@@ -63,8 +108,9 @@ def main() -> None:
             n_directions=a.n_directions,
         )
         t0 = time.perf_counter()
-        al = hemnma.Aligner(m["coords"], md["modes"], m["weights"], ps.box, ps.pixel_size,
-                            settings, device)  # fmt: skip
+        al = hemnma.Aligner(
+            m["coords"], md["modes"], m["weights"], ps.box, ps.pixel_size, settings, device
+        )
         t1 = time.perf_counter()
         res = hemnma.align_rows(ps, np.arange(len(ps)), al)
         if device.type == "cuda":
@@ -75,12 +121,17 @@ def main() -> None:
         sh = np.linalg.norm(res["shifts_px"] - ps.shifts_px(), axis=1)
         os.chdir(cwd)
     threads = torch.get_num_threads()
-    where = torch.cuda.get_device_name() if device.type == "cuda" else (
-        f"{platform.machine()} CPU, {threads} threads")  # fmt: skip
+    where = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else (f"{platform.machine()} CPU, {threads} threads")
+    )
     cond = "no noise, no CTF" if a.no_noise else "CTF + SNR 0.1"
     print(f"HEMNMA on {a.n_images} images, {a.box} px, {cond}; {where}")
-    print(f"  angular distance to truth: mean {ang.mean():.2f} deg, std {ang.std():.2f} deg, "
-          f"median {np.median(ang):.2f}, >10 deg: {(ang > 10).mean():.1%}")  # fmt: skip
+    print(
+        f"  angular distance to truth: mean {ang.mean():.2f} deg, std {ang.std():.2f} deg, "
+        f"median {np.median(ang):.2f}, >10 deg: {(ang > 10).mean():.1%}"
+    )
     for j, k in enumerate((7, 8, 9)):
         print(
             f"  mode {k}: |amplitude error| mean {amp[:, j].mean():.1f}, std {amp[:, j].std():.1f}"
@@ -90,8 +141,10 @@ def main() -> None:
     if device.type == "cuda":
         print(f"  {1 / per:.1f} images/s on the GPU (gallery {t1 - t0:.1f} s once)")
     else:
-        print(f"  {per * threads:.2f} s per image per core ({per:.2f} s wall on {threads} threads;"
-              f" gallery {t1 - t0:.1f} s once)")  # fmt: skip
+        print(
+            f"  {per * threads:.2f} s per image per core ({per:.2f} s wall on {threads} threads;"
+            f" gallery {t1 - t0:.1f} s once)"
+        )
 
 
 if __name__ == "__main__":

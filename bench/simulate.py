@@ -24,18 +24,66 @@ def main() -> None:
     px = 1.1 * 128 / a.box
     with tempfile.TemporaryDirectory() as d:
         exe = [sys.executable, "-m", "deephemnma"]
-        subprocess.run([*exe, "prepare-model", "--structure", str(REPO / "resources/adk_open.pdb"),
-                        "--out-npz", f"{d}/model.npz", "--out-pdb", f"{d}/model.pdb"],
-                       check=True, capture_output=True)  # fmt: skip
-        subprocess.run([*exe, "nma", "--model", f"{d}/model.npz", "--pdb", f"{d}/model.pdb",
-                        "--out-npz", f"{d}/modes.npz", "--out-nmd", f"{d}/m.nmd",
-                        "--out-table", f"{d}/m.csv", "--out-anim-dir", f"{d}/anim"],
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                *exe,
+                "prepare-model",
+                "--structure",
+                str(REPO / "resources/adk_open.pdb"),
+                "--out-npz",
+                f"{d}/model.npz",
+                "--out-pdb",
+                f"{d}/model.pdb",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                *exe,
+                "nma",
+                "--model",
+                f"{d}/model.npz",
+                "--pdb",
+                f"{d}/model.pdb",
+                "--out-npz",
+                f"{d}/modes.npz",
+                "--out-nmd",
+                f"{d}/m.nmd",
+                "--out-table",
+                f"{d}/m.csv",
+                "--out-anim-dir",
+                f"{d}/anim",
+            ],
+            check=True,
+            capture_output=True,
+        )
         t = time.perf_counter()
-        subprocess.run([*exe, "simulate", "--model", f"{d}/model.npz", "--modes", f"{d}/modes.npz",
-                        "--n-images", str(a.n_images), "--box", str(a.box), "--pixel-size", str(px),
-                        "--snr", "0.1", "--out-star", f"{d}/p.star", "--out-stacks", f"{d}/s"],
-                       check=True, capture_output=True, cwd=d)  # fmt: skip
+        subprocess.run(
+            [
+                *exe,
+                "simulate",
+                "--model",
+                f"{d}/model.npz",
+                "--modes",
+                f"{d}/modes.npz",
+                "--n-images",
+                str(a.n_images),
+                "--box",
+                str(a.box),
+                "--pixel-size",
+                str(px),
+                "--snr",
+                "0.1",
+                "--out-star",
+                f"{d}/p.star",
+                "--out-stacks",
+                f"{d}/s",
+            ],
+            check=True,
+            capture_output=True,
+            cwd=d,
+        )
         dt = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")

@@ -19,10 +19,27 @@ def simulate(d, files, n, box, px, ctf, seed):
     cwd = os.getcwd()
     os.chdir(d)
     try:
-        args = ["simulate", "--model", str(files / "model.npz"), "--modes", str(files / "modes.npz"),
-                "--n-images", str(n), "--box", str(box), "--pixel-size", str(px),
-                "--max-shift-px", "2", "--seed", str(seed), "--out-star", "p.star",
-                "--out-stacks", "s"] + ([] if ctf else ["--no-ctf"])  # fmt: skip
+        args = [
+            "simulate",
+            "--model",
+            str(files / "model.npz"),
+            "--modes",
+            str(files / "modes.npz"),
+            "--n-images",
+            str(n),
+            "--box",
+            str(box),
+            "--pixel-size",
+            str(px),
+            "--max-shift-px",
+            "2",
+            "--seed",
+            str(seed),
+            "--out-star",
+            "p.star",
+            "--out-stacks",
+            "s",
+        ] + ([] if ctf else ["--no-ctf"])
         assert cli(args) == 0
     finally:
         os.chdir(cwd)
@@ -43,12 +60,15 @@ def test_noise_free_recovery(adk_model_files, tmp_path, monkeypatch, ctf):
     ps = ParticleSet(star)
     m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
     settings = hemnma.AlignSettings(iterations=(30, 60))
-    al = hemnma.Aligner(m["coords"], md["modes"], m["weights"], ps.box, ps.pixel_size, settings,
-                        torch.device("cpu"))  # fmt: skip
+    al = hemnma.Aligner(
+        m["coords"], md["modes"], m["weights"], ps.box, ps.pixel_size, settings, torch.device("cpu")
+    )
     res = hemnma.align_rows(ps, np.arange(len(ps)), al)
     ang, amp, shift = errors(ps, res)
-    print(f"noise-free (ctf={ctf}): angle {ang.mean():.2f} deg, |amp err| {amp.mean(0).round(2)}, "
-          f"shift {shift.mean():.3f} px")  # fmt: skip
+    print(
+        f"noise-free (ctf={ctf}): angle {ang.mean():.2f} deg, |amp err| {amp.mean(0).round(2)}, "
+        f"shift {shift.mean():.3f} px"
+    )
     assert ang.max() < 1.5 and ang.mean() < 0.6
     assert amp.mean() < 3.0 and amp.max() < 12.0  # amplitudes span ±150
     assert shift.max() < 0.2
@@ -61,7 +81,7 @@ def test_global_search_finds_the_orientation(adk_model_files, tmp_path, monkeypa
     ps = ParticleSet(star)
     m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
     settings = hemnma.AlignSettings(n_directions=400, psi_step=10, candidates=3)
-    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    t = lambda a: torch.tensor(a, dtype=torch.float32)
     gallery = hemnma.Gallery(t(m["coords"]), t(md["modes"]), t(m["weights"]), 32, 4.4, settings)
     target = hemnma.make_target(t(ps.images[:]), ps.ctf_params(), np.arange(6), 32, 4.4, True)
     eul, _, amps = hemnma.global_search(target, gallery, settings, 32)
@@ -73,15 +93,17 @@ def test_global_search_finds_the_orientation(adk_model_files, tmp_path, monkeypa
 
 def test_gallery_rotation_matches_projection(adk_model_files):
     m = load_model(adk_model_files / "model.npz")
-    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    t = lambda a: torch.tensor(a, dtype=torch.float32)
     settings = hemnma.AlignSettings(n_directions=20, psi_step=30, gallery_amplitude=0.0)
-    g = hemnma.Gallery(t(m["coords"]), torch.zeros(3, len(m["coords"]), 3), t(m["weights"]), 32,
-                       4.4, settings)  # fmt: skip
+    g = hemnma.Gallery(
+        t(m["coords"]), torch.zeros(3, len(m["coords"]), 3), t(m["weights"]), 32, 4.4, settings
+    )
     from deephemnma import imaging
 
     rot = geometry.euler_to_matrix(t(g.euler))
-    direct = imaging.project(t(m["coords"]), rot, torch.zeros(len(rot), 2), t(m["weights"]), 32,
-                             4.4, 4.4)  # fmt: skip
+    direct = imaging.project(
+        t(m["coords"]), rot, torch.zeros(len(rot), 2), t(m["weights"]), 32, 4.4, 4.4
+    )
     k = direct.shape[-1] // 2 + 1
     flat = g.flat.T.reshape(-1, 32, 2 * k)  # rows of (real parts, imaginary parts)
     gal = torch.complex(flat[..., :k], flat[..., k:])
@@ -104,17 +126,51 @@ def test_shard_rows():
 def test_mpi_two_ranks_equal_one_rank(adk_model_files, tmp_path):
     simulate(tmp_path, adk_model_files, 6, 32, 4.4, True, seed=4)
     files = adk_model_files
-    common = ["-m", "deephemnma", "hemnma", "--particles", "p.star", "--model",
-              str(files / "model.npz"), "--modes", str(files / "modes.npz"), "--coarse-box", "16",
-              "--n-directions", "100", "--iterations", "5", "10", "--batch", "2"]  # fmt: skip
+    common = [
+        "-m",
+        "deephemnma",
+        "hemnma",
+        "--particles",
+        "p.star",
+        "--model",
+        str(files / "model.npz"),
+        "--modes",
+        str(files / "modes.npz"),
+        "--coarse-box",
+        "16",
+        "--n-directions",
+        "100",
+        "--iterations",
+        "5",
+        "10",
+        "--batch",
+        "2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    subprocess.run(["mpiexec", "-n", "2", sys.executable, *common, "--out", "two.star"],
-                   cwd=tmp_path, check=True, env=env, capture_output=True)  # fmt: skip
-    subprocess.run([sys.executable, *common, "--out", "one.star"], cwd=tmp_path, check=True,
-                   env=env, capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["mpiexec", "-n", "2", sys.executable, *common, "--out", "two.star"],
+        cwd=tmp_path,
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    subprocess.run(
+        [sys.executable, *common, "--out", "one.star"],
+        cwd=tmp_path,
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     one = starfile.read(tmp_path / "one.star")["particles"]
     two = starfile.read(tmp_path / "two.star")["particles"]
     assert list(one["rlnImageName"]) == list(two["rlnImageName"])
-    for col in ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
-                "dhAmplitudeMode7", "dhAmplitudeMode9", "dhCost"]:  # fmt: skip
+    for col in [
+        "rlnAngleRot",
+        "rlnAngleTilt",
+        "rlnAnglePsi",
+        "rlnOriginXAngst",
+        "dhAmplitudeMode7",
+        "dhAmplitudeMode9",
+        "dhCost",
+    ]:
         np.testing.assert_allclose(two[col], one[col], atol=2e-3, err_msg=col)

@@ -42,10 +42,24 @@ def test_inplane_rotation_equals_rotating_the_projection():
     w = torch.ones(40, dtype=torch.float64)
     base = np.array([40.0, 70.0, 0.0])
     box, px = 64, 1.0
-    p0 = imaging.project(coords, geometry.euler_to_matrix(torch.tensor(base))[None],
-                         torch.zeros(1, 2, dtype=torch.float64), w, box, px, 1.5)[0]  # fmt: skip
-    p90 = imaging.project(coords, geometry.euler_to_matrix(torch.tensor(base + [0, 0, 90]))[None],
-                          torch.zeros(1, 2, dtype=torch.float64), w, box, px, 1.5)[0]  # fmt: skip
+    p0 = imaging.project(
+        coords,
+        geometry.euler_to_matrix(torch.tensor(base))[None],
+        torch.zeros(1, 2, dtype=torch.float64),
+        w,
+        box,
+        px,
+        1.5,
+    )[0]
+    p90 = imaging.project(
+        coords,
+        geometry.euler_to_matrix(torch.tensor(base + [0, 0, 90]))[None],
+        torch.zeros(1, 2, dtype=torch.float64),
+        w,
+        box,
+        px,
+        1.5,
+    )[0]
     # psi = +90: (x, y) -> (y, -x) in the image plane, i.e. the array rotated by 90 degrees
     # about the centre pixel D // 2 (exact on the grid for a square box with centre at D // 2)
     rotated = torch.zeros_like(p0)
@@ -61,8 +75,9 @@ def test_inplane_rotation_equals_rotating_the_projection():
 
 def test_ctf_matches_relion_formula_and_first_zero():
     box, px, df = 256, 1.0, 15000.0
-    c = imaging.ctf(torch.tensor([df]), torch.tensor([df]), torch.tensor([0.0]), 300.0, 2.7, 0.1,
-                    px, box)[0]  # fmt: skip
+    c = imaging.ctf(
+        torch.tensor([df]), torch.tensor([df]), torch.tensor([0.0]), 300.0, 2.7, 0.1, px, box
+    )[0]
     s = np.fft.rfftfreq(box, d=px)
     np.testing.assert_allclose(c[0].numpy(), relion_ctf_1d(s, df, 300.0, 2.7, 0.1), atol=2e-4)
     assert c[0, 0] == pytest.approx(0.1, abs=1e-5)  # amplitude contrast at s = 0, positive
@@ -83,8 +98,9 @@ def test_ctf_matches_relion_formula_and_first_zero():
 def test_ctf_astigmatism_angle_is_relion():
     """Full 2D grid against RELION: df(a) = (U+V)/2 + (U-V)/2 cos(2 (a - angle)), a from x."""
     box, px, du, dv, angle = 128, 1.0, 20000.0, 10000.0, 30.0
-    c = imaging.ctf(torch.tensor([du]), torch.tensor([dv]), torch.tensor([angle]), 300.0, 2.7, 0.1,
-                    px, box)[0].numpy()  # fmt: skip
+    c = imaging.ctf(
+        torch.tensor([du]), torch.tensor([dv]), torch.tensor([angle]), 300.0, 2.7, 0.1, px, box
+    )[0].numpy()
     ky = np.fft.fftfreq(box, d=px)[:, None]
     kx = np.fft.rfftfreq(box, d=px)[None, :]
     s = np.sqrt(kx**2 + ky**2)

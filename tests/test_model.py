@@ -77,8 +77,19 @@ def test_bad_inputs(tmp_path):
 
 def test_cli_error_is_one_line_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "model.npz"
-    rc = cli_main(["prepare-model", "--structure", str(OPEN_PDB), "--chains", "Q",
-                   "--out-npz", str(out), "--out-pdb", str(tmp_path / "m.pdb")])  # fmt: skip
+    rc = cli_main(
+        [
+            "prepare-model",
+            "--structure",
+            str(OPEN_PDB),
+            "--chains",
+            "Q",
+            "--out-npz",
+            str(out),
+            "--out-pdb",
+            str(tmp_path / "m.pdb"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and "adk_open.pdb" in err[0] and "matched no atoms" in err[0]
@@ -86,8 +97,9 @@ def test_cli_error_is_one_line_and_writes_nothing(tmp_path, capsys):
 
 
 def test_cli_lists_verbs():
-    out = subprocess.run([sys.executable, "-m", "deephemnma", "--help"], capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "deephemnma", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "prepare-model" in out and "nma" in out
 
 

@@ -25,8 +25,14 @@ def test_quaternion_loss_sign_invariant_and_grows():
     losses = []
     for d in (5, 20, 60, 120):
         other = base + [0, 0, d]
-        losses.append(float(train.quaternion_loss(torch.tensor(geometry.euler_to_quaternion(other)),
-                                                  torch.tensor(geometry.euler_to_quaternion(base)))))  # fmt: skip
+        losses.append(
+            float(
+                train.quaternion_loss(
+                    torch.tensor(geometry.euler_to_quaternion(other)),
+                    torch.tensor(geometry.euler_to_quaternion(base)),
+                )
+            )
+        )
     assert np.all(np.diff(losses) > 0)
     # 1 - cos²(θ/2) = sin²(θ/2)
     assert losses[2] == pytest.approx(np.sin(np.radians(30)) ** 2)
@@ -44,15 +50,35 @@ def test_resnet_parameter_counts():
 def test_rotation_augmentation_matches_resimulation(adk_model_files):
     """Rotating an image by α and updating (psi, shift) gives the image simulated with the new labels."""
     m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
-    cfg = argparse.Namespace(seed=5, amplitude_distribution="uniform", amplitude_scale=100.0,
-                             n_clusters=3, max_shift_px=3.0, defocus=[5000.0, 5000.0],
-                             pixel_size=2.2, box=64, oversample=1, sigma_angstrom=2.5, ctf=False,
-                             snr=None, voltage_kv=200.0, cs_mm=2.0, amplitude_contrast=0.1,
-                             bfactor=0.0)  # fmt: skip
+    cfg = argparse.Namespace(
+        seed=5,
+        amplitude_distribution="uniform",
+        amplitude_scale=100.0,
+        n_clusters=3,
+        max_shift_px=3.0,
+        defocus=[5000.0, 5000.0],
+        pixel_size=2.2,
+        box=64,
+        oversample=1,
+        sigma_angstrom=2.5,
+        ctf=False,
+        snr=None,
+        voltage_kv=200.0,
+        cs_mm=2.0,
+        amplitude_contrast=0.1,
+        bfactor=0.0,
+    )
     params = simulate.draw_parameters(4, md["mode_numbers"], cfg)
-    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
-    render = lambda p: simulate.render(t(m["coords"]), t(md["modes"]), t(m["weights"]), p,  # noqa: E731
-                                       md["mode_numbers"], cfg, torch.Generator())["clean"]  # fmt: skip
+    t = lambda a: torch.tensor(a, dtype=torch.float64)
+    render = lambda p: simulate.render(
+        t(m["coords"]),
+        t(md["modes"]),
+        t(m["weights"]),
+        p,
+        md["mode_numbers"],
+        cfg,
+        torch.Generator(),
+    )["clean"]
     before = render(params)
     alpha = t([37.0, 90.0, -120.0, 200.0])
     shift_t = t([[1.0, -2.0], [0.0, 0.0], [-1.5, 0.5], [2.0, 2.0]])
@@ -89,21 +115,76 @@ def labelled(adk_model_files, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(d)
     try:
-        assert cli(["simulate", "--model", str(adk_model_files / "model.npz"), "--modes",
-                    str(adk_model_files / "modes.npz"), "--n-images", "160", "--box", "32",
-                    "--pixel-size", "4.4", "--no-ctf", "--snr", "1.0", "--max-shift-px", "2",
-                    "--out-star", "p.star", "--out-stacks", "s"]) == 0  # fmt: skip
-        assert cli(["split", "--labels", "p.star", "--n-val", "32", "--n-test", "16",
-                    "--out", "split.csv"]) == 0  # fmt: skip
+        assert (
+            cli(
+                [
+                    "simulate",
+                    "--model",
+                    str(adk_model_files / "model.npz"),
+                    "--modes",
+                    str(adk_model_files / "modes.npz"),
+                    "--n-images",
+                    "160",
+                    "--box",
+                    "32",
+                    "--pixel-size",
+                    "4.4",
+                    "--no-ctf",
+                    "--snr",
+                    "1.0",
+                    "--max-shift-px",
+                    "2",
+                    "--out-star",
+                    "p.star",
+                    "--out-stacks",
+                    "s",
+                ]
+            )
+            == 0
+        )
+        assert (
+            cli(
+                [
+                    "split",
+                    "--labels",
+                    "p.star",
+                    "--n-val",
+                    "32",
+                    "--n-test",
+                    "16",
+                    "--out",
+                    "split.csv",
+                ]
+            )
+            == 0
+        )
     finally:
         os.chdir(cwd)
     return d
 
 
 def train_args(d, param, epochs, **kw):
-    args = ["train", "--param", param, "--labels", str(d / "p.star"), "--split",
-            str(d / "split.csv"), "--arch", "resnet18", "--epochs", str(epochs), "--batch-size",
-            "16", "--lr", "2e-3", "--workers", "0", "--out-dir", str(d / param)]  # fmt: skip
+    args = [
+        "train",
+        "--param",
+        param,
+        "--labels",
+        str(d / "p.star"),
+        "--split",
+        str(d / "split.csv"),
+        "--arch",
+        "resnet18",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "16",
+        "--lr",
+        "2e-3",
+        "--workers",
+        "0",
+        "--out-dir",
+        str(d / param),
+    ]
     for k, v in kw.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args
@@ -143,18 +224,45 @@ def test_inference_one_row_per_image_and_merge(labelled, monkeypatch, tmp_path):
     for param in ("angles", "shifts", "amplitudes"):
         if not (labelled / param / "model.pt").exists():
             assert cli(train_args(labelled, param, 1)) == 0
-        assert cli(["infer", "--network", str(labelled / param / "model.pt"), "--particles",
-                    "p.star", "--batch", "48", "--workers", "0", "--out",
-                    str(tmp_path / f"{param}.star")]) == 0  # fmt: skip
+        assert (
+            cli(
+                [
+                    "infer",
+                    "--network",
+                    str(labelled / param / "model.pt"),
+                    "--particles",
+                    "p.star",
+                    "--batch",
+                    "48",
+                    "--workers",
+                    "0",
+                    "--out",
+                    str(tmp_path / f"{param}.star"),
+                ]
+            )
+            == 0
+        )
         t = starfile.read(tmp_path / f"{param}.star")["particles"]
         assert len(t) == 160 and t["rlnImageName"].is_unique
-    assert cli(["merge", "--particles", "p.star", "--inferred",
+    assert (
+        cli(
+            [
+                "merge",
+                "--particles",
+                "p.star",
+                "--inferred",
                 *[str(tmp_path / f"{p}.star") for p in ("angles", "shifts", "amplitudes")],
-                "--out", str(tmp_path / "all.star")]) == 0  # fmt: skip
+                "--out",
+                str(tmp_path / "all.star"),
+            ]
+        )
+        == 0
+    )
     merged = ParticleSet(tmp_path / "all.star")
     angles = starfile.read(tmp_path / "angles.star")["particles"]
-    np.testing.assert_allclose(merged.euler(), angles[["rlnAngleRot", "rlnAngleTilt",
-                                                       "rlnAnglePsi"]].to_numpy())  # fmt: skip
+    np.testing.assert_allclose(
+        merged.euler(), angles[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    )
     q = geometry.euler_to_quaternion(merged.euler())
     np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0)
 

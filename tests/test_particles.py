@@ -18,11 +18,33 @@ def sim(adk_model_files, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(d)
     try:
-        rc = cli(["simulate", "--model", str(adk_model_files / "model.npz"),
-                  "--modes", str(adk_model_files / "modes.npz"), "--n-images", "50",
-                  "--box", "32", "--pixel-size", "4.4", "--snr", "0.1", "--images-per-stack", "20",
-                  "--batch", "16", "--out-star", "p/particles.star", "--out-stacks", "p/stacks",
-                  "--out-montage", "p/montage.png"])  # fmt: skip
+        rc = cli(
+            [
+                "simulate",
+                "--model",
+                str(adk_model_files / "model.npz"),
+                "--modes",
+                str(adk_model_files / "modes.npz"),
+                "--n-images",
+                "50",
+                "--box",
+                "32",
+                "--pixel-size",
+                "4.4",
+                "--snr",
+                "0.1",
+                "--images-per-stack",
+                "20",
+                "--batch",
+                "16",
+                "--out-star",
+                "p/particles.star",
+                "--out-stacks",
+                "p/stacks",
+                "--out-montage",
+                "p/montage.png",
+            ]
+        )
     finally:
         os.chdir(cwd)
     assert rc == 0
@@ -33,9 +55,21 @@ def test_simulated_star_is_relion(sim):
     blocks = starfile.read(sim / "p/particles.star", always_dict=True)
     assert set(blocks) == {"optics", "particles"}
     parts = blocks["particles"]
-    for col in ["rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
-                "rlnOriginYAngst", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle",
-                "rlnPhaseShift", "rlnOpticsGroup", "dhAmplitudeMode7", "dhAmplitudeMode9"]:  # fmt: skip
+    for col in [
+        "rlnImageName",
+        "rlnAngleRot",
+        "rlnAngleTilt",
+        "rlnAnglePsi",
+        "rlnOriginXAngst",
+        "rlnOriginYAngst",
+        "rlnDefocusU",
+        "rlnDefocusV",
+        "rlnDefocusAngle",
+        "rlnPhaseShift",
+        "rlnOpticsGroup",
+        "dhAmplitudeMode7",
+        "dhAmplitudeMode9",
+    ]:
         assert col in parts
     assert len(parts) == 50
     assert parts["rlnImageName"].iloc[20] == "000001@p/stacks/stack_0001.mrcs"
@@ -53,17 +87,37 @@ def test_simulate_reproducible_and_matches_direct_projection(adk_model_files):
         load_model(adk_model_files / "model.npz"),
         load_modes(adk_model_files / "modes.npz"),
     )
-    cfg = argparse.Namespace(seed=3, amplitude_distribution="uniform", amplitude_scale=100.0,
-                             n_clusters=3, max_shift_px=2.0, defocus=[4000.0, 6000.0],
-                             pixel_size=4.4, box=32, oversample=1, sigma_angstrom=1.5, ctf=False,
-                             snr=None, voltage_kv=200.0, cs_mm=2.0, amplitude_contrast=0.1,
-                             bfactor=0.0)  # fmt: skip
+    cfg = argparse.Namespace(
+        seed=3,
+        amplitude_distribution="uniform",
+        amplitude_scale=100.0,
+        n_clusters=3,
+        max_shift_px=2.0,
+        defocus=[4000.0, 6000.0],
+        pixel_size=4.4,
+        box=32,
+        oversample=1,
+        sigma_angstrom=1.5,
+        ctf=False,
+        snr=None,
+        voltage_kv=200.0,
+        cs_mm=2.0,
+        amplitude_contrast=0.1,
+        bfactor=0.0,
+    )
     p1 = simulate.draw_parameters(5, modes["mode_numbers"], cfg)
     p2 = simulate.draw_parameters(5, modes["mode_numbers"], cfg)
     assert p1.equals(p2)
-    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
-    out = simulate.render(t(model["coords"]), t(modes["modes"]), t(model["weights"]), p1,
-                          modes["mode_numbers"], cfg, torch.Generator())  # fmt: skip
+    t = lambda a: torch.tensor(a, dtype=torch.float64)
+    out = simulate.render(
+        t(model["coords"]),
+        t(modes["modes"]),
+        t(model["weights"]),
+        p1,
+        modes["mode_numbers"],
+        cfg,
+        torch.Generator(),
+    )
     # independent: deform with numpy, project one image with the matrix from RELION's formula
     row = p1.iloc[2]
     amps = row[["dhAmplitudeMode7", "dhAmplitudeMode8", "dhAmplitudeMode9"]].to_numpy(float)
@@ -92,12 +146,20 @@ def test_amplitude_distributions():
 def test_simulate_then_import_round_trip(sim, tmp_path, monkeypatch):
     monkeypatch.chdir(sim)
     out = tmp_path / "imp"
-    relion.import_particles(sim / "p/particles.star", None, None, False, out / "particles.star",
-                            out / "stacks", per_stack=1000)  # fmt: skip
+    relion.import_particles(
+        sim / "p/particles.star",
+        None,
+        None,
+        False,
+        out / "particles.star",
+        out / "stacks",
+        per_stack=1000,
+    )
     a, b = ParticleSet(sim / "p/particles.star"), ParticleSet(out / "particles.star")
     np.testing.assert_array_equal(a.images[:], b.images[:])
-    np.testing.assert_array_equal(a.euler(), b.table[["rlnAngleRotPrior", "rlnAngleTiltPrior",
-                                                       "rlnAnglePsiPrior"]].to_numpy())  # fmt: skip
+    np.testing.assert_array_equal(
+        a.euler(), b.table[["rlnAngleRotPrior", "rlnAngleTiltPrior", "rlnAnglePsiPrior"]].to_numpy()
+    )
     np.testing.assert_array_equal(a.amplitudes([7, 8, 9]), b.amplitudes([7, 8, 9]))
     for key, val in a.ctf_params().items():
         np.testing.assert_array_equal(val, b.ctf_params()[key], err_msg=key)
@@ -106,8 +168,15 @@ def test_simulate_then_import_round_trip(sim, tmp_path, monkeypatch):
 
 def test_import_crop_and_normalise(sim, tmp_path, monkeypatch):
     monkeypatch.chdir(sim)
-    relion.import_particles(sim / "p/particles.star", None, 16, True, tmp_path / "p.star",
-                            tmp_path / "s", per_stack=1000)  # fmt: skip
+    relion.import_particles(
+        sim / "p/particles.star",
+        None,
+        16,
+        True,
+        tmp_path / "p.star",
+        tmp_path / "s",
+        per_stack=1000,
+    )
     b = ParticleSet(tmp_path / "p.star")
     assert b.box == 16 and b.pixel_size == pytest.approx(8.8)
     imgs = torch.from_numpy(b.images[:])
@@ -119,10 +188,18 @@ def test_import_crop_and_normalise(sim, tmp_path, monkeypatch):
 def relion30_star(path, names, extra=None):
     import pandas as pd
 
-    df = pd.DataFrame({"rlnImageName": names, "rlnDefocusU": 5000.0, "rlnVoltage": 300.0,
-                       "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1,
-                       "rlnDetectorPixelSize": 5.0, "rlnMagnification": 10000.0,
-                       "rlnOriginX": 1.0})  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "rlnImageName": names,
+            "rlnDefocusU": 5000.0,
+            "rlnVoltage": 300.0,
+            "rlnSphericalAberration": 2.7,
+            "rlnAmplitudeContrast": 0.1,
+            "rlnDetectorPixelSize": 5.0,
+            "rlnMagnification": 10000.0,
+            "rlnOriginX": 1.0,
+        }
+    )
     for k, v in (extra or {}).items():
         df[k] = v
     starfile.write(df, path, overwrite=True)
@@ -132,8 +209,9 @@ def test_import_relion30_units(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_mrc(tmp_path / "a.mrcs", np.random.default_rng(0).normal(size=(3, 16, 16)), 5.0)
     relion30_star(tmp_path / "in.star", ["1@a.mrcs", "3@a.mrcs"])
-    out = relion.import_particles(tmp_path / "in.star", None, None, False, tmp_path / "o.star",
-                                  tmp_path / "o", 100)  # fmt: skip
+    out = relion.import_particles(
+        tmp_path / "in.star", None, None, False, tmp_path / "o.star", tmp_path / "o", 100
+    )
     assert out["rlnOriginXPriorAngst"].tolist() == [5.0, 5.0]  # 1 px at 5 Å/px
     b = ParticleSet(tmp_path / "o.star")
     assert b.pixel_size == 5.0
@@ -155,8 +233,9 @@ def test_import_errors(tmp_path, monkeypatch):
 
     def run(names, **extra):
         relion30_star(tmp_path / "in.star", names, extra)
-        relion.import_particles(tmp_path / "in.star", None, None, False, tmp_path / "o.star",
-                                tmp_path / "o", 100)  # fmt: skip
+        relion.import_particles(
+            tmp_path / "in.star", None, None, False, tmp_path / "o.star", tmp_path / "o", 100
+        )
 
     with pytest.raises(InputError, match="not found"):
         run(["1@missing.mrcs"])
@@ -170,11 +249,15 @@ def test_import_errors(tmp_path, monkeypatch):
         run(["1@corrupt.mrcs"])
     with pytest.raises(InputError, match="trunc.mrcs: not a valid MRC"):
         run(["1@trunc.mrcs"])
-    starfile.write({"particles": __import__("pandas").DataFrame({"rlnImageName": ["1@a.mrcs"]})},
-                   tmp_path / "nodf.star", overwrite=True)  # fmt: skip
+    starfile.write(
+        {"particles": __import__("pandas").DataFrame({"rlnImageName": ["1@a.mrcs"]})},
+        tmp_path / "nodf.star",
+        overwrite=True,
+    )
     with pytest.raises(InputError, match="missing column.*_rlnDefocusU"):
-        relion.import_particles(tmp_path / "nodf.star", None, None, False, tmp_path / "o.star",
-                                tmp_path / "o", 100)  # fmt: skip
+        relion.import_particles(
+            tmp_path / "nodf.star", None, None, False, tmp_path / "o.star", tmp_path / "o", 100
+        )
     assert not (tmp_path / "o.star").exists()
     assert not list((tmp_path / "o").glob("*.mrcs")) if (tmp_path / "o").exists() else True
 
@@ -187,8 +270,10 @@ def test_import_datadir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "work")
     relion30_star(tmp_path / "work/in.star", ["2@a.mrcs"])
     with pytest.raises(InputError, match="not found"):
-        relion.import_particles(tmp_path / "work/in.star", None, None, False,
-                                tmp_path / "o.star", tmp_path / "o", 100)  # fmt: skip
-    relion.import_particles(tmp_path / "work/in.star", data, None, False, tmp_path / "o.star",
-                            tmp_path / "o", 100)  # fmt: skip
+        relion.import_particles(
+            tmp_path / "work/in.star", None, None, False, tmp_path / "o.star", tmp_path / "o", 100
+        )
+    relion.import_particles(
+        tmp_path / "work/in.star", data, None, False, tmp_path / "o.star", tmp_path / "o", 100
+    )
     assert len(ParticleSet(tmp_path / "o.star")) == 1

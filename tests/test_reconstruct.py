@@ -16,9 +16,16 @@ def test_noise_free_reconstruction_matches_true_map(adk_model_files):
     box, px, sigma, n = 32, 4.4, 3.0, 1500
     truth = rec.model_map(m["coords"], m["weights"], box, px, sigma)
     # projector and 3D map agree: the z-sum of the map is the projection at identity pose
-    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
-    proj = imaging.project(t(m["coords"]), torch.eye(3, dtype=torch.float64)[None],
-                           torch.zeros(1, 2, dtype=torch.float64), t(m["weights"]), box, px, sigma)[0]  # fmt: skip
+    t = lambda a: torch.tensor(a, dtype=torch.float64)
+    proj = imaging.project(
+        t(m["coords"]),
+        torch.eye(3, dtype=torch.float64)[None],
+        torch.zeros(1, 2, dtype=torch.float64),
+        t(m["weights"]),
+        box,
+        px,
+        sigma,
+    )[0]
     np.testing.assert_allclose(truth.sum(0) * px, proj.numpy(), atol=1e-4 * proj.max().item())
     rng = np.random.default_rng(0)
     rot = geometry.euler_to_matrix(t(geometry.random_euler(n, rng)))
@@ -44,11 +51,37 @@ def test_resolution_from_curve():
 
 def test_half_map_fsc_improves_with_more_images(adk_model_files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert cli(["simulate", "--model", str(adk_model_files / "model.npz"), "--modes",
-                str(adk_model_files / "modes.npz"), "--n-images", "1200", "--box", "32",
-                "--pixel-size", "4.4", "--snr", "0.3", "--amplitude-scale", "0",
-                "--defocus", "8000", "12000", "--batch", "64", "--out-star", "p.star",
-                "--out-stacks", "s"]) == 0  # fmt: skip
+    assert (
+        cli(
+            [
+                "simulate",
+                "--model",
+                str(adk_model_files / "model.npz"),
+                "--modes",
+                str(adk_model_files / "modes.npz"),
+                "--n-images",
+                "1200",
+                "--box",
+                "32",
+                "--pixel-size",
+                "4.4",
+                "--snr",
+                "0.3",
+                "--amplitude-scale",
+                "0",
+                "--defocus",
+                "8000",
+                "12000",
+                "--batch",
+                "64",
+                "--out-star",
+                "p.star",
+                "--out-stacks",
+                "s",
+            ]
+        )
+        == 0
+    )
     ps = ParticleSet("p.star")
     res = []
     for n in (100, 1200):
@@ -62,16 +95,74 @@ def test_half_map_fsc_improves_with_more_images(adk_model_files, tmp_path, monke
 
 def test_reconstruct_and_fsc_cli(adk_model_files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert cli(["simulate", "--model", str(adk_model_files / "model.npz"), "--modes",
-                str(adk_model_files / "modes.npz"), "--n-images", "300", "--box", "32",
-                "--pixel-size", "4.4", "--amplitude-scale", "0", "--out-star", "p.star",
-                "--out-stacks", "s"]) == 0  # fmt: skip
-    assert cli(["reconstruct", "--particles", "p.star", "--wiener-snr", "100", "--out-half1", "h1.mrc",
-                "--out-half2", "h2.mrc", "--out-map", "map.mrc"]) == 0  # fmt: skip
-    assert cli(["fsc", "--half1", "h1.mrc", "--half2", "h2.mrc", "--map", "map.mrc",
-                "--centroid-pdb", str(adk_model_files / "model.pdb"), "--model",
-                str(adk_model_files / "model.npz"), "--out-model-map", "ref.mrc",
-                "--out-csv", "fsc.csv", "--out-json", "fsc.json", "--out-figure", "fsc.png"]) == 0  # fmt: skip
+    assert (
+        cli(
+            [
+                "simulate",
+                "--model",
+                str(adk_model_files / "model.npz"),
+                "--modes",
+                str(adk_model_files / "modes.npz"),
+                "--n-images",
+                "300",
+                "--box",
+                "32",
+                "--pixel-size",
+                "4.4",
+                "--amplitude-scale",
+                "0",
+                "--out-star",
+                "p.star",
+                "--out-stacks",
+                "s",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli(
+            [
+                "reconstruct",
+                "--particles",
+                "p.star",
+                "--wiener-snr",
+                "100",
+                "--out-half1",
+                "h1.mrc",
+                "--out-half2",
+                "h2.mrc",
+                "--out-map",
+                "map.mrc",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli(
+            [
+                "fsc",
+                "--half1",
+                "h1.mrc",
+                "--half2",
+                "h2.mrc",
+                "--map",
+                "map.mrc",
+                "--centroid-pdb",
+                str(adk_model_files / "model.pdb"),
+                "--model",
+                str(adk_model_files / "model.npz"),
+                "--out-model-map",
+                "ref.mrc",
+                "--out-csv",
+                "fsc.csv",
+                "--out-json",
+                "fsc.json",
+                "--out-figure",
+                "fsc.png",
+            ]
+        )
+        == 0
+    )
     import json
 
     out = json.loads(open("fsc.json").read())

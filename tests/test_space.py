@@ -50,13 +50,33 @@ def test_space_cli_writes_groups_and_trajectories(adk_model_files, tmp_path):
     amps = np.repeat([[-100.0, 0, 0], [100.0, 50, 0]], n // 2, 0) + rng.normal(scale=5, size=(n, 3))
     import pandas as pd
 
-    parts = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@s.mrcs" for i in range(n)],
-                          "rlnOpticsGroup": 1, "dhAmplitudeMode7": amps[:, 0],
-                          "dhAmplitudeMode8": amps[:, 1], "dhAmplitudeMode9": amps[:, 2]})  # fmt: skip
+    parts = pd.DataFrame(
+        {
+            "rlnImageName": [f"{i + 1:06d}@s.mrcs" for i in range(n)],
+            "rlnOpticsGroup": 1,
+            "dhAmplitudeMode7": amps[:, 0],
+            "dhAmplitudeMode8": amps[:, 1],
+            "dhAmplitudeMode9": amps[:, 2],
+        }
+    )
     write_star(tmp_path / "in.star", optics_table(2.2, 64, 200, 2, 0.1), parts)
-    rc = cli(["space", "--particles", str(tmp_path / "in.star"), "--modes",
-              str(adk_model_files / "modes.npz"), "--pdb", str(adk_model_files / "model.pdb"),
-              "--n-groups", "2", "--frames", "5", "--out-dir", str(tmp_path / "out")])  # fmt: skip
+    rc = cli(
+        [
+            "space",
+            "--particles",
+            str(tmp_path / "in.star"),
+            "--modes",
+            str(adk_model_files / "modes.npz"),
+            "--pdb",
+            str(adk_model_files / "model.pdb"),
+            "--n-groups",
+            "2",
+            "--frames",
+            "5",
+            "--out-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 0
     g0 = starfile.read(tmp_path / "out/group_0.star")["particles"]
     assert len(g0) == n // 2 and (g0["dhAmplitudeMode7"] < 0).all()  # lower PC1 first

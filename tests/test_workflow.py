@@ -14,8 +14,20 @@ pytestmark = pytest.mark.slow
 
 
 def snakemake(workdir, *args, check=True):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
-           str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        "2",
+        *args,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if check and r.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
@@ -59,9 +71,23 @@ def done(tmp_path_factory):
 def test_dry_run_plans_the_whole_dag(tmp_path):
     write_config(tmp_path)
     jobs = planned_jobs(tmp_path)
-    assert jobs == {"prepare_model": 1, "nma": 1, "simulate": 1, "shard": 1, "hemnma": 2,
-                    "gather": 1, "split": 1, "train": 3, "infer": 3, "merge": 1, "evaluate": 1,
-                    "space": 1, "reconstruct": 2, "fsc": 2, "all": 1}  # fmt: skip
+    assert jobs == {
+        "prepare_model": 1,
+        "nma": 1,
+        "simulate": 1,
+        "shard": 1,
+        "hemnma": 2,
+        "gather": 1,
+        "split": 1,
+        "train": 3,
+        "infer": 3,
+        "merge": 1,
+        "evaluate": 1,
+        "space": 1,
+        "reconstruct": 2,
+        "fsc": 2,
+        "all": 1,
+    }
 
 
 def test_full_run_outputs(done):

@@ -39,11 +39,16 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, modes: list[int], pixel_size: floa
     return row
 
 
-def evaluation_table(truth: pd.DataFrame, network: pd.DataFrame, hemnma: pd.DataFrame | None,
-                     names: pd.Series, pixel_size: float) -> pd.DataFrame:  # fmt: skip
+def evaluation_table(
+    truth: pd.DataFrame,
+    network: pd.DataFrame,
+    hemnma: pd.DataFrame | None,
+    names: pd.Series,
+    pixel_size: float,
+) -> pd.DataFrame:
     """The comparison table on the images `names`."""
     modes = amplitude_modes(truth)
-    pick = lambda t: t.set_index("rlnImageName").loc[names.to_numpy()].reset_index()  # noqa: E731
+    pick = lambda t: t.set_index("rlnImageName").loc[names.to_numpy()].reset_index()
     t, n = pick(truth), pick(network)
     rows = {"network vs ground truth": compare(n, t, modes, pixel_size)}
     if hemnma is not None:
@@ -58,23 +63,29 @@ def evaluation_table(truth: pd.DataFrame, network: pd.DataFrame, hemnma: pd.Data
 def markdown(table: pd.DataFrame, n: int) -> str:
     """The table as Markdown, like the seed's Tables 1 and S1-S2."""
     cols = list(table.columns)
-    lines = [f"Test images: {n}", "", "| comparison | " + " | ".join(cols) + " |",
-             "|---" * (len(cols) + 1) + "|"]  # fmt: skip
+    lines = [
+        f"Test images: {n}",
+        "",
+        "| comparison | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
     for name, row in table.iterrows():
         lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def overlap_figure(truth: pd.DataFrame, others: dict[str, pd.DataFrame], modes: list[int],
-                   path: Path) -> None:  # fmt: skip
+def overlap_figure(
+    truth: pd.DataFrame, others: dict[str, pd.DataFrame], modes: list[int], path: Path
+) -> None:
     """Scatter of estimated vs true amplitudes per mode (seed Figure S2)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(others), len(modes), figsize=(3.2 * len(modes), 3.2 * len(others)),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        len(others), len(modes), figsize=(3.2 * len(modes), 3.2 * len(others)), squeeze=False
+    )
     for r, (label, est) in enumerate(others.items()):
         for c, k in enumerate(modes):
             ax = axes[r, c]
@@ -120,7 +131,7 @@ def main(args: argparse.Namespace) -> None:
         tmp.write_text(markdown(table, len(names)))
     log.info("evaluation on %d test images:\n%s", len(names), markdown(table, len(names)))
     modes = amplitude_modes(truth)
-    sel = lambda t: t.set_index("rlnImageName").loc[names.to_numpy()].reset_index()  # noqa: E731
+    sel = lambda t: t.set_index("rlnImageName").loc[names.to_numpy()].reset_index()
     others = {"network": sel(network)}
     if hemnma is not None:
         others["HEMNMA"] = sel(hemnma)

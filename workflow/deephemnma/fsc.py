@@ -100,9 +100,13 @@ def main(args: argparse.Namespace) -> None:
     table = pd.DataFrame({"frequency": freq, "fsc_half_maps": half, "fsc_model": vs_model})
     with atomic_path(args.out_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.5f")
-    res = {"group": args.name, "half_maps_0.143": resolution(half, box, px, 0.143),
-           "model_0.5": resolution(vs_model, box, px, 0.5),
-           "model_0.143": resolution(vs_model, box, px, 0.143), "nyquist": 2 * px}  # fmt: skip
+    res = {
+        "group": args.name,
+        "half_maps_0.143": resolution(half, box, px, 0.143),
+        "model_0.5": resolution(vs_model, box, px, 0.5),
+        "model_0.143": resolution(vs_model, box, px, 0.143),
+        "nyquist": 2 * px,
+    }
     with atomic_path(args.out_json) as tmp:
         tmp.write_text(json.dumps(res, indent=1))
     fsc_figure(table, Path(args.out_figure), f"{args.name}: {res['half_maps_0.143']:.1f} Å (0.143)")

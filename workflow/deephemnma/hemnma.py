@@ -86,8 +86,14 @@ def rfft_weights(box: int, device=None) -> torch.Tensor:
     return w
 
 
-def make_target(images: torch.Tensor, ctf_params: dict, rows: np.ndarray, box: int,
-                pixel_size_full: float, has_ctf: bool) -> Target:  # fmt: skip
+def make_target(
+    images: torch.Tensor,
+    ctf_params: dict,
+    rows: np.ndarray,
+    box: int,
+    pixel_size_full: float,
+    has_ctf: bool,
+) -> Target:
     """Fourier-crop images (B, D, D) to `box` and compute their CTFs there."""
     full = images.shape[-1]
     px = pixel_size_full * full / box
@@ -95,13 +101,18 @@ def make_target(images: torch.Tensor, ctf_params: dict, rows: np.ndarray, box: i
     dev, dt = images.device, images.dtype
     if has_ctf:
         p = {k: v[rows] for k, v in ctf_params.items()}
-        c = imaging.ctf(torch.tensor(p["defocus_u"], device=dev, dtype=dt),
-                        torch.tensor(p["defocus_v"], device=dev, dtype=dt),
-                        torch.tensor(p["defocus_angle"], device=dev, dtype=dt),
-                        float(p["voltage_kv"][0]), float(p["cs_mm"][0]),
-                        float(p["amplitude_contrast"][0]), px, box,
-                        phase_shift_deg=torch.tensor(p["phase_shift"], device=dev, dtype=dt),
-                        bfactor=float(p["bfactor"][0]))  # fmt: skip
+        c = imaging.ctf(
+            torch.tensor(p["defocus_u"], device=dev, dtype=dt),
+            torch.tensor(p["defocus_v"], device=dev, dtype=dt),
+            torch.tensor(p["defocus_angle"], device=dev, dtype=dt),
+            float(p["voltage_kv"][0]),
+            float(p["cs_mm"][0]),
+            float(p["amplitude_contrast"][0]),
+            px,
+            box,
+            phase_shift_deg=torch.tensor(p["phase_shift"], device=dev, dtype=dt),
+            bfactor=float(p["bfactor"][0]),
+        )
     else:
         c = torch.ones(len(rows), box, box // 2 + 1, device=dev, dtype=dt)
     return Target(torch.fft.rfft2(small), c.to(dt), box, px)
@@ -116,8 +127,15 @@ class Gallery:
     (bilinear, about the centre D // 2), which is ample at the coarse resolution of the search.
     """
 
-    def __init__(self, coords: torch.Tensor, modes: torch.Tensor, weights: torch.Tensor, box: int,
-                 pixel_size: float, settings: AlignSettings):  # fmt: skip
+    def __init__(
+        self,
+        coords: torch.Tensor,
+        modes: torch.Tensor,
+        weights: torch.Tensor,
+        box: int,
+        pixel_size: float,
+        settings: AlignSettings,
+    ):
         grid_euler = geometry.fibonacci_sphere_euler(settings.n_directions, settings.psi_step)
         psis = np.unique(grid_euler[:, 2])
         dirs = grid_euler[:: len(psis)].copy()
@@ -125,8 +143,13 @@ class Gallery:
         k = modes.shape[0]
         amps = np.zeros((1, k))
         if settings.gallery_amplitude > 0:
-            amps = np.concatenate([amps, settings.gallery_amplitude * np.eye(k),
-                                   -settings.gallery_amplitude * np.eye(k)])  # fmt: skip
+            amps = np.concatenate(
+                [
+                    amps,
+                    settings.gallery_amplitude * np.eye(k),
+                    -settings.gallery_amplitude * np.eye(k),
+                ]
+            )
         dev, dt = coords.device, coords.dtype
         rot = geometry.euler_to_matrix(torch.tensor(dirs, dtype=dt, device=dev))
         zero = torch.zeros(len(rot), 2, dtype=dt, device=dev)
@@ -142,8 +165,9 @@ class Gallery:
                 cs, sn = math.cos(math.radians(psi)), math.sin(math.radians(psi))
                 src = torch.stack([cs * qx - sn * qy, sn * qx + cs * qy], -1) + box // 2
                 grid = (src * (2.0 / (box - 1)) - 1.0).expand(len(proj), box, box, 2)
-                chunks.append(torch.nn.functional.grid_sample(proj[:, None], grid,
-                                                              align_corners=True)[:, 0])  # fmt: skip
+                chunks.append(
+                    torch.nn.functional.grid_sample(proj[:, None], grid, align_corners=True)[:, 0]
+                )
             # order as grid_euler: direction-major, psi-minor
             proj_f = torch.fft.rfft2(torch.stack(chunks, 1).reshape(-1, box, box))
             flat.append(torch.cat([proj_f.real, proj_f.imag], -1).flatten(1).T)  # (2K, M)
@@ -155,8 +179,9 @@ class Gallery:
         self.quat = geometry.euler_to_quaternion(self.euler)
 
 
-def global_search(target: Target, gallery: Gallery, settings: AlignSettings, full_box: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+def global_search(
+    target: Target, gallery: Gallery, settings: AlignSettings, full_box: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best well-separated candidates per image: Euler angles (B, C, 3) in degrees, shifts
     (B, C, 2) in full-box pixels and the amplitudes (B, C, K) of the gallery model that matched.
 
@@ -192,8 +217,10 @@ def global_search(target: Target, gallery: Gallery, settings: AlignSettings, ful
         picked: list[int] = []
         for m in order:
             q = gallery.quat[m]
-            if all(geometry.quaternion_distance_deg(q, gallery.quat[p]) > settings.min_separation_deg
-                   for p in picked):  # fmt: skip
+            if all(
+                geometry.quaternion_distance_deg(q, gallery.quat[p]) > settings.min_separation_deg
+                for p in picked
+            ):
                 picked.append(m)
                 if len(picked) == settings.candidates:
                     break
@@ -230,19 +257,28 @@ def ncc(model_f: torch.Tensor, target: Target, weights: torch.Tensor) -> torch.T
 
 
 def refine(
-    target: Target, coords: torch.Tensor, modes: torch.Tensor, weights: torch.Tensor,
-    rot0: torch.Tensor, shift0: torch.Tensor, amp0: torch.Tensor, iterations: int,
-    settings: AlignSettings, full_box: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    target: Target,
+    coords: torch.Tensor,
+    modes: torch.Tensor,
+    weights: torch.Tensor,
+    rot0: torch.Tensor,
+    shift0: torch.Tensor,
+    amp0: torch.Tensor,
+    iterations: int,
+    settings: AlignSettings,
+    full_box: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adam on -NCC over (amplitudes, rotation, shift). Returns rot, shift, amplitudes, ncc."""
     omega = torch.zeros(len(rot0), 3, dtype=coords.dtype, device=coords.device, requires_grad=True)
     shift = shift0.clone().requires_grad_(True)
     amp = amp0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([
-        {"params": [amp], "lr": settings.lr_amplitude},
-        {"params": [omega], "lr": settings.lr_rotation},
-        {"params": [shift], "lr": settings.lr_shift},
-    ])  # fmt: skip
+    opt = torch.optim.Adam(
+        [
+            {"params": [amp], "lr": settings.lr_amplitude},
+            {"params": [omega], "lr": settings.lr_rotation},
+            {"params": [shift], "lr": settings.lr_shift},
+        ]
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=0.0)
     scale = full_box / target.box
     sigma, filt, w = target.model_filter(settings.sigma_angstrom)
@@ -267,14 +303,28 @@ def refine(
 class Aligner:
     """HEMNMA alignment of batches of images against one flexible model."""
 
-    def __init__(self, coords: np.ndarray, modes: np.ndarray, weights: np.ndarray, box: int,
-                 pixel_size: float, settings: AlignSettings, device: torch.device):  # fmt: skip
+    def __init__(
+        self,
+        coords: np.ndarray,
+        modes: np.ndarray,
+        weights: np.ndarray,
+        box: int,
+        pixel_size: float,
+        settings: AlignSettings,
+        device: torch.device,
+    ):
         self.s, self.box, self.px, self.dev = settings, box, pixel_size, device
-        t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+        t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)
         self.coords, self.modes, self.weights = t(coords), t(modes), t(weights)
         self.coarse = min(settings.coarse_box, box)
-        self.gallery = Gallery(self.coords, self.modes, self.weights, self.coarse,
-                               pixel_size * box / self.coarse, settings)  # fmt: skip
+        self.gallery = Gallery(
+            self.coords,
+            self.modes,
+            self.weights,
+            self.coarse,
+            pixel_size * box / self.coarse,
+            settings,
+        )
 
     def align(self, images: np.ndarray, ctf_params: dict, rows: np.ndarray, has_ctf: bool) -> dict:
         """Estimate (euler (B,3), shifts_px (B,2), amplitudes (B,K), cost (B,)) for one batch."""
@@ -284,19 +334,40 @@ class Aligner:
         coarse = make_target(imgs, ctf_params, rows, self.coarse, self.px, has_ctf)
         eul, sh, amp_init = global_search(coarse, self.gallery, s, self.box)
         # stage 1: all candidates at the coarse box
-        rep = lambda x: x.repeat_interleave(c, 0)  # noqa: E731
+        rep = lambda x: x.repeat_interleave(c, 0)
         coarse_c = Target(rep(coarse.images_f), rep(coarse.ctf), coarse.box, coarse.pixel_size)
-        rot0 = geometry.euler_to_matrix(torch.tensor(eul.reshape(-1, 3), dtype=torch.float32,
-                                                     device=dev))  # fmt: skip
+        rot0 = geometry.euler_to_matrix(
+            torch.tensor(eul.reshape(-1, 3), dtype=torch.float32, device=dev)
+        )
         shift0 = torch.tensor(sh.reshape(-1, 2), dtype=torch.float32, device=dev)
         amp0 = torch.tensor(amp_init.reshape(-1, k), dtype=torch.float32, device=dev)
-        rot, shift, amp, score = refine(coarse_c, self.coords, self.modes, self.weights, rot0,
-                                        shift0, amp0, s.iterations[0], s, self.box)  # fmt: skip
+        rot, shift, amp, score = refine(
+            coarse_c,
+            self.coords,
+            self.modes,
+            self.weights,
+            rot0,
+            shift0,
+            amp0,
+            s.iterations[0],
+            s,
+            self.box,
+        )
         best = score.view(b, c).argmax(1) + torch.arange(b, device=dev) * c
         # stage 2: the best candidate at the full box
         full = make_target(imgs, ctf_params, rows, self.box, self.px, has_ctf)
-        rot, shift, amp, score = refine(full, self.coords, self.modes, self.weights, rot[best],
-                                        shift[best], amp[best], s.iterations[1], s, self.box)  # fmt: skip
+        rot, shift, amp, score = refine(
+            full,
+            self.coords,
+            self.modes,
+            self.weights,
+            rot[best],
+            shift[best],
+            amp[best],
+            s.iterations[1],
+            s,
+            self.box,
+        )
         return {
             "euler": geometry.matrix_to_euler(rot.double()).cpu().numpy(),
             "shifts_px": shift.cpu().numpy().astype(np.float64),
@@ -305,8 +376,9 @@ class Aligner:
         }
 
 
-def align_rows(ps: ParticleSet, rows: np.ndarray, aligner: Aligner, desc: str = "hemnma"
-               ) -> dict[str, np.ndarray]:  # fmt: skip
+def align_rows(
+    ps: ParticleSet, rows: np.ndarray, aligner: Aligner, desc: str = "hemnma"
+) -> dict[str, np.ndarray]:
     """Align the particle rows `rows` in batches; returns stacked results."""
     ctf_params = ps.ctf_params()
     parts: list[dict] = []
@@ -316,8 +388,12 @@ def align_rows(ps: ParticleSet, rows: np.ndarray, aligner: Aligner, desc: str = 
         parts.append(aligner.align(ps.images[r], ctf_params, r, ps.has_ctf))
     if not parts:
         k = aligner.modes.shape[0]
-        return {"euler": np.zeros((0, 3)), "shifts_px": np.zeros((0, 2)),
-                "amplitudes": np.zeros((0, k)), "cost": np.zeros(0)}  # fmt: skip
+        return {
+            "euler": np.zeros((0, 3)),
+            "shifts_px": np.zeros((0, 2)),
+            "amplitudes": np.zeros((0, k)),
+            "cost": np.zeros(0),
+        }
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
@@ -356,11 +432,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> AlignSettings:
-    return AlignSettings(coarse_box=args.coarse_box, n_directions=args.n_directions,
-                         psi_step=args.psi_step, candidates=args.candidates,
-                         gallery_amplitude=args.gallery_amplitude,
-                         max_shift_px=args.max_shift_px, iterations=tuple(args.iterations),
-                         batch=args.batch, sigma_angstrom=args.sigma_angstrom)  # fmt: skip
+    return AlignSettings(
+        coarse_box=args.coarse_box,
+        n_directions=args.n_directions,
+        psi_step=args.psi_step,
+        candidates=args.candidates,
+        gallery_amplitude=args.gallery_amplitude,
+        max_shift_px=args.max_shift_px,
+        iterations=tuple(args.iterations),
+        batch=args.batch,
+        sigma_angstrom=args.sigma_angstrom,
+    )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -374,15 +456,25 @@ def main(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ps = ParticleSet(args.particles)
     model, modes = load_model(args.model), load_modes(args.modes)
-    aligner = Aligner(model["coords"], modes["modes"], model["weights"], ps.box, ps.pixel_size,
-                      settings_from_args(args), device)  # fmt: skip
+    aligner = Aligner(
+        model["coords"],
+        modes["modes"],
+        model["weights"],
+        ps.box,
+        ps.pixel_size,
+        settings_from_args(args),
+        device,
+    )
     rows = np.arange(len(ps))[rank::size]
     result = align_rows(ps, rows, aligner, desc=f"hemnma rank {rank}/{size}")
     gathered = comm.gather((rows, result), root=0)
     if rank == 0:
         order = np.concatenate([g[0] for g in gathered])
-        merged = {k: np.concatenate([g[1][k] for g in gathered])[np.argsort(order)]
-                  for k in result}  # fmt: skip
+        merged = {k: np.concatenate([g[1][k] for g in gathered])[np.argsort(order)] for k in result}
         write_star(args.out, ps.optics, result_table(ps, merged, modes["mode_numbers"]))
-        log.info("aligned %d images on %d rank(s): mean cost %.4f", len(ps), size,
-                 merged["cost"].mean() if len(ps) else math.nan)  # fmt: skip
+        log.info(
+            "aligned %d images on %d rank(s): mean cost %.4f",
+            len(ps),
+            size,
+            merged["cost"].mean() if len(ps) else math.nan,
+        )

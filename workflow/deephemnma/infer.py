@@ -51,11 +51,18 @@ def load_network(path: str, device: torch.device) -> tuple[torch.nn.Module, dict
 
 
 @torch.no_grad()
-def predict(net: torch.nn.Module, meta: dict, ps: ParticleSet, device: torch.device,
-            batch: int, workers: int) -> np.ndarray:  # fmt: skip
+def predict(
+    net: torch.nn.Module,
+    meta: dict,
+    ps: ParticleSet,
+    device: torch.device,
+    batch: int,
+    workers: int,
+) -> np.ndarray:
     """Unstandardised predictions (n, n_out) for every image, in row order."""
-    loader = DataLoader(Chunks(ps, batch), batch_size=None, num_workers=workers,
-                        pin_memory=device.type == "cuda")  # fmt: skip
+    loader = DataLoader(
+        Chunks(ps, batch), batch_size=None, num_workers=workers, pin_memory=device.type == "cuda"
+    )
     mean, std = meta["mean"].to(device), meta["std"].to(device)
     out = np.empty((len(ps), meta["n_out"]), dtype=np.float32)
     pos = 0
@@ -73,8 +80,9 @@ def predict(net: torch.nn.Module, meta: dict, ps: ParticleSet, device: torch.dev
     return out
 
 
-def prediction_table(meta: dict, names: pd.Series, values: np.ndarray, pixel_size: float
-                     ) -> pd.DataFrame:  # fmt: skip
+def prediction_table(
+    meta: dict, names: pd.Series, values: np.ndarray, pixel_size: float
+) -> pd.DataFrame:
     """STAR columns of one parameter type's predictions."""
     t = pd.DataFrame({"rlnImageName": names.to_numpy()})
     if meta["param"] == "amplitudes":

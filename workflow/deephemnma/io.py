@@ -289,9 +289,13 @@ class ParticleSet:
 
 
 def optics_table(
-    pixel_size: float, box: int, voltage_kv: float, cs_mm: float, amplitude_contrast: float,
+    pixel_size: float,
+    box: int,
+    voltage_kv: float,
+    cs_mm: float,
+    amplitude_contrast: float,
     has_ctf: bool = True,
-) -> pd.DataFrame:  # fmt: skip
+) -> pd.DataFrame:
     """A one-group RELION 3.1 optics table (dhCtf = 0 marks CTF-free simulated images)."""
     return pd.DataFrame(
         {
@@ -314,8 +318,15 @@ class StackWriter:
     ``names`` collects the RELION image names (``idx@path``, path relative to the working dir).
     """
 
-    def __init__(self, folder: str | os.PathLike, n_images: int, box: int, pixel_size: float,
-                 per_stack: int, prefix: str = "stack"):  # fmt: skip
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        n_images: int,
+        box: int,
+        pixel_size: float,
+        per_stack: int,
+        prefix: str = "stack",
+    ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.n, self.box, self.px, self.per = n_images, box, pixel_size, per_stack
@@ -338,8 +349,9 @@ class StackWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{self._final.name}.", suffix=".mrcs", dir=self.folder)
         os.close(fd)
         self._tmp = Path(tmp)
-        self._mrc = mrcfile.new_mmap(tmp, shape=(count, self.box, self.box), mrc_mode=2,
-                                     overwrite=True)  # fmt: skip
+        self._mrc = mrcfile.new_mmap(
+            tmp, shape=(count, self.box, self.box), mrc_mode=2, overwrite=True
+        )
         self._mrc.set_image_stack()
         self._mrc.voxel_size = self.px
         self._pos = 0

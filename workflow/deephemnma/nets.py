@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-LAYERS = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]),
-          "resnet50": ("bottleneck", [3, 4, 6, 3]), "resnet101": ("bottleneck", [3, 4, 23, 3])}  # fmt: skip
+LAYERS = {
+    "resnet18": ("basic", [2, 2, 2, 2]),
+    "resnet34": ("basic", [3, 4, 6, 3]),
+    "resnet50": ("bottleneck", [3, 4, 6, 3]),
+    "resnet101": ("bottleneck", [3, 4, 23, 3]),
+}
 
 
 class BasicBlock(nn.Module):
@@ -58,9 +62,11 @@ class ResNet(nn.Module):
         kind, counts = LAYERS[arch]
         block = BasicBlock if kind == "basic" else Bottleneck
         self.stem = nn.Sequential(
-            nn.Conv2d(1, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            nn.Conv2d(1, 64, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2, 1),
-        )  # fmt: skip
+        )
         layers, cin = [], 64
         for i, n in enumerate(counts):
             width = 64 * 2**i
@@ -69,9 +75,12 @@ class ResNet(nn.Module):
                 cin = width * block.expansion
         self.layers = nn.Sequential(*layers)
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(cin, head_width), nn.ReLU(inplace=True), nn.Dropout(0.1),
+            nn.Flatten(),
+            nn.Linear(cin, head_width),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.1),
             nn.Linear(head_width, n_out),
-        )  # fmt: skip
+        )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -32,8 +32,13 @@ class FourierAccumulator:
         self.num = torch.zeros(n, 2, dtype=torch.float64, device=device)
         self.den = torch.zeros(n, dtype=torch.float64, device=device)
 
-    def insert(self, images: torch.Tensor, rot: torch.Tensor, shifts_px: torch.Tensor,
-               ctf: torch.Tensor | None) -> None:  # fmt: skip
+    def insert(
+        self,
+        images: torch.Tensor,
+        rot: torch.Tensor,
+        shifts_px: torch.Tensor,
+        ctf: torch.Tensor | None,
+    ) -> None:
         """Add images (B, D, D) with RELION matrices (B, 3, 3), shifts (B, 2) px, CTF (B, P, P//2+1)."""
         p, d, dev = self.p, self.box, images.device
         lo = p // 2 - d // 2
@@ -72,7 +77,7 @@ class FourierAccumulator:
         p, d = self.p, self.box
         num = torch.view_as_complex(self.num).reshape(p, p, p)
         den = self.den.reshape(p, p, p)
-        flip = lambda v: torch.roll(torch.flip(v, dims=(0, 1, 2)), shifts=(1, 1, 1), dims=(0, 1, 2))  # noqa: E731
+        flip = lambda v: torch.roll(torch.flip(v, dims=(0, 1, 2)), shifts=(1, 1, 1), dims=(0, 1, 2))
         num = num + flip(num).conj()  # each image gave only half of its (Hermitian) slice
         den = den + flip(den)
         vol = torch.fft.fftshift(torch.fft.ifftn(num / (den + 1.0 / wiener_snr)).real)
@@ -83,8 +88,9 @@ class FourierAccumulator:
         return vol[lo : lo + d, lo : lo + d, lo : lo + d].float().cpu().numpy()
 
 
-def model_map(coords: np.ndarray, weights: np.ndarray, box: int, pixel_size: float,
-              sigma_angstrom: float) -> np.ndarray:  # fmt: skip
+def model_map(
+    coords: np.ndarray, weights: np.ndarray, box: int, pixel_size: float, sigma_angstrom: float
+) -> np.ndarray:
     """Density (D, D, D) [z, y, x] of Gaussian atoms, centre at D // 2 (matches the projector)."""
     x = torch.tensor(coords, dtype=torch.float64) / pixel_size + box // 2
     g = torch.arange(box, dtype=torch.float64)
@@ -95,8 +101,9 @@ def model_map(coords: np.ndarray, weights: np.ndarray, box: int, pixel_size: flo
     return (vol.reshape(box, box, box) / ((2 * math.pi) ** 1.5 * sigma_angstrom**3)).float().numpy()
 
 
-def reconstruct_halves(ps: ParticleSet, rows: np.ndarray, half: np.ndarray, wiener_snr: float,
-                       batch: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+def reconstruct_halves(
+    ps: ParticleSet, rows: np.ndarray, half: np.ndarray, wiener_snr: float, batch: int = 32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(half-map 1, half-map 2, full map) of the particle rows; `half` (n,) in {0, 1}."""
     acc = [FourierAccumulator(ps.box), FourierAccumulator(ps.box)]
     params = ps.ctf_params()
@@ -109,16 +116,27 @@ def reconstruct_halves(ps: ParticleSet, rows: np.ndarray, half: np.ndarray, wien
         ctf = None
         if ps.has_ctf:
             c = {k: v[r] for k, v in params.items()}
-            ctf = imaging.ctf(torch.tensor(c["defocus_u"]), torch.tensor(c["defocus_v"]),
-                              torch.tensor(c["defocus_angle"]), float(c["voltage_kv"][0]),
-                              float(c["cs_mm"][0]), float(c["amplitude_contrast"][0]),
-                              ps.pixel_size, p, phase_shift_deg=torch.tensor(c["phase_shift"]),
-                              bfactor=float(c["bfactor"][0])).double()  # fmt: skip
+            ctf = imaging.ctf(
+                torch.tensor(c["defocus_u"]),
+                torch.tensor(c["defocus_v"]),
+                torch.tensor(c["defocus_angle"]),
+                float(c["voltage_kv"][0]),
+                float(c["cs_mm"][0]),
+                float(c["amplitude_contrast"][0]),
+                ps.pixel_size,
+                p,
+                phase_shift_deg=torch.tensor(c["phase_shift"]),
+                bfactor=float(c["bfactor"][0]),
+            ).double()
         for h in (0, 1):
             sel = half[start : start + batch] == h
             if sel.any():
-                acc[h].insert(imgs[sel], rot[sel], torch.tensor(shifts[r][sel]),
-                              None if ctf is None else ctf[sel])  # fmt: skip
+                acc[h].insert(
+                    imgs[sel],
+                    rot[sel],
+                    torch.tensor(shifts[r][sel]),
+                    None if ctf is None else ctf[sel],
+                )
     maps = [a.volume(wiener_snr) for a in acc]
     full = FourierAccumulator(ps.box)
     full.num, full.den = acc[0].num + acc[1].num, acc[0].den + acc[1].den
@@ -142,5 +160,10 @@ def main(args: argparse.Namespace) -> None:
     h1, h2, full = reconstruct_halves(ps, rows, half, args.wiener_snr, args.batch)
     for path, vol in ((args.out_half1, h1), (args.out_half2, h2), (args.out_map, full)):
         write_mrc(path, vol, ps.pixel_size)
-    log.info("reconstructed %d images (%d + %d) at %d px", len(ps), (half == 0).sum(),
-             (half == 1).sum(), ps.box)  # fmt: skip
+    log.info(
+        "reconstructed %d images (%d + %d) at %d px",
+        len(ps),
+        (half == 0).sum(),
+        (half == 1).sum(),
+        ps.box,
+    )

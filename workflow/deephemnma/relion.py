@@ -54,8 +54,10 @@ def particle_table(star: Path) -> pd.DataFrame:
                 parts["rlnDetectorPixelSize"] * 1e4 / parts["rlnMagnification"]
             )
         else:
-            raise InputError(f"{star}: no pixel size (_rlnImagePixelSize, or "
-                             "_rlnDetectorPixelSize with _rlnMagnification)")  # fmt: skip
+            raise InputError(
+                f"{star}: no pixel size (_rlnImagePixelSize, or "
+                "_rlnDetectorPixelSize with _rlnMagnification)"
+            )
     missing = [c for c in OPTICS_PER_PARTICLE if c not in parts]
     if missing:
         raise InputError(f"{star}: missing column(s) {', '.join('_' + c for c in missing)}")
@@ -68,8 +70,10 @@ def particle_table(star: Path) -> pd.DataFrame:
     numeric = ["rlnImagePixelSize", *OPTICS_PER_PARTICLE, "rlnDefocusU", "rlnDefocusV"]
     bad = parts[numeric].isna().any(axis=1)
     if bad.any():
-        raise InputError(f"{star}: particle {parts['rlnImageName'].iloc[int(np.argmax(bad))]} has "
-                         "missing optics/CTF values (unknown optics group?)")  # fmt: skip
+        raise InputError(
+            f"{star}: particle {parts['rlnImageName'].iloc[int(np.argmax(bad))]} has "
+            "missing optics/CTF values (unknown optics group?)"
+        )
     return parts
 
 
@@ -83,9 +87,15 @@ def normalise(images: torch.Tensor, radius: float) -> torch.Tensor:
 
 
 def import_particles(
-    star: Path, datadir: Path | None, box: int | None, normalize: bool, out_star: Path,
-    out_stacks: Path, per_stack: int, batch: int = 256,
-) -> pd.DataFrame:  # fmt: skip
+    star: Path,
+    datadir: Path | None,
+    box: int | None,
+    normalize: bool,
+    out_star: Path,
+    out_stacks: Path,
+    per_stack: int,
+    batch: int = 256,
+) -> pd.DataFrame:
     """Validate, convert and stream a RELION particle set; returns the written particle table."""
     parts = particle_table(star)
     roots = [Path.cwd(), star.resolve().parent] + ([Path(datadir)] if datadir else [])
@@ -118,11 +128,27 @@ def import_particles(
         writer.abort()
         raise
     first = parts.iloc[0]
-    optics = optics_table(px_out, box_out, float(first["rlnVoltage"]),
-                          float(first["rlnSphericalAberration"]), float(first["rlnAmplitudeContrast"]))  # fmt: skip
+    optics = optics_table(
+        px_out,
+        box_out,
+        float(first["rlnVoltage"]),
+        float(first["rlnSphericalAberration"]),
+        float(first["rlnAmplitudeContrast"]),
+    )
     keep = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift"]
-    keep += [c for c in ("rlnCtfBfactor", "rlnCtfScalefactor", "rlnMicrographName",
-                         "rlnCoordinateX", "rlnCoordinateY", "rlnGroupName", "rlnRandomSubset") if c in parts]  # fmt: skip
+    keep += [
+        c
+        for c in (
+            "rlnCtfBfactor",
+            "rlnCtfScalefactor",
+            "rlnMicrographName",
+            "rlnCoordinateX",
+            "rlnCoordinateY",
+            "rlnGroupName",
+            "rlnRandomSubset",
+        )
+        if c in parts
+    ]
     keep += [c for c in parts.columns if c.startswith("dh")]
     out = parts[keep].copy()
     for col, prior in PRIOR.items():
@@ -147,6 +173,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     star = require_file(args.star, "particle STAR")
-    out = import_particles(star, args.datadir and Path(args.datadir), args.box, args.normalize,
-                           Path(args.out_star), Path(args.out_stacks), args.images_per_stack)  # fmt: skip
+    out = import_particles(
+        star,
+        args.datadir and Path(args.datadir),
+        args.box,
+        args.normalize,
+        Path(args.out_star),
+        Path(args.out_stacks),
+        args.images_per_stack,
+    )
     log.info("imported %d particles from %s -> %s", len(out), star, args.out_star)

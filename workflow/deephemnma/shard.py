@@ -32,7 +32,8 @@ def main(args: argparse.Namespace) -> None:
     parts = blocks["particles"]
     if len(parts) < len(args.out):
         raise InputError(f"{args.particles}: {len(parts)} particles for {len(args.out)} shards")
-    for path, rows in zip(args.out, shard_rows(len(parts), args.subset, len(args.out), args.seed),
-                          strict=True):  # fmt: skip
+    for path, rows in zip(
+        args.out, shard_rows(len(parts), args.subset, len(args.out), args.seed), strict=True
+    ):
         write_star(path, blocks["optics"], parts.iloc[rows].reset_index(drop=True))
     log.info("split the particles (%d) into %d shards", len(parts), len(args.out))

@@ -47,8 +47,9 @@ def draw_amplitudes(
 def draw_parameters(n: int, mode_numbers: np.ndarray, cfg: argparse.Namespace) -> pd.DataFrame:
     """Ground-truth table (RELION columns + dhAmplitudeMode<k>) for n images, seeded."""
     rng = np.random.default_rng(cfg.seed)
-    amps = draw_amplitudes(n, len(mode_numbers), cfg.amplitude_distribution,
-                           cfg.amplitude_scale, cfg.n_clusters, rng)  # fmt: skip
+    amps = draw_amplitudes(
+        n, len(mode_numbers), cfg.amplitude_distribution, cfg.amplitude_scale, cfg.n_clusters, rng
+    )
     euler = geometry.random_euler(n, rng)
     shifts = rng.uniform(-cfg.max_shift_px, cfg.max_shift_px, size=(n, 2))
     defocus = rng.uniform(cfg.defocus[0], cfg.defocus[1], size=n)
@@ -73,28 +74,37 @@ def draw_parameters(n: int, mode_numbers: np.ndarray, cfg: argparse.Namespace) -
 
 
 def render(
-    coords: torch.Tensor, modes: torch.Tensor, weights: torch.Tensor, params: pd.DataFrame,
-    mode_numbers: np.ndarray, cfg: argparse.Namespace, generator: torch.Generator,
-) -> dict[str, torch.Tensor]:  # fmt: skip
+    coords: torch.Tensor,
+    modes: torch.Tensor,
+    weights: torch.Tensor,
+    params: pd.DataFrame,
+    mode_numbers: np.ndarray,
+    cfg: argparse.Namespace,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
     """Images of one batch of parameter rows: 'clean', 'ctf' and 'final' (noisy, normalised)."""
-    dt = coords.dtype
-    amps = torch.tensor(
-        params[[amplitude_column(int(k)) for k in mode_numbers]].to_numpy(), dtype=dt
-    )
+    dt, dev = coords.dtype, coords.device
+    col = lambda names: torch.tensor(params[names].to_numpy(), dtype=dt, device=dev)
+    amps = col([amplitude_column(int(k)) for k in mode_numbers])
     deformed = coords + torch.einsum("bk,knc->bnc", amps, modes)
-    rot = geometry.euler_to_matrix(torch.tensor(params[["rlnAngleRot", "rlnAngleTilt",
-                                                        "rlnAnglePsi"]].to_numpy(), dtype=dt))  # fmt: skip
-    shift = -torch.tensor(params[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(), dtype=dt)
+    rot = geometry.euler_to_matrix(col(["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]))
+    shift = -col(["rlnOriginXAngst", "rlnOriginYAngst"])
     big, px_big = cfg.box * cfg.oversample, cfg.pixel_size / cfg.oversample
     proj = imaging.project(deformed, rot, shift / px_big, weights, big, px_big, cfg.sigma_angstrom)
     clean = imaging.fourier_crop(proj, cfg.box)
     out = {"clean": clean}
     if cfg.ctf:
-        c = imaging.ctf(torch.tensor(params["rlnDefocusU"].to_numpy(), dtype=dt),
-                        torch.tensor(params["rlnDefocusV"].to_numpy(), dtype=dt),
-                        torch.tensor(params["rlnDefocusAngle"].to_numpy(), dtype=dt),
-                        cfg.voltage_kv, cfg.cs_mm, cfg.amplitude_contrast, cfg.pixel_size,
-                        cfg.box, bfactor=cfg.bfactor)  # fmt: skip
+        c = imaging.ctf(
+            col("rlnDefocusU"),
+            col("rlnDefocusV"),
+            col("rlnDefocusAngle"),
+            cfg.voltage_kv,
+            cfg.cs_mm,
+            cfg.amplitude_contrast,
+            cfg.pixel_size,
+            cfg.box,
+            bfactor=cfg.bfactor,
+        )
         out["ctf"] = imaging.apply_ctf(clean, c)
     else:
         out["ctf"] = clean
@@ -142,8 +152,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snr", type=float, default=None, help="omit for noise-free images")
     p.add_argument("--no-ctf", dest="ctf", action="store_false")
     p.add_argument("--max-shift-px", type=float, default=2.5)
-    p.add_argument("--amplitude-distribution", default="uniform",
-                   choices=["uniform", "normal", "clusters", "line"])  # fmt: skip
+    p.add_argument(
+        "--amplitude-distribution",
+        default="uniform",
+        choices=["uniform", "normal", "clusters", "line"],
+    )
     p.add_argument("--amplitude-scale", type=float, default=150.0)
     p.add_argument("--n-clusters", type=int, default=3)
     p.add_argument(
@@ -162,30 +175,42 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, modes_npz = load_model(args.model), load_modes(args.modes)
     numbers = modes_npz["mode_numbers"]
-    coords = torch.tensor(model["coords"], dtype=torch.float32)
-    modes = torch.tensor(modes_npz["modes"], dtype=torch.float32)
-    weights = torch.tensor(model["weights"], dtype=torch.float32)
+    t = lambda a: torch.tensor(a, dtype=torch.float32, device=device)
+    coords, modes, weights = t(model["coords"]), t(modes_npz["modes"]), t(model["weights"])
     params = draw_parameters(args.n_images, numbers, args)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    writer = StackWriter(args.out_stacks, args.n_images, args.box, args.pixel_size,
-                         args.images_per_stack)  # fmt: skip
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    writer = StackWriter(
+        args.out_stacks, args.n_images, args.box, args.pixel_size, args.images_per_stack
+    )
     try:
-        for start in tqdm(range(0, args.n_images, args.batch), desc="simulate", unit="batch",
-                          mininterval=5):  # fmt: skip
+        for start in tqdm(
+            range(0, args.n_images, args.batch), desc="simulate", unit="batch", mininterval=5
+        ):
             rows = params.iloc[start : start + args.batch]
             out = render(coords, modes, weights, rows, numbers, args, gen)
-            writer.write(out["final"].numpy())
+            writer.write(out["final"].cpu().numpy())
             if start == 0 and args.out_montage:
-                montage({k: v[:6].numpy() for k, v in out.items()}, args.out_montage)
+                montage({k: v[:6].cpu().numpy() for k, v in out.items()}, args.out_montage)
     except BaseException:
         writer.abort()
         raise
     params.insert(0, "rlnImageName", writer.names)
-    optics = optics_table(args.pixel_size, args.box, args.voltage_kv, args.cs_mm,
-                          args.amplitude_contrast, has_ctf=args.ctf)  # fmt: skip
+    optics = optics_table(
+        args.pixel_size,
+        args.box,
+        args.voltage_kv,
+        args.cs_mm,
+        args.amplitude_contrast,
+        has_ctf=args.ctf,
+    )
     write_star(args.out_star, optics, params)
-    log.info("simulated %d images (%d px, %.3f Å/px) -> %s", args.n_images, args.box,
-             args.pixel_size, args.out_star)  # fmt: skip
+    log.info(
+        "simulated %d images (%d px, %.3f Å/px) -> %s",
+        args.n_images,
+        args.box,
+        args.pixel_size,
+        args.out_star,
+    )

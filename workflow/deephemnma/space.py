@@ -142,8 +142,10 @@ def main(args: argparse.Namespace) -> None:
     modes_npz = load_modes(args.modes)
     numbers = [int(k) for k in modes_npz["mode_numbers"]]
     if amplitude_modes(parts) != numbers:
-        raise InputError(f"{args.particles}: amplitude columns {amplitude_modes(parts)} do not match "
-                         f"the modes {numbers} of {args.modes}")  # fmt: skip
+        raise InputError(
+            f"{args.particles}: amplitude columns {amplitude_modes(parts)} do not match "
+            f"the modes {numbers} of {args.modes}"
+        )
     amps = parts[[amplitude_column(k) for k in numbers]].to_numpy(np.float64)
     if not np.isfinite(amps).all():
         raise InputError(f"{args.particles}: amplitudes contain NaN or Inf")
@@ -157,8 +159,15 @@ def main(args: argparse.Namespace) -> None:
         labels, n_groups = box_groups(coords, boxes), len(boxes)
     out = Path(args.out_dir)
     with atomic_path(out / "pca.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, mean=pca.mean, components=pca.components, variance=pca.variance,
-                 explained=pca.explained, coords=coords, labels=labels)  # fmt: skip
+        np.savez(
+            fh,
+            mean=pca.mean,
+            components=pca.components,
+            variance=pca.variance,
+            explained=pca.explained,
+            coords=coords,
+            labels=labels,
+        )
     table = pd.DataFrame({"rlnImageName": parts["rlnImageName"], "group": labels})
     for j in range(coords.shape[1]):
         table[f"PC{j + 1}"] = coords[:, j]
@@ -175,8 +184,13 @@ def main(args: argparse.Namespace) -> None:
         write_star(out / f"group_{g}.star", blocks["optics"], parts[sel].reset_index(drop=True))
         centroid = amps[sel].mean(0)
         write_pdb(out / f"group_{g}_centroid.pdb", atoms, deform(x0, vecs, centroid)[None])
-        summary.append({"group": g, "images": int(sel.sum()),
-                        **{f"centroid_mode{k}": c for k, c in zip(numbers, centroid, strict=True)}})  # fmt: skip
+        summary.append(
+            {
+                "group": g,
+                "images": int(sel.sum()),
+                **{f"centroid_mode{k}": c for k, c in zip(numbers, centroid, strict=True)},
+            }
+        )
     with atomic_path(out / "groups.csv") as tmp:
         pd.DataFrame(summary).to_csv(tmp, index=False, float_format="%.3f")
     t = np.linspace(-args.span_std, args.span_std, args.frames)
@@ -185,5 +199,8 @@ def main(args: argparse.Namespace) -> None:
         pts[:, axis] = t * np.sqrt(pca.variance[axis])
         frames = np.stack([deform(x0, vecs, a) for a in pca.inverse(pts)])
         write_pdb(out / f"trajectory_pc{axis + 1}.pdb", atoms, frames)
-    log.info("PCA explained variance %s; groups %s", np.round(pca.explained, 3),
-             np.bincount(labels[labels >= 0], minlength=n_groups).tolist())  # fmt: skip
+    log.info(
+        "PCA explained variance %s; groups %s",
+        np.round(pca.explained, 3),
+        np.bincount(labels[labels >= 0], minlength=n_groups).tolist(),
+    )

@@ -22,8 +22,10 @@ def split_sets(n: int, n_val: float, n_test: float, seed: int) -> np.ndarray:
     """Array of 'train' / 'val' / 'test' labels for n items (a seeded permutation)."""
     nv, nt = count(n, n_val), count(n, n_test)
     if nv + nt >= n or nv < 1:
-        raise InputError(f"cannot split {n} labelled images into {nv} validation, {nt} test and "
-                         "at least one training image")  # fmt: skip
+        raise InputError(
+            f"cannot split {n} labelled images into {nv} validation, {nt} test and "
+            "at least one training image"
+        )
     perm = np.random.default_rng(seed).permutation(n)
     sets = np.full(n, "train", dtype=object)
     sets[perm[:nt]] = "test"

@@ -41,8 +41,9 @@ def raw_labels(ps: ParticleSet, modes: list[int]) -> dict[str, np.ndarray]:
     return {"euler": ps.euler(), "shifts": ps.shifts_px(), "amplitudes": ps.amplitudes(modes)}
 
 
-def target_values(param: str, angle_repr: str, euler: torch.Tensor, shifts: torch.Tensor,
-                  amps: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def target_values(
+    param: str, angle_repr: str, euler: torch.Tensor, shifts: torch.Tensor, amps: torch.Tensor
+) -> torch.Tensor:
     """Unstandardised targets of one parameter type."""
     if param == "amplitudes":
         return amps
@@ -71,8 +72,9 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
     return ((images - mean) / std)[:, None]
 
 
-def transform_images(images: torch.Tensor, alpha_deg: torch.Tensor, t_px: torch.Tensor
-                     ) -> torch.Tensor:  # fmt: skip
+def transform_images(
+    images: torch.Tensor, alpha_deg: torch.Tensor, t_px: torch.Tensor
+) -> torch.Tensor:
     """Rotate images (B, D, D) in plane by α (RELION's psi sense) about D // 2, then shift by t.
 
     out(q) = in(Rz(α)ᵀ (q - t)), Rz(α) = [[cos α, sin α], [-sin α, cos α]] acting on (x, y).
@@ -85,18 +87,22 @@ def transform_images(images: torch.Tensor, alpha_deg: torch.Tensor, t_px: torch.
     sx = torch.cos(a) * qx - torch.sin(a) * qy + d // 2
     sy = torch.sin(a) * qx + torch.cos(a) * qy + d // 2
     grid = torch.stack([sx, sy], -1) * (2.0 / (d - 1)) - 1.0
-    out = torch.nn.functional.grid_sample(images[:, None], grid, align_corners=True,
-                                          padding_mode="reflection")  # fmt: skip
+    out = torch.nn.functional.grid_sample(
+        images[:, None], grid, align_corners=True, padding_mode="reflection"
+    )
     return out[:, 0]
 
 
-def transform_labels(euler: torch.Tensor, shifts: torch.Tensor, alpha_deg: torch.Tensor,
-                     t_px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def transform_labels(
+    euler: torch.Tensor, shifts: torch.Tensor, alpha_deg: torch.Tensor, t_px: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The labels of images transformed by `transform_images`."""
     a = torch.deg2rad(alpha_deg)
     c, s = torch.cos(a), torch.sin(a)
-    new_shift = torch.stack([c * shifts[:, 0] + s * shifts[:, 1],
-                             -s * shifts[:, 0] + c * shifts[:, 1]], -1) + t_px  # fmt: skip
+    new_shift = (
+        torch.stack([c * shifts[:, 0] + s * shifts[:, 1], -s * shifts[:, 0] + c * shifts[:, 1]], -1)
+        + t_px
+    )
     new_euler = euler.clone()
     new_euler[:, 2] = torch.remainder(euler[:, 2] + alpha_deg + 180.0, 360.0) - 180.0
     return new_euler, new_shift
@@ -113,8 +119,13 @@ class ImageRows(Dataset):
 
     def __getitem__(self, i: int):
         r = self.rows[i]
-        return (torch.from_numpy(self.images[np.array([r])][0]),
-                *(torch.from_numpy(self.labels[k][r]).float() for k in ("euler", "shifts", "amplitudes")))  # fmt: skip
+        return (
+            torch.from_numpy(self.images[np.array([r])][0]),
+            *(
+                torch.from_numpy(self.labels[k][r]).float()
+                for k in ("euler", "shifts", "amplitudes")
+            ),
+        )
 
 
 # ----------------------------------------------------------------------------- training
@@ -135,8 +146,14 @@ def setup_device() -> tuple[torch.device, int, int]:
     return device, rank, world
 
 
-def loss_and_metric(param: str, angle_repr: str, pred: torch.Tensor, target: torch.Tensor,
-                    mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def loss_and_metric(
+    param: str,
+    angle_repr: str,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Training loss and the summed metric (degrees, amplitude units or pixels) of a batch."""
     pred = pred.float()
     if param == "angles" and angle_repr == "quaternion":
@@ -193,8 +210,11 @@ def train(args: argparse.Namespace) -> None:
     train_rows = np.nonzero((sets == "train").to_numpy())[0]
     val_rows = np.nonzero((sets == "val").to_numpy())[0]
     labels = raw_labels(ps, modes)
-    tgt = target_values(args.param, args.angle_repr, *(torch.tensor(labels[k][train_rows])
-                                                       for k in ("euler", "shifts", "amplitudes")))  # fmt: skip
+    tgt = target_values(
+        args.param,
+        args.angle_repr,
+        *(torch.tensor(labels[k][train_rows]) for k in ("euler", "shifts", "amplitudes")),
+    )
     mean, std = tgt.mean(0).float(), tgt.std(0).float().clamp_min(1e-6)
     if args.param == "angles" and args.angle_repr == "quaternion":
         mean, std = torch.zeros_like(mean), torch.ones_like(std)
@@ -208,8 +228,11 @@ def train(args: argparse.Namespace) -> None:
     out = Path(args.out_dir)
     ckpt_path = out / "checkpoint.pt"
     state = {"epoch": 0, "best_val": math.inf, "best_state": None, "bad_epochs": 0, "history": []}
-    fingerprint = {k: v for k, v in sorted(vars(args).items())
-                   if k not in ("module", "verbose", "workers", "stop_after_epoch")}  # fmt: skip
+    fingerprint = {
+        k: v
+        for k, v in sorted(vars(args).items())
+        if k not in ("module", "verbose", "workers", "stop_after_epoch")
+    }
     fingerprint = repr(fingerprint) + f" world={world}"
     ckpt = (
         torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -225,17 +248,29 @@ def train(args: argparse.Namespace) -> None:
         sched.load_state_dict(ckpt["sched"])
         state = {k: ckpt[k] for k in state}
         log.info("resuming from %s after epoch %d", ckpt_path, state["epoch"])
-    loader_kw = {"num_workers": args.workers, "pin_memory": device.type == "cuda",
-                 "persistent_workers": args.workers > 0}  # fmt: skip
+    loader_kw = {
+        "num_workers": args.workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": args.workers > 0,
+    }
     tr_ds, va_ds = ImageRows(ps, train_rows, labels), ImageRows(ps, val_rows, labels)
     tr_sampler = DistributedSampler(tr_ds, seed=args.seed) if world > 1 else None
     va_sampler = DistributedSampler(va_ds, shuffle=False) if world > 1 else None
-    tr = DataLoader(tr_ds, batch_size=args.batch_size, shuffle=tr_sampler is None,
-                    sampler=tr_sampler, drop_last=len(tr_ds) > args.batch_size, **loader_kw)  # fmt: skip
+    tr = DataLoader(
+        tr_ds,
+        batch_size=args.batch_size,
+        shuffle=tr_sampler is None,
+        sampler=tr_sampler,
+        drop_last=len(tr_ds) > args.batch_size,
+        **loader_kw,
+    )
     va = DataLoader(va_ds, batch_size=args.batch_size, sampler=va_sampler, **loader_kw)
     mean, std = mean.to(device), std.to(device)
-    amp_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else (
-        lambda: torch.autocast("cpu", enabled=False))  # fmt: skip
+    amp_ctx = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if device.type == "cuda"
+        else (lambda: torch.autocast("cpu", enabled=False))
+    )
 
     def batches(loader, augment: bool):
         for img, eul, sh, amp in loader:
@@ -276,9 +311,14 @@ def train(args: argparse.Namespace) -> None:
         if world > 1:
             dist.all_reduce(tot)
             dist.all_reduce(val)
-        row = {"epoch": epoch, "train_loss": float(tot[0] / tot[1]), "val_loss": float(val[0] / val[2]),
-               "val_metric": float(val[1] / val[2]), "lr": sched.get_last_lr()[0],
-               "seconds": time.perf_counter() - t0}  # fmt: skip
+        row = {
+            "epoch": epoch,
+            "train_loss": float(tot[0] / tot[1]),
+            "val_loss": float(val[0] / val[2]),
+            "val_metric": float(val[1] / val[2]),
+            "lr": sched.get_last_lr()[0],
+            "seconds": time.perf_counter() - t0,
+        }
         state["history"].append(row)
         state["epoch"] = epoch
         if row["val_loss"] < state["best_val"]:
@@ -287,21 +327,44 @@ def train(args: argparse.Namespace) -> None:
         else:
             state["bad_epochs"] += 1
         if rank == 0:
-            log.info("epoch %d: train %.4f, val %.4f, metric %.3f (%.1f s)", epoch,
-                     row["train_loss"], row["val_loss"], row["val_metric"], row["seconds"])  # fmt: skip
+            log.info(
+                "epoch %d: train %.4f, val %.4f, metric %.3f (%.1f s)",
+                epoch,
+                row["train_loss"],
+                row["val_loss"],
+                row["val_metric"],
+                row["seconds"],
+            )
             with atomic_path(ckpt_path) as tmp:
-                torch.save({"model": model.state_dict(), "optim": opt.state_dict(),
-                            "sched": sched.state_dict(), "fingerprint": fingerprint, **state}, tmp)  # fmt: skip
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "optim": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                        "fingerprint": fingerprint,
+                        **state,
+                    },
+                    tmp,
+                )
         if args.stop_after_epoch and epoch == args.stop_after_epoch:
             return  # testing hook: behave like a job killed after this epoch's checkpoint
         if state["bad_epochs"] >= args.patience:
             log.info("early stop: no validation improvement for %d epochs", args.patience)
             break
     if rank == 0:
-        final = {"state_dict": state["best_state"], "arch": args.arch, "param": args.param,
-                 "angle_repr": args.angle_repr, "n_out": n_out, "mean": mean.cpu(),
-                 "std": std.cpu(), "box": ps.box, "pixel_size": ps.pixel_size,
-                 "mode_numbers": modes, "best_val_loss": state["best_val"]}  # fmt: skip
+        final = {
+            "state_dict": state["best_state"],
+            "arch": args.arch,
+            "param": args.param,
+            "angle_repr": args.angle_repr,
+            "n_out": n_out,
+            "mean": mean.cpu(),
+            "std": std.cpu(),
+            "box": ps.box,
+            "pixel_size": ps.pixel_size,
+            "mode_numbers": modes,
+            "best_val_loss": state["best_val"],
+        }
         with atomic_path(out / "model.pt") as tmp:
             torch.save(final, tmp)
         history = pd.DataFrame(state["history"])
@@ -309,8 +372,13 @@ def train(args: argparse.Namespace) -> None:
             history.to_csv(tmp, index=False, float_format="%.6g")
         loss_figure(history, args.param, out / "loss.png")
         ckpt_path.unlink()  # finished: a later run with new settings starts afresh
-        log.info("%s %s: %.1f M parameters, best validation loss %.4f", args.param, args.arch,
-                 n_parameters(model) / 1e6, state["best_val"])  # fmt: skip
+        log.info(
+            "%s %s: %.1f M parameters, best validation loss %.4f",
+            args.param,
+            args.arch,
+            n_parameters(model) / 1e6,
+            state["best_val"],
+        )
     if world > 1:
         dist.destroy_process_group()
 
