@@ -20,9 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from deephemnma import geometry, hemnma
-from deephemnma.io import ParticleSet
-from deephemnma.model import load_model
-from deephemnma.nma import load_modes
+from deephemnma.io import ParticleSet, load_model, load_modes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,7 @@ import starfile
 import torch
 from deephemnma import geometry, hemnma
 from deephemnma.cli import main as cli
-from deephemnma.io import ParticleSet
-from deephemnma.model import load_model
-from deephemnma.nma import load_modes
+from deephemnma.io import ParticleSet, load_model, load_modes
 from deephemnma.shard import shard_rows
 
 

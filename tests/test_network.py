@@ -8,10 +8,8 @@ import starfile
 import torch
 from deephemnma import geometry, infer, simulate, train
 from deephemnma.cli import main as cli
-from deephemnma.io import ParticleSet
-from deephemnma.model import load_model
+from deephemnma.io import ParticleSet, load_model, load_modes
 from deephemnma.nets import ResNet, n_parameters
-from deephemnma.nma import load_modes
 from deephemnma.split import split_sets
 
 

@@ -80,8 +80,7 @@ def test_simulated_star_is_relion(sim):
 
 
 def test_simulate_reproducible_and_matches_direct_projection(adk_model_files):
-    from deephemnma.model import load_model
-    from deephemnma.nma import load_modes
+    from deephemnma.io import load_model, load_modes
 
     model, modes = (
         load_model(adk_model_files / "model.npz"),

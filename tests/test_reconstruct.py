@@ -7,8 +7,7 @@ from deephemnma import geometry, imaging
 from deephemnma import reconstruct as rec
 from deephemnma.cli import main as cli
 from deephemnma.fsc import fsc_curve, resolution
-from deephemnma.io import ParticleSet
-from deephemnma.model import load_model
+from deephemnma.io import ParticleSet, load_model
 
 
 def test_noise_free_reconstruction_matches_true_map(adk_model_files):

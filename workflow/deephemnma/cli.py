@@ -29,20 +29,24 @@ VERBS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; only the module of `verb` is imported when one is given."""
     parser = argparse.ArgumentParser(prog="deephemnma", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for verb, (module, text) in VERBS.items():
-        mod = importlib.import_module(f"deephemnma.{module}")
-        p = sub.add_parser(verb, help=text, description=text)
-        mod.add_args(p)
-        p.set_defaults(module=mod)
+    for name, (module, text) in VERBS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        if verb in (None, name):
+            mod = importlib.import_module(f"deephemnma.{module}")
+            mod.add_args(p)
+            p.set_defaults(module=mod)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    verb = next((a for a in argv if a in VERBS), None)
+    args = build_parser(verb).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

@@ -13,8 +13,8 @@ import pandas as pd
 import torch
 from torch_fourier_shell_correlation import fourier_shell_correlation
 
-from .io import InputError, atomic_path, read_mrc, write_mrc
-from .model import load_model, read_structure
+from .io import InputError, atomic_path, load_model, read_mrc, write_mrc
+from .model import read_structure
 from .reconstruct import model_map
 
 log = logging.getLogger(__name__)

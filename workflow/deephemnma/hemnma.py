@@ -27,9 +27,7 @@ import torch
 from tqdm import tqdm
 
 from . import geometry, imaging
-from .io import ParticleSet, amplitude_column, write_star
-from .model import load_model
-from .nma import load_modes
+from .io import ParticleSet, amplitude_column, load_model, load_modes, write_star
 
 log = logging.getLogger(__name__)
 

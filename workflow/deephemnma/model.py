@@ -164,12 +164,6 @@ def write_pdb(path: str | Path, atoms: prody.AtomGroup, coordsets: np.ndarray) -
         prody.writePDB(str(tmp), ag)
 
 
-def load_model(path: str | Path) -> dict[str, np.ndarray]:
-    """Read model.npz (coords, weights, elements, center)."""
-    with np.load(require_file(path, "model file")) as z:
-        return {k: z[k] for k in z.files}
-
-
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--structure", required=True, help="PDB/mmCIF file, or an EM map (.mrc/.map)")
     p.add_argument("--atoms", choices=sorted(SELECTIONS), default="heavy")

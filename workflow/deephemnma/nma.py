@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import prody
 
-from .io import InputError, atomic_path, require_file
-from .model import load_model, read_structure, write_pdb
+from .io import InputError, atomic_path, load_model, require_file
+from .model import read_structure, write_pdb
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +172,3 @@ def main(args: argparse.Namespace) -> None:
             model["coords"][None] + args.animate_amplitude * steps[:, None, None] * modes[k][None]
         )
         write_pdb(out / f"mode{number}.pdb", atoms, frames)
-
-
-def load_modes(path: str | Path) -> dict[str, np.ndarray]:
-    """Read modes.npz."""
-    with np.load(require_file(path, "modes file")) as z:
-        return {k: z[k] for k in z.files}

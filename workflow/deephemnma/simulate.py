@@ -18,9 +18,15 @@ import torch
 from tqdm import tqdm
 
 from . import geometry, imaging
-from .io import StackWriter, amplitude_column, atomic_path, optics_table, write_star
-from .model import load_model
-from .nma import load_modes
+from .io import (
+    StackWriter,
+    amplitude_column,
+    atomic_path,
+    load_model,
+    load_modes,
+    optics_table,
+    write_star,
+)
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,13 @@ from .io import (
     amplitude_column,
     amplitude_modes,
     atomic_path,
+    load_modes,
     read_star,
     require_file,
     write_star,
 )
 from .model import read_structure, write_pdb
-from .nma import deform, load_modes
+from .nma import deform
 
 log = logging.getLogger(__name__)
 

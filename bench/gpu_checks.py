@@ -1,0 +1,237 @@
+"""GPU checks and benchmarks (run once on a lent H100/H200; also runs small on a CPU).
+
+Needs model.npz / modes.npz of open AK (prepare-model + nma, made on any machine). Steps, each timed
+and printed as it finishes:
+  1. the projector gives the same images on CPU and GPU;
+  2. simulate the reference set (BENCHMARK.md: 20,000 images at 128², SNR 0.1, CTF) on the GPU;
+  3. HEMNMA on a subset: images/s and accuracy against ground truth;
+  4. split 14,055 train / rest val / 2,000 test; train ResNet-34 on the truth for amplitudes and
+     angles (quaternion) — seconds per epoch — and evaluate on the test images (seed Tables 1, S2);
+  5. inference throughput (ResNet-34, bf16) end to end from the memory-mapped stacks.
+
+Usage: python bench/gpu_checks.py --inputs DIR --work DIR [--n-images 20000] [--box 128] ...
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from deephemnma import geometry, hemnma, imaging, infer, simulate, split, train
+from deephemnma.cli import build_parser
+from deephemnma.io import ParticleSet, load_model, load_modes
+
+T0 = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f} s] {msg}", flush=True)
+
+
+def cli_args(verb: str, argv: list[str]) -> argparse.Namespace:
+    return build_parser(verb).parse_args([verb, *argv])
+
+
+def inference_benchmark(work: Path, ps: ParticleSet, dev: torch.device, a, summary: dict) -> None:
+    """5. inference throughput (bf16 on CUDA) end to end from the memory-mapped stacks."""
+    net, meta = infer.load_network(str(work / "amplitudes" / "model.pt"), dev)
+    infer.predict(net, meta, ps, dev, 1024, a.workers)  # warm-up
+    t = time.perf_counter()
+    for _ in range(a.infer_repeats):
+        infer.predict(net, meta, ps, dev, 1024, a.workers)
+    dt = time.perf_counter() - t
+    rate = a.infer_repeats * len(ps) / dt
+    summary["inference_images_per_s"] = rate
+    say(f"inference ({a.arch}): {rate:.0f} img/s over {a.infer_repeats} x {len(ps)} images")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--inputs", required=True, help="folder with model.npz and modes.npz")
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", required=True, help="folder for figures, tables and the summary")
+    p.add_argument("--n-images", type=int, default=20000)
+    p.add_argument("--box", type=int, default=128)
+    p.add_argument("--n-train", type=int, default=14055)
+    p.add_argument("--n-test", type=int, default=2000)
+    p.add_argument("--hemnma-images", type=int, default=512)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--arch", default="resnet34")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--infer-repeats", type=int, default=5)
+    a = p.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
+    say(f"device: {name}; torch {torch.__version__}")
+    work, out, inp = Path(a.work), Path(a.out), Path(a.inputs)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"device": name}
+    m, md = load_model(inp / "model.npz"), load_modes(inp / "modes.npz")
+
+    # 1. projector CPU == GPU
+    rng = np.random.default_rng(0)
+    rot = geometry.euler_to_matrix(torch.tensor(geometry.random_euler(8, rng), dtype=torch.float32))
+    cpu_args = (
+        torch.tensor(m["coords"], dtype=torch.float32),
+        rot,
+        torch.zeros(8, 2),
+        torch.tensor(m["weights"], dtype=torch.float32),
+        128,
+        1.1,
+        1.0,
+    )
+    ref = imaging.project(*cpu_args)
+    got = imaging.project(*(x.to(dev) if torch.is_tensor(x) else x for x in cpu_args)).cpu()
+    err = float((got - ref).abs().max() / ref.abs().max())
+    summary["projector_max_rel_diff_cpu_gpu"] = err
+    say(f"projector CPU vs {dev.type}: max relative difference {err:.2e}")
+
+    # 2. simulate the reference set
+    px = 1.1 * 128 / a.box
+    star = work / "particles.star"
+    sim = cli_args(
+        "simulate",
+        [
+            "--model",
+            str(inp / "model.npz"),
+            "--modes",
+            str(inp / "modes.npz"),
+            "--n-images",
+            str(a.n_images),
+            "--box",
+            str(a.box),
+            "--pixel-size",
+            str(px),
+            "--snr",
+            "0.1",
+            "--max-shift-px",
+            str(5 * a.box / 128),
+            "--batch",
+            "256",
+            "--out-star",
+            str(star),
+            "--out-stacks",
+            str(work / "stacks"),
+            "--out-montage",
+            str(out / "montage.png"),
+        ],
+    )
+    t = time.perf_counter()
+    simulate.main(sim)
+    dt = time.perf_counter() - t
+    summary["simulate_images_per_s"] = a.n_images / dt
+    say(f"simulated {a.n_images} images at {a.box}² in {dt:.1f} s: {a.n_images / dt:.0f} img/s")
+    ps = ParticleSet(star)
+
+    # 3. HEMNMA on a subset
+    n_h = min(a.hemnma_images, len(ps))
+    settings = hemnma.AlignSettings(
+        batch=128 if dev.type == "cuda" else 8, max_shift_px=6.0 * a.box / 128
+    )
+    al = hemnma.Aligner(
+        m["coords"], md["modes"], m["weights"], ps.box, ps.pixel_size, settings, dev
+    )
+    hemnma.align_rows(ps, np.arange(min(n_h, settings.batch)), al)  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    res = hemnma.align_rows(ps, np.arange(n_h), al)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    ang = geometry.euler_distance_deg(res["euler"], ps.euler(np.arange(n_h)))
+    amp = np.abs(res["amplitudes"] - ps.amplitudes([7, 8, 9], np.arange(n_h)))
+    summary["hemnma"] = {
+        "images": n_h,
+        "images_per_s": n_h / dt,
+        "angle_mean": ang.mean(),
+        "angle_std": ang.std(),
+        "amp_mean_per_mode": amp.mean(0).tolist(),
+        "amp_std_per_mode": amp.std(0).tolist(),
+    }
+    say(
+        f"HEMNMA: {n_h / dt:.1f} img/s; angle {ang.mean():.2f} ± {ang.std():.2f} deg; "
+        f"|amp err| {np.round(amp.mean(0), 1)}"
+    )
+
+    # 4. split and train on the truth
+    n = len(ps)
+    n_val = n - a.n_train - a.n_test
+    sets = split.split_sets(n, n_val, a.n_test, 0)
+    pd.DataFrame({"rlnImageName": ps.particles["rlnImageName"], "set": sets}).to_csv(
+        work / "split.csv", index=False
+    )
+    test_rows = np.nonzero(sets == "test")[0]
+    summary["train"] = {}
+    for param in ("amplitudes", "angles"):
+        tr = cli_args(
+            "train",
+            [
+                "--param",
+                param,
+                "--labels",
+                str(star),
+                "--split",
+                str(work / "split.csv"),
+                "--arch",
+                a.arch,
+                "--epochs",
+                str(a.epochs),
+                "--batch-size",
+                str(a.batch_size),
+                "--workers",
+                str(a.workers),
+                "--lr",
+                "1e-3",
+                "--patience",
+                "10",
+                "--out-dir",
+                str(work / param),
+            ],
+        )
+        t = time.perf_counter()
+        train.train(tr)
+        dt = time.perf_counter() - t
+        hist = pd.read_csv(work / param / "history.csv")
+        net, meta = infer.load_network(str(work / param / "model.pt"), dev)
+        pred = infer.predict(net, meta, ps, dev, 512, a.workers)[test_rows]
+        if param == "amplitudes":
+            e = np.abs(pred - ps.amplitudes([7, 8, 9], test_rows))
+            metric = {
+                "mean_per_mode": e.mean(0).tolist(),
+                "std_per_mode": e.std(0).tolist(),
+                "mean_over_modes": float(e.mean()),
+            }
+        else:
+            d = geometry.quaternion_distance_deg(
+                pred.astype(np.float64), geometry.euler_to_quaternion(ps.euler(test_rows))
+            )
+            metric = {"angle_mean": float(d.mean()), "angle_std": float(d.std())}
+        summary["train"][param] = {
+            "epochs": int(hist["epoch"].max()),
+            "seconds": dt,
+            "seconds_per_epoch": float(hist["seconds"].mean()),
+            "test": metric,
+        }
+        shutil.copy(work / param / "loss.png", out / f"loss_{param}.png")
+        hist.to_csv(out / f"history_{param}.csv", index=False)
+        say(
+            f"trained {param}: {len(hist)} epochs, {hist['seconds'].mean():.1f} s/epoch; test {metric}"
+        )
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+        if param == "amplitudes":
+            inference_benchmark(work, ps, dev, a, summary)
+
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    say("done")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
