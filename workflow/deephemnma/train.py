@@ -4,7 +4,8 @@ Targets are standardised with training-set statistics stored in the checkpoint (
 unit vectors and are left as they are); images get the same preprocessing in training and
 inference (per-image zero mean, unit variance). Augmentation is label-consistent: an in-plane
 rotation by α and a translation t turn (psi, d) into (psi + α, Rz(α) d + t) and leave amplitudes
-unchanged. AdamW with a cosine schedule, early stopping on the validation loss, the best epoch
+unchanged; only exact pixel permutations are used (quarter turns, integer shifts), so augmented
+images keep the noise statistics of real ones. AdamW with a cosine schedule, early stopping on the validation loss, the best epoch
 kept, a checkpoint every epoch (a killed job resumes), bf16 autocast and channels_last on CUDA,
 DistributedDataParallel under torchrun. The device comes from the environment.
 """
@@ -73,24 +74,25 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
 
 
 def transform_images(
-    images: torch.Tensor, alpha_deg: torch.Tensor, t_px: torch.Tensor
+    images: torch.Tensor, quarter_turns: torch.Tensor, t_px: torch.Tensor
 ) -> torch.Tensor:
-    """Rotate images (B, D, D) in plane by α (RELION's psi sense) about D // 2, then shift by t.
-
-    out(q) = in(Rz(α)ᵀ (q - t)), Rz(α) = [[cos α, sin α], [-sin α, cos α]] acting on (x, y).
+    """Rotate images (B, D, D) in plane by α = 90° × quarter_turns (RELION's psi sense) about
+    D // 2, then translate by the integer shifts t_px (B, 2) — exact pixel permutations (with
+    wrap-around), so the noise keeps its statistics: out(q) = in(Rz(α)ᵀ (q - t)),
+    Rz(α) = [[cos α, sin α], [-sin α, cos α]] acting on (x, y).
     """
-    d = images.shape[-1]
-    a = torch.deg2rad(alpha_deg)[:, None, None]
-    c = torch.arange(d, dtype=images.dtype, device=images.device) - d // 2
+    b, d = images.shape[0], images.shape[-1]
+    k = quarter_turns.long() % 4
+    cos = torch.tensor([1, 0, -1, 0], device=images.device)[k][:, None, None]
+    sin = torch.tensor([0, 1, 0, -1], device=images.device)[k][:, None, None]
+    c = torch.arange(d, device=images.device) - d // 2
     qy, qx = torch.meshgrid(c, c, indexing="ij")
-    qx, qy = qx[None] - t_px[:, 0, None, None], qy[None] - t_px[:, 1, None, None]
-    sx = torch.cos(a) * qx - torch.sin(a) * qy + d // 2
-    sy = torch.sin(a) * qx + torch.cos(a) * qy + d // 2
-    grid = torch.stack([sx, sy], -1) * (2.0 / (d - 1)) - 1.0
-    out = torch.nn.functional.grid_sample(
-        images[:, None], grid, align_corners=True, padding_mode="reflection"
-    )
-    return out[:, 0]
+    t = t_px.round().long()
+    qx, qy = qx[None] - t[:, 0, None, None], qy[None] - t[:, 1, None, None]
+    sx = (cos * qx - sin * qy + d // 2) % d
+    sy = (sin * qx + cos * qy + d // 2) % d
+    flat = images.reshape(b, d * d)
+    return torch.gather(flat, 1, (sy * d + sx).reshape(b, -1)).reshape(b, d, d)
 
 
 def transform_labels(
@@ -276,10 +278,11 @@ def train(args: argparse.Namespace) -> None:
         for img, eul, sh, amp in loader:
             img, eul, sh, amp = (x.to(device, non_blocking=True) for x in (img, eul, sh, amp))
             if augment:
-                alpha = torch.rand(len(img), device=device) * 360.0
-                t = (torch.rand(len(img), 2, device=device) - 0.5) * 2.0 * args.augment_shift_px
-                img = transform_images(img, alpha, t)
-                eul, sh = transform_labels(eul, sh, alpha, t)
+                turns = torch.randint(0, 4, (len(img),), device=device)
+                r = int(args.augment_shift_px)
+                t = torch.randint(-r, r + 1, (len(img), 2), device=device).float()
+                img = transform_images(img, turns, t)
+                eul, sh = transform_labels(eul, sh, 90.0 * turns.float(), t)
             x = preprocess(img)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -397,7 +400,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--patience", type=int, default=8)
     p.add_argument("--no-augment", dest="augment", action="store_false")
-    p.add_argument("--augment-shift-px", type=float, default=1.0)
+    p.add_argument("--augment-shift-px", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-after-epoch", type=int, default=0, help=argparse.SUPPRESS)
