@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from .io import InputError
@@ -52,6 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    env = os.environ
+    if "SLURM_JOB_ID" in env:
+        logging.getLogger("deephemnma").info(
+            "SLURM job %s: partition=%s ntasks=%s cpus_per_task=%s gpus=%s",
+            env["SLURM_JOB_ID"],
+            env.get("SLURM_JOB_PARTITION"),
+            env.get("SLURM_NTASKS"),
+            env.get("SLURM_CPUS_PER_TASK"),
+            env.get("SLURM_GPUS", env.get("CUDA_VISIBLE_DEVICES")),
+        )
     try:
         args.module.main(args)
     except InputError as exc:
