@@ -43,58 +43,65 @@ def evaluation_table(
     truth: pd.DataFrame,
     network: pd.DataFrame,
     hemnma: pd.DataFrame | None,
-    names: pd.Series,
+    test: pd.Series,
     pixel_size: float,
 ) -> pd.DataFrame:
-    """The comparison table on the images `names`."""
+    """Comparison table. The network is judged on the test images; HEMNMA (not trained) on every
+    image it aligned; network vs HEMNMA on the test images HEMNMA aligned. Joined on names."""
     modes = amplitude_modes(truth)
-    pick = lambda t: t.set_index("rlnImageName").loc[names.to_numpy()].reset_index()
-    t, n = pick(truth), pick(network)
-    rows = {"network vs ground truth": compare(n, t, modes, pixel_size)}
+    t, n = truth.set_index("rlnImageName"), network.set_index("rlnImageName")
+
+    def row(a: pd.DataFrame, b: pd.DataFrame, names) -> dict:
+        names = [x for x in names if x in a.index and x in b.index]
+        if not names:
+            return {}
+        return {"images": len(names), **compare(a.loc[names], b.loc[names], modes, pixel_size)}
+
+    rows = {"network vs ground truth": row(n, t, test)}
     if hemnma is not None:
-        h = pick(hemnma)
-        rows["HEMNMA vs ground truth"] = compare(h, t, modes, pixel_size)
-        rows["network vs HEMNMA"] = compare(n, h, modes, pixel_size)
-    table = pd.DataFrame(rows).T
+        h = hemnma.set_index("rlnImageName")
+        rows["HEMNMA vs ground truth"] = row(h, t, h.index)
+        rows["network vs HEMNMA"] = row(n, h, test)
+    table = pd.DataFrame({k: v for k, v in rows.items() if v}).T
     table.index.name = "comparison"
     return table
 
 
-def markdown(table: pd.DataFrame, n: int) -> str:
+def markdown(table: pd.DataFrame) -> str:
     """The table as Markdown, like the seed's Tables 1 and S1-S2."""
     cols = list(table.columns)
-    lines = [
-        f"Test images: {n}",
-        "",
-        "| comparison | " + " | ".join(cols) + " |",
-        "|---" * (len(cols) + 1) + "|",
-    ]
+    lines = ["| comparison | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in table.iterrows():
-        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+        cells = [f"{int(v)}" if c == "images" else f"{v:.2f}" for c, v in row.items()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def overlap_figure(
-    truth: pd.DataFrame, others: dict[str, pd.DataFrame], modes: list[int], path: Path
+    truth: pd.DataFrame,
+    others: dict[str, tuple[pd.DataFrame, pd.Series]],
+    modes: list[int],
+    path: Path,
 ) -> None:
-    """Scatter of estimated vs true amplitudes per mode (seed Figure S2)."""
+    """Scatter of estimated vs true amplitudes per mode (seed Figure S2); truth indexed by name."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(
-        len(others), len(modes), figsize=(3.2 * len(modes), 3.2 * len(others)), squeeze=False
+        len(others), len(modes), squeeze=False, figsize=(3.2 * len(modes), 3.2 * len(others))
     )
-    for r, (label, est) in enumerate(others.items()):
+    for r, (label, (est, names)) in enumerate(others.items()):
+        est = est.set_index("rlnImageName").loc[list(names)]
         for c, k in enumerate(modes):
             ax = axes[r, c]
-            x, y = truth[amplitude_column(k)], est[amplitude_column(k)]
+            x, y = truth.loc[est.index, amplitude_column(k)], est[amplitude_column(k)]
             ax.scatter(x, y, s=4, alpha=0.5)
             lim = [min(x.min(), y.min()), max(x.max(), y.max())]
             ax.plot(lim, lim, color="k", lw=0.8)
             ax.set_xlabel(f"true amplitude, mode {k}")
-            ax.set_ylabel(f"{label}")
+            ax.set_ylabel(label)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
@@ -128,11 +135,11 @@ def main(args: argparse.Namespace) -> None:
     with atomic_path(args.out_csv) as tmp:
         table.to_csv(tmp, float_format="%.4f")
     with atomic_path(args.out_md) as tmp:
-        tmp.write_text(markdown(table, len(names)))
-    log.info("evaluation on %d test images:\n%s", len(names), markdown(table, len(names)))
+        tmp.write_text(markdown(table))
+    log.info("evaluation:\n%s", markdown(table))
     modes = amplitude_modes(truth)
-    sel = lambda t: t.set_index("rlnImageName").loc[names.to_numpy()].reset_index()
-    others = {"network": sel(network)}
+    truth_i = truth.set_index("rlnImageName")
+    others = {"network (test images)": (network, names)}
     if hemnma is not None:
-        others["HEMNMA"] = sel(hemnma)
-    overlap_figure(sel(truth), others, modes, Path(args.out_figure))
+        others["HEMNMA"] = (hemnma, hemnma["rlnImageName"])
+    overlap_figure(truth_i, others, modes, Path(args.out_figure))
