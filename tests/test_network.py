@@ -273,9 +273,9 @@ def test_predict_matches_direct_forward(labelled, monkeypatch):
     net, meta = infer.load_network(str(labelled / "shifts" / "model.pt"), torch.device("cpu"))
     ps = ParticleSet(labelled / "p.star")
     streamed = infer.predict(net, meta, ps, torch.device("cpu"), 64, 0)
-    with torch.no_grad():
-        direct = (
-            net(train.preprocess(torch.from_numpy(ps.images[np.arange(5)]))) * meta["std"]
-            + meta["mean"]
-        )
+    bf16 = infer.bf16_supported(torch.device("cpu"))  # predict uses bf16 where the CPU has it
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        x = train.preprocess(torch.from_numpy(ps.images[np.arange(5)]))
+        direct = net(x.contiguous(memory_format=torch.channels_last)).float()
+    direct = direct * meta["std"] + meta["mean"]
     np.testing.assert_allclose(streamed[:5], direct.numpy(), rtol=1e-4, atol=1e-4)

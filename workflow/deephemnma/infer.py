@@ -1,7 +1,8 @@
 """infer: stream every image through a trained network and write its estimates as STAR columns.
 
 Images are read memory-mapped in contiguous chunks by DataLoader workers, preprocessed on the
-device exactly as in training, and predicted in large batches (bf16 + channels_last on CUDA), so
+device exactly as in training, and predicted in large batches (channels_last; bf16 autocast on CUDA
+and on CPUs with native bf16), so
 memory does not grow with the number of images beyond the (n, outputs) result array.
 """
 
@@ -40,14 +41,20 @@ class Chunks(Dataset):
 
 
 def load_network(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """A trained network (eval mode, on `device`) and its metadata."""
+    """A trained network (eval mode, channels_last, on `device`) and its metadata."""
     meta = torch.load(require_file(path, "network"), map_location="cpu", weights_only=True)
     net = ResNet(meta["arch"], meta["n_out"])
     net.load_state_dict(meta["state_dict"])
-    net = net.to(device).eval()
+    return net.to(device).eval().to(memory_format=torch.channels_last), meta
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast is fast here (CUDA, or a CPU with native bf16 in oneDNN)."""
     if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    return net, meta
+        return True
+    return bool(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 @torch.no_grad()
@@ -66,13 +73,11 @@ def predict(
     mean, std = meta["mean"].to(device), meta["std"].to(device)
     out = np.empty((len(ps), meta["n_out"]), dtype=np.float32)
     pos = 0
+    bf16 = bf16_supported(device)
     for imgs in tqdm(loader, desc=f"infer {meta['param']}", unit="batch", mininterval=10):
         x = preprocess(imgs.to(device, non_blocking=True).float())
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = net(x)
-        else:
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             y = net(x)
         y = y.float() * std + mean
         out[pos : pos + len(y)] = y.cpu().numpy()
