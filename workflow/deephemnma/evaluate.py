@@ -16,7 +16,16 @@ import numpy as np
 import pandas as pd
 
 from . import geometry
-from .io import InputError, amplitude_column, amplitude_modes, atomic_path, read_star, require_file
+from .io import (
+    InputError,
+    amplitude_column,
+    amplitude_modes,
+    atomic_path,
+    pyplot,
+    read_star,
+    require_file,
+    save_figure,
+)
 
 log = logging.getLogger(__name__)
 EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
@@ -84,10 +93,7 @@ def overlap_figure(
     path: Path,
 ) -> None:
     """Scatter of estimated vs true amplitudes per mode (seed Figure S2); truth indexed by name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(
         len(others), len(modes), squeeze=False, figsize=(3.2 * len(modes), 3.2 * len(others))
@@ -103,9 +109,7 @@ def overlap_figure(
             ax.set_xlabel(f"true amplitude, mode {k}")
             ax.set_ylabel(label)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

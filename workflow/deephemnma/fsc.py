@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from torch_fourier_shell_correlation import fourier_shell_correlation
 
-from .io import InputError, atomic_path, load_model, read_mrc, write_mrc
+from .io import InputError, atomic_path, load_model, pyplot, read_mrc, save_figure, write_mrc
 from .model import read_structure
 from .reconstruct import model_map
 
@@ -40,10 +40,7 @@ def resolution(curve: np.ndarray, box: int, pixel_size: float, threshold: float)
 
 
 def fsc_figure(table: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot(table["frequency"], table["fsc_half_maps"], label="half-maps")
@@ -56,9 +53,7 @@ def fsc_figure(table: pd.DataFrame, path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -7,26 +7,21 @@ import logging
 
 import pandas as pd
 
-from .io import InputError, atomic_path, read_star, write_star
+from .io import InputError, pyplot, read_star, save_figure, write_star
 
 log = logging.getLogger(__name__)
 
 
 def cost_figure(cost: pd.Series, path: str) -> None:
     """Histogram of the HEMNMA cost (1 - normalised correlation) per image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.hist(cost, bins=40, color="tab:blue")
     ax.set_xlabel("HEMNMA cost (1 - normalised correlation)")
     ax.set_ylabel("images")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

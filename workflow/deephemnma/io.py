@@ -35,6 +35,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend (imported lazily: it is slow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    pyplot().close(fig)
+
+
 def require_file(path: str | os.PathLike, what: str = "file") -> Path:
     """Return `path` as a Path, or raise InputError if it does not exist."""
     path = Path(path)

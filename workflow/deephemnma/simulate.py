@@ -21,10 +21,11 @@ from . import geometry, imaging
 from .io import (
     StackWriter,
     amplitude_column,
-    atomic_path,
     load_model,
     load_modes,
     optics_table,
+    pyplot,
+    save_figure,
     write_star,
 )
 
@@ -125,10 +126,7 @@ def render(
 
 def montage(images: dict[str, np.ndarray], path: str | Path) -> None:
     """Figure: a few views clean, with CTF, and with CTF + noise (seed Figure S1)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [("clean", "projection"), ("ctf", "with CTF"), ("final", "with CTF and noise")]
     n = images["clean"].shape[0]
@@ -142,9 +140,7 @@ def montage(images: dict[str, np.ndarray], path: str | Path) -> None:
             if c == 0:
                 ax.set_ylabel(label)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

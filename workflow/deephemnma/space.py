@@ -23,8 +23,10 @@ from .io import (
     amplitude_modes,
     atomic_path,
     load_modes,
+    pyplot,
     read_star,
     require_file,
+    save_figure,
     write_star,
 )
 from .model import read_structure, write_pdb
@@ -84,10 +86,7 @@ def scatter_figures(
     coords: np.ndarray, labels: np.ndarray, pca: PCA, path2d: Path, path3d: Path
 ) -> None:
     """Density-coloured PC1/PC2 map (hexbin, readable for 10⁶ points) and a 3D scatter."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ev = pca.explained
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.3))
@@ -105,9 +104,7 @@ def scatter_figures(
     a2.legend(markerscale=4, fontsize=8)
     a2.set_title("groups")
     fig.tight_layout()
-    with atomic_path(path2d) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path2d, dpi=100)
     fig = plt.figure(figsize=(5.5, 5))
     ax = fig.add_subplot(projection="3d")
     pick = np.random.default_rng(0).permutation(len(coords))[:20000]
@@ -117,9 +114,7 @@ def scatter_figures(
     ax.set_ylabel("PC2")
     ax.set_zlabel("PC3")
     fig.tight_layout()
-    with atomic_path(path3d) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path3d, dpi=100)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

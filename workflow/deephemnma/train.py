@@ -27,7 +27,15 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from . import geometry
-from .io import InputError, ParticleSet, amplitude_modes, atomic_path, require_file
+from .io import (
+    InputError,
+    ParticleSet,
+    amplitude_modes,
+    atomic_path,
+    pyplot,
+    require_file,
+    save_figure,
+)
 from .nets import ResNet, n_parameters
 
 log = logging.getLogger(__name__)
@@ -175,10 +183,7 @@ def loss_and_metric(
 
 def loss_figure(history: pd.DataFrame, param: str, path: Path) -> None:
     """Training and validation loss per epoch (seed Figure S6) and the validation metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
     a1.plot(history["epoch"], history["train_loss"], label="training")
@@ -193,9 +198,7 @@ def loss_figure(history: pd.DataFrame, param: str, path: Path) -> None:
     a2.set_ylabel(unit.get(param, "mean |amplitude error|"))
     fig.suptitle(f"{param} network")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def train(args: argparse.Namespace) -> None:
