@@ -29,8 +29,8 @@ class FourierAccumulator:
     def __init__(self, box: int, pad: int = 2, device=None):
         self.box, self.p = box, box * pad
         n = self.p**3
-        self.num = torch.zeros(n, 2, dtype=torch.float64, device=device)
-        self.den = torch.zeros(n, dtype=torch.float64, device=device)
+        self.num = torch.zeros(n, 2, dtype=torch.float32, device=device)
+        self.den = torch.zeros(n, dtype=torch.float32, device=device)
 
     def insert(
         self,
@@ -59,18 +59,22 @@ class FourierAccumulator:
             kx[None, :, None] * rot[:, None, 0, :] + ky[None, :, None] * rot[:, None, 1, :]
         )  # (B, K, 3) xyz
         base = torch.floor(k3)
-        frac = k3 - base
+        frac = (k3 - base).float()
         base = base.long()
-        for corner in range(8):
-            off = torch.tensor(
-                [(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], device=dev
-            )  # x, y, z
-            wt = torch.prod(torch.where(off.bool(), frac, 1 - frac), -1)  # (B, K)
-            idx = base + off
-            flat = ((idx[..., 2] % p) * p + (idx[..., 1] % p)) * p + (idx[..., 0] % p)
-            contrib = wt * val
-            self.num.index_add_(0, flat.flatten(), torch.view_as_real(contrib.flatten()).double())
-            self.den.index_add_(0, flat.flatten(), (wt * w * w).flatten().double())
+        # per-axis trilinear weights and wrapped indices, combined into the 8 corners
+        w_axis = [(1 - frac[..., a], frac[..., a]) for a in range(3)]
+        i_axis = [(base[..., a] % p, (base[..., a] + 1) % p) for a in range(3)]
+        val = torch.view_as_real(val.to(torch.complex64))  # (B, K, 2)
+        w2 = (w * w).float()
+        for cz in (0, 1):
+            for cy in (0, 1):
+                wzy = w_axis[2][cz] * w_axis[1][cy]
+                izy = (i_axis[2][cz] * p + i_axis[1][cy]) * p
+                for cx in (0, 1):
+                    wt = wzy * w_axis[0][cx]
+                    flat = (izy + i_axis[0][cx]).flatten()
+                    self.num.index_add_(0, flat, (val * wt[..., None]).reshape(-1, 2))
+                    self.den.index_add_(0, flat, (wt * w2).flatten())
 
     def volume(self, wiener_snr: float) -> np.ndarray:
         """The reconstructed map (D, D, D) as float32, [z, y, x], centre at D // 2."""
@@ -111,8 +115,8 @@ def reconstruct_halves(
     p = acc[0].p
     for start in tqdm(range(0, len(rows), batch), desc="reconstruct", unit="batch", mininterval=10):
         r = rows[start : start + batch]
-        imgs = torch.from_numpy(ps.images[r]).double()
-        rot = geometry.euler_to_matrix(torch.tensor(euler[r]))
+        imgs = torch.from_numpy(ps.images[r])
+        rot = geometry.euler_to_matrix(torch.tensor(euler[r], dtype=torch.float32))
         ctf = None
         if ps.has_ctf:
             c = {k: v[r] for k, v in params.items()}
@@ -127,7 +131,7 @@ def reconstruct_halves(
                 p,
                 phase_shift_deg=torch.tensor(c["phase_shift"]),
                 bfactor=float(c["bfactor"][0]),
-            ).double()
+            )
         for h in (0, 1):
             sel = half[start : start + batch] == h
             if sel.any():
@@ -138,9 +142,9 @@ def reconstruct_halves(
                     None if ctf is None else ctf[sel],
                 )
     maps = [a.volume(wiener_snr) for a in acc]
-    full = FourierAccumulator(ps.box)
-    full.num, full.den = acc[0].num + acc[1].num, acc[0].den + acc[1].den
-    return maps[0], maps[1], full.volume(wiener_snr)
+    acc[0].num += acc[1].num  # the full map from the sum of both halves, in place
+    acc[0].den += acc[1].den
+    return maps[0], maps[1], acc[0].volume(wiener_snr)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
