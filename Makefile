@@ -33,6 +33,7 @@ lint: setup
 	$(BIN)/snakemake --lint
 
 dag: setup
+	@command -v dot >/dev/null || { echo "make dag needs graphviz: apt-get install graphviz"; exit 1; }
 	mkdir -p results/dag
 	$(BIN)/snakemake --rulegraph | dot -Tsvg > results/dag/rulegraph.svg
 	$(BIN)/snakemake --rulegraph | dot -Tpng > results/dag/rulegraph.png
