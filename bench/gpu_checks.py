@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+
 from deephemnma import geometry, hemnma, imaging, infer, simulate, split, train
 from deephemnma.cli import build_parser
 from deephemnma.io import ParticleSet, load_model, load_modes

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from deephemnma import geometry, hemnma
 from deephemnma.io import ParticleSet, load_model, load_modes
 

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import torch
+
 from deephemnma import infer
 from deephemnma.io import ParticleSet, StackWriter, optics_table, write_star
 from deephemnma.nets import ResNet

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+
 from deephemnma import geometry
 from deephemnma.io import ParticleSet, StackWriter, optics_table, write_star
 from deephemnma.reconstruct import reconstruct_halves

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import yaml
+
 from deephemnma.config import ConfigError, check_config
 
 from .conftest import REPO

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import starfile
 import torch
+
 from deephemnma import geometry, hemnma
 from deephemnma.cli import main as cli
 from deephemnma.io import ParticleSet, load_model, load_modes

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from deephemnma import geometry, imaging
 
 

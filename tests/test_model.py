@@ -3,6 +3,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from deephemnma import model as m
 from deephemnma import nma
 from deephemnma.cli import main as cli_main

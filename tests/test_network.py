@@ -1,4 +1,3 @@
-import argparse
 import os
 
 import numpy as np
@@ -6,11 +5,14 @@ import pandas as pd
 import pytest
 import starfile
 import torch
+
 from deephemnma import geometry, infer, simulate, train
 from deephemnma.cli import main as cli
 from deephemnma.io import ParticleSet, load_model, load_modes
 from deephemnma.nets import ResNet, n_parameters
 from deephemnma.split import split_sets
+
+from .conftest import sim_config
 
 
 def test_quaternion_loss_sign_invariant_and_grows():
@@ -48,23 +50,15 @@ def test_resnet_parameter_counts():
 def test_rotation_augmentation_matches_resimulation(adk_model_files):
     """Rotating an image by α and updating (psi, shift) gives the image simulated with the new labels."""
     m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
-    cfg = argparse.Namespace(
+    cfg = sim_config(
         seed=5,
-        amplitude_distribution="uniform",
         amplitude_scale=100.0,
-        n_clusters=3,
         max_shift_px=3.0,
-        defocus=[5000.0, 5000.0],
         pixel_size=2.2,
         box=64,
         oversample=1,
         sigma_angstrom=2.5,
         ctf=False,
-        snr=None,
-        voltage_kv=200.0,
-        cs_mm=2.0,
-        amplitude_contrast=0.1,
-        bfactor=0.0,
     )
     params = simulate.draw_parameters(4, md["mode_numbers"], cfg)
     t = lambda a: torch.tensor(a, dtype=torch.float64)

@@ -1,4 +1,3 @@
-import argparse
 import os
 
 import mrcfile
@@ -6,9 +5,12 @@ import numpy as np
 import pytest
 import starfile
 import torch
+
 from deephemnma import geometry, imaging, relion, simulate
 from deephemnma.cli import main as cli
 from deephemnma.io import InputError, ParticleSet, write_mrc
+
+from .conftest import sim_config
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +88,9 @@ def test_simulate_reproducible_and_matches_direct_projection(adk_model_files):
         load_model(adk_model_files / "model.npz"),
         load_modes(adk_model_files / "modes.npz"),
     )
-    cfg = argparse.Namespace(
+    cfg = sim_config(
         seed=3,
-        amplitude_distribution="uniform",
         amplitude_scale=100.0,
-        n_clusters=3,
         max_shift_px=2.0,
         defocus=[4000.0, 6000.0],
         pixel_size=4.4,
@@ -98,11 +98,6 @@ def test_simulate_reproducible_and_matches_direct_projection(adk_model_files):
         oversample=1,
         sigma_angstrom=1.5,
         ctf=False,
-        snr=None,
-        voltage_kv=200.0,
-        cs_mm=2.0,
-        amplitude_contrast=0.1,
-        bfactor=0.0,
     )
     p1 = simulate.draw_parameters(5, modes["mode_numbers"], cfg)
     p2 = simulate.draw_parameters(5, modes["mode_numbers"], cfg)

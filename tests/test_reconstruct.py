@@ -3,6 +3,7 @@ import os
 import numpy as np
 import pytest
 import torch
+
 from deephemnma import geometry, imaging
 from deephemnma import reconstruct as rec
 from deephemnma.cli import main as cli

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
-from deephemnma import space
 from sklearn.metrics import adjusted_rand_score
+
+from deephemnma import space
 
 
 def test_pca_recovers_planted_line():
@@ -41,6 +42,7 @@ def test_box_groups():
 
 def test_space_cli_writes_groups_and_trajectories(adk_model_files, tmp_path):
     import starfile
+
     from deephemnma.cli import main as cli
     from deephemnma.io import optics_table, write_star
     from deephemnma.model import read_structure
