@@ -3,9 +3,11 @@
 Per image it estimates normal-mode amplitudes, three Euler angles and two shifts, in two steps
 (DESIGN.md §4), batched over images, identical on CPU and GPU:
 
-1. global rigid search: every image (Fourier-cropped to a coarse box) is correlated with a gallery
-   of CTF-affected projections of the undeformed model on a near-uniform SO(3) grid; translations
-   come from FFT cross-correlation; the best few well-separated orientations are kept;
+1. global search: every image (Fourier-cropped to a coarse box) is correlated with a gallery of
+   CTF-affected projections, on a near-uniform SO(3) grid, of the undeformed model and of the model
+   deformed by ± `gallery_amplitude` along each mode; all integer translations within the search
+   radius are scored in Fourier space (phase ramps) as one matrix product; the best few
+   well-separated orientations are kept, with the amplitudes of the gallery model that matched;
 2. local refinement: amplitudes, a small rotation and the shift of each candidate are optimised by
    Adam on the normalised, CTF-aware correlation, first at the coarse box for all candidates, then
    at the full box for the best one.
