@@ -154,3 +154,12 @@ def test_projector_same_on_gpu():
     cpu = imaging.project(coords, rot, *args)
     gpu = imaging.project(coords.cuda(), rot.cuda(), *(a.cuda() for a in args[:2]), *args[2:])
     np.testing.assert_allclose(gpu.cpu().numpy(), cpu.numpy(), atol=1e-4)
+
+
+def test_ctf_per_particle_bfactor():
+    df = torch.tensor([10000.0, 10000.0])
+    c = imaging.ctf(
+        df, df, torch.zeros(2), 300.0, 2.7, 0.1, 1.5, 64, bfactor=torch.tensor([0.0, 80.0])
+    )
+    s2 = imaging.frequency_squared(64, 1.5)
+    np.testing.assert_allclose(c[1].numpy(), (c[0] * torch.exp(-80.0 * s2 / 4)).numpy(), atol=1e-6)

@@ -100,19 +100,7 @@ def make_target(
     small = imaging.fourier_crop(images, box)
     dev, dt = images.device, images.dtype
     if has_ctf:
-        p = {k: v[rows] for k, v in ctf_params.items()}
-        c = imaging.ctf(
-            torch.tensor(p["defocus_u"], device=dev, dtype=dt),
-            torch.tensor(p["defocus_v"], device=dev, dtype=dt),
-            torch.tensor(p["defocus_angle"], device=dev, dtype=dt),
-            float(p["voltage_kv"][0]),
-            float(p["cs_mm"][0]),
-            float(p["amplitude_contrast"][0]),
-            px,
-            box,
-            phase_shift_deg=torch.tensor(p["phase_shift"], device=dev, dtype=dt),
-            bfactor=float(p["bfactor"][0]),
-        )
+        c = imaging.particle_ctf(ctf_params, rows, px, box, dev)
     else:
         c = torch.ones(len(rows), box, box // 2 + 1, device=dev, dtype=dt)
     return Target(torch.fft.rfft2(small), c.to(dt), box, px)

@@ -66,7 +66,7 @@ def ctf(
     pixel_size: float,
     box: int,
     phase_shift_deg: torch.Tensor | float = 0.0,
-    bfactor: float = 0.0,
+    bfactor: torch.Tensor | float = 0.0,
 ) -> torch.Tensor:
     """RELION CTF on the rfft grid (B, box, box // 2 + 1); defocus in Å, positive = underfocus.
 
@@ -90,10 +90,30 @@ def ctf(
         rfft=True,
         fftshift=False,
     )
-    if bfactor:
+    bfactor = torch.as_tensor(bfactor, dtype=c.dtype, device=c.device)
+    if bool((bfactor != 0).any()):
         s2 = frequency_squared(box, pixel_size, c.device)
-        c = c * torch.exp(-bfactor * s2 / 4.0)
+        c = c * torch.exp(-bfactor.reshape(-1, 1, 1) * s2 / 4.0)
     return c
+
+
+def particle_ctf(params: dict, rows, pixel_size: float, box: int, device=None) -> torch.Tensor:
+    """CTFs (n, box, box // 2 + 1) of particle `rows` from ``ParticleSet.ctf_params()`` arrays
+    (per-particle defocus, phase shift and B-factor; one voltage, Cs and amplitude contrast)."""
+    t = lambda key: torch.tensor(params[key][rows], dtype=torch.float32, device=device)
+    first = lambda key: float(params[key][rows][0])
+    return ctf(
+        t("defocus_u"),
+        t("defocus_v"),
+        t("defocus_angle"),
+        first("voltage_kv"),
+        first("cs_mm"),
+        first("amplitude_contrast"),
+        pixel_size,
+        box,
+        phase_shift_deg=t("phase_shift"),
+        bfactor=t("bfactor"),
+    )
 
 
 def frequency_squared(box: int, pixel_size: float, device=None) -> torch.Tensor:

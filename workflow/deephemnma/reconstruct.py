@@ -117,21 +117,7 @@ def reconstruct_halves(
         r = rows[start : start + batch]
         imgs = torch.from_numpy(ps.images[r])
         rot = geometry.euler_to_matrix(torch.tensor(euler[r], dtype=torch.float32))
-        ctf = None
-        if ps.has_ctf:
-            c = {k: v[r] for k, v in params.items()}
-            ctf = imaging.ctf(
-                torch.tensor(c["defocus_u"]),
-                torch.tensor(c["defocus_v"]),
-                torch.tensor(c["defocus_angle"]),
-                float(c["voltage_kv"][0]),
-                float(c["cs_mm"][0]),
-                float(c["amplitude_contrast"][0]),
-                ps.pixel_size,
-                p,
-                phase_shift_deg=torch.tensor(c["phase_shift"]),
-                bfactor=float(c["bfactor"][0]),
-            )
+        ctf = imaging.particle_ctf(params, r, ps.pixel_size, p) if ps.has_ctf else None
         for h in (0, 1):
             sel = half[start : start + batch] == h
             if sel.any():
