@@ -221,7 +221,7 @@ class ParticleImages:
 
     def __getitem__(self, rows: np.ndarray | slice) -> np.ndarray:
         """Images for the given rows as a float32 (B, D, D) array."""
-        rows = np.arange(len(self))[rows]
+        rows = np.arange(*rows.indices(len(self))) if isinstance(rows, slice) else np.asarray(rows)
         out = np.empty((len(rows), self.box, self.box), dtype=np.float32)
         for name, arr in self._stacks.items():
             sel = np.nonzero(self.stack_of[rows] == name)[0]
