@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -13,9 +15,25 @@ import numpy as np
 import pandas as pd
 import starfile
 
+log = logging.getLogger(__name__)
+
 
 class InputError(Exception):
     """A problem with a user-supplied file or value; the message names the file and the problem."""
+
+
+def temp_beside(path: Path) -> Path:
+    """A new hidden temporary file `.{name}.*{suffix}` beside `path`.
+
+    Temporary files of `path` left by a killed writer are removed first (they can be large).
+    """
+    pattern = f"{glob.escape(f'.{path.name}.')}*{glob.escape(path.suffix)}"
+    for stale in path.parent.glob(pattern):
+        log.info("removing %s, left by an interrupted write of %s", stale, path.name)
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
 
 
 @contextlib.contextmanager
@@ -23,9 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = temp_beside(path)
     try:
         yield tmp
         os.chmod(tmp, 0o644)
@@ -378,11 +394,9 @@ class StackWriter:
         i = self.written // self.per
         count = min(self.per, self.n - self.written)
         self._final = self.stack_paths()[i]
-        fd, tmp = tempfile.mkstemp(prefix=f".{self._final.name}.", suffix=".mrcs", dir=self.folder)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._tmp = temp_beside(self._final)
         self._mrc = mrcfile.new_mmap(
-            tmp, shape=(count, self.box, self.box), mrc_mode=2, overwrite=True
+            self._tmp, shape=(count, self.box, self.box), mrc_mode=2, overwrite=True
         )
         self._mrc.set_image_stack()
         self._mrc.voxel_size = self.px
