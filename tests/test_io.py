@@ -3,8 +3,9 @@
 import logging
 
 import numpy as np
+import pytest
 
-from deephemnma.io import StackWriter, atomic_path
+from deephemnma.io import InputError, StackWriter, atomic_path, open_stack, read_mrc, write_mrc
 
 
 def test_atomic_path_removes_temp_files_of_a_killed_write(tmp_path, caplog):
@@ -28,3 +29,16 @@ def test_stack_writer_removes_temp_stacks_of_a_killed_write(tmp_path):
     writer = StackWriter(tmp_path, 2, 8, 1.0, per_stack=2)
     writer.write(np.zeros((2, 8, 8), np.float32))
     assert [p.name for p in tmp_path.iterdir()] == ["stack_0000.mrcs"]
+
+
+def test_mrc_mode_that_does_not_match_the_file_size_is_an_error(tmp_path):
+    path = tmp_path / "map.mrc"
+    write_mrc(path, np.ones((4, 4, 4)), 1.0)
+    raw = bytearray(path.read_bytes())
+    raw[12:16] = np.int32(1).tobytes()  # mode 1 (int16) for float32 data
+    path.write_bytes(bytes(raw))
+    for read in (read_mrc, open_stack):
+        with pytest.raises(
+            InputError, match=r"map\.mrc: not a valid MRC file .*larger than expected"
+        ):
+            read(path)

@@ -1,4 +1,5 @@
 import os
+import re
 
 import mrcfile
 import numpy as np
@@ -254,6 +255,29 @@ def test_import_errors(tmp_path, monkeypatch):
         )
     assert not (tmp_path / "o.star").exists()
     assert not list((tmp_path / "o").glob("*.mrcs")) if (tmp_path / "o").exists() else True
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("mode", r"a\.mrcs: not a valid MRC file \(MRC file is \d+ bytes larger than expected"),
+    ],
+)
+def test_import_bad_input_is_a_one_line_error(tmp_path, monkeypatch, capsys, case, message):
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    write_mrc(tmp_path / "a.mrcs", rng.normal(size=(3, 16, 24 if case == "square" else 16)), 5.0)
+    if case == "mode":  # the header says int16 (mode 1) but the file holds float32 data
+        raw = bytearray((tmp_path / "a.mrcs").read_bytes())
+        raw[12:16] = np.int32(1).tobytes()
+        (tmp_path / "a.mrcs").write_bytes(bytes(raw))
+    extra = {"rlnDefocusU": ["5000", "abc"]} if case == "numeric" else None
+    relion30_star(tmp_path / "in.star", ["1@a.mrcs", "2@a.mrcs"], extra)
+    rc = cli(["import", "--star", "in.star", "--out-star", "o.star", "--out-stacks", "o"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert re.search(message, err[0]), err[0]
+    assert not (tmp_path / "o.star").exists()
 
 
 def test_import_datadir(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import glob
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,14 +105,24 @@ def write_mrc(path: str | os.PathLike, data: np.ndarray, pixel_size: float) -> N
                 mrc.set_image_stack()
 
 
+def open_mrc(path: Path, opener=mrcfile.open):
+    """Open an MRC file read-only with `opener` (mrcfile.open or mrcfile.mmap).
+
+    Raises InputError naming the file on any mrcfile error or warning: a header whose mode and
+    size do not match the file's is only a warning to mrcfile (and its data would be misread).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return opener(path, mode="r", permissive=False)
+    except Exception as exc:  # ValueError/OSError for corrupt headers, RuntimeWarning for sizes
+        raise InputError(f"{path}: not a valid MRC file ({exc})") from exc
+
+
 def open_stack(path: str | os.PathLike) -> np.ndarray:
     """Memory-map an MRC/MRCS stack read-only as a (N, Y, X) array; InputError if unreadable."""
     path = require_file(path, "MRC stack")
-    try:
-        mrc = mrcfile.mmap(path, mode="r", permissive=False)
-    except Exception as exc:  # mrcfile raises ValueError/OSError for corrupt headers
-        raise InputError(f"{path}: not a valid MRC file ({exc})") from exc
-    data = mrc.data
+    data = open_mrc(path, mrcfile.mmap).data
     if data is None:
         raise InputError(f"{path}: MRC file has no data (truncated?)")
     return data[None] if data.ndim == 2 else data
@@ -120,13 +131,8 @@ def open_stack(path: str | os.PathLike) -> np.ndarray:
 def read_mrc(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     """Read a whole MRC (map or image) into memory; return (data, voxel size in Å)."""
     path = require_file(path, "MRC file")
-    try:
-        with mrcfile.open(path, mode="r", permissive=False) as mrc:
-            return np.array(mrc.data, dtype=np.float32), float(mrc.voxel_size.x)
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"{path}: not a valid MRC file ({exc})") from exc
+    with open_mrc(path) as mrc:
+        return np.array(mrc.data, dtype=np.float32), float(mrc.voxel_size.x)
 
 
 # ----------------------------------------------------------------------------- STAR
