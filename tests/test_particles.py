@@ -261,6 +261,7 @@ def test_import_errors(tmp_path, monkeypatch):
     ("case", "message"),
     [
         ("mode", r"a\.mrcs: not a valid MRC file \(MRC file is \d+ bytes larger than expected"),
+        ("square", r"a\.mrcs: images are 24x16 pixels; square images are required"),
     ],
 )
 def test_import_bad_input_is_a_one_line_error(tmp_path, monkeypatch, capsys, case, message):

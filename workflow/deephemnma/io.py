@@ -213,6 +213,11 @@ class ParticleImages:
         for name in pd.unique(stacks):
             resolved = self._resolve(name, roots)
             arr = open_stack(resolved)
+            if arr.shape[1] != arr.shape[2]:
+                raise InputError(
+                    f"{resolved}: images are {arr.shape[2]}x{arr.shape[1]} pixels; "
+                    "square images are required"
+                )
             self._stacks[name] = arr
             sel = stacks == name
             self.stack_of[sel] = name
