@@ -262,6 +262,7 @@ def test_import_errors(tmp_path, monkeypatch):
     [
         ("mode", r"a\.mrcs: not a valid MRC file \(MRC file is \d+ bytes larger than expected"),
         ("square", r"a\.mrcs: images are 24x16 pixels; square images are required"),
+        ("numeric", r"in\.star: particle 2@a\.mrcs has _rlnDefocusU 'abc', not a finite number"),
     ],
 )
 def test_import_bad_input_is_a_one_line_error(tmp_path, monkeypatch, capsys, case, message):

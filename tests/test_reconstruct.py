@@ -1,6 +1,8 @@
 import os
+import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from deephemnma import geometry, imaging
 from deephemnma import reconstruct as rec
 from deephemnma.cli import main as cli
 from deephemnma.fsc import fsc_curve, resolution
-from deephemnma.io import ParticleSet, load_model
+from deephemnma.io import ParticleSet, load_model, optics_table, write_mrc, write_star
 
 
 def test_noise_free_reconstruction_matches_true_map(adk_model_files):
@@ -170,3 +172,47 @@ def test_reconstruct_and_fsc_cli(adk_model_files, tmp_path, monkeypatch):
     # noise-free (CTF only) with true poses: the map matches the model well beyond 15 Å
     assert out["model_0.5"] < 15.0
     assert os.path.getsize("fsc.png") > 1000
+
+
+def group_star(d, defocus_u=(5000.0, 5000.0, 5000.0), nan_image=None):
+    """A three-particle group STAR in our format with a 16-px stack (NaN pixels in `nan_image`)."""
+    imgs = np.random.default_rng(0).normal(size=(3, 16, 16))
+    if nan_image is not None:
+        imgs[nan_image, 5, 5] = np.nan
+    write_mrc(d / "s.mrcs", imgs, 4.0)
+    parts = pd.DataFrame(
+        {
+            "rlnImageName": [f"{i:06d}@s.mrcs" for i in (1, 2, 3)],
+            "rlnOpticsGroup": 1,
+            "rlnAngleRot": [0.0, 30.0, 60.0],
+            "rlnAngleTilt": 90.0,
+            "rlnAnglePsi": 0.0,
+            "rlnOriginXAngst": 0.0,
+            "rlnOriginYAngst": 0.0,
+            "rlnDefocusU": list(defocus_u),
+            "rlnDefocusV": 5000.0,
+            "rlnDefocusAngle": 0.0,
+            "rlnPhaseShift": 0.0,
+        }
+    )
+    write_star(d / "g.star", optics_table(4.0, 16, 300.0, 2.7, 0.1), parts)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (
+            {"defocus_u": ("5000", "abc", "5000")},
+            r"g\.star: particle 000002@s\.mrcs has _rlnDefocusU 'abc', not a finite number",
+        ),
+    ],
+)
+def test_reconstruct_bad_group_is_a_one_line_error(tmp_path, monkeypatch, capsys, bad, message):
+    monkeypatch.chdir(tmp_path)
+    group_star(tmp_path, **bad)
+    outs = ["--out-half1", "h1.mrc", "--out-half2", "h2.mrc", "--out-map", "map.mrc"]
+    assert cli(["reconstruct", "--particles", "g.star", *outs]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("deephemnma reconstruct: error: ")
+    assert re.search(message, err), err
+    assert not list(tmp_path.glob("*.mrc"))

@@ -147,6 +147,58 @@ OPTICS_COLUMNS = [
 ]
 
 
+# RELION columns that hold numbers (those we read or carry) and our dh* columns that do not
+NUMERIC_COLUMNS = {
+    *OPTICS_COLUMNS,
+    "rlnImageDimensionality",
+    "rlnDetectorPixelSize",
+    "rlnMagnification",
+    "rlnDefocusU",
+    "rlnDefocusV",
+    "rlnDefocusAngle",
+    "rlnPhaseShift",
+    "rlnCtfBfactor",
+    "rlnCtfScalefactor",
+    "rlnAngleRot",
+    "rlnAngleTilt",
+    "rlnAnglePsi",
+    "rlnOriginX",
+    "rlnOriginY",
+    "rlnOriginXAngst",
+    "rlnOriginYAngst",
+    "rlnAngleRotPrior",
+    "rlnAngleTiltPrior",
+    "rlnAnglePsiPrior",
+    "rlnOriginXPriorAngst",
+    "rlnOriginYPriorAngst",
+    "rlnCoordinateX",
+    "rlnCoordinateY",
+    "rlnRandomSubset",
+}
+TEXT_DH_COLUMNS = {"dhSource", "dhSourceImageName"}
+
+
+def check_numeric(path: Path, table: pd.DataFrame, what: str) -> pd.DataFrame:
+    """`table` with its numeric columns (NUMERIC_COLUMNS, dh*) as numbers.
+
+    Raises InputError naming the row (its rlnImageName, else `what` and row number) and column
+    of the first value that is not a finite number.
+    """
+    for col in table.columns:
+        if col not in NUMERIC_COLUMNS and not (col.startswith("dh") and col not in TEXT_DH_COLUMNS):
+            continue
+        values = pd.to_numeric(table[col], errors="coerce")
+        bad = ~np.isfinite(values.to_numpy(np.float64))
+        if bad.any():
+            i = int(np.argmax(bad))
+            row = table["rlnImageName"].iloc[i] if "rlnImageName" in table else f"row {i + 1}"
+            raise InputError(
+                f"{path}: {what} {row} has _{col} '{table[col].iloc[i]}', not a finite number"
+            )
+        table[col] = values
+    return table
+
+
 def amplitude_column(mode: int) -> str:
     """STAR column holding the amplitude of normal mode `mode` (e.g. 7)."""
     return f"dhAmplitudeMode{mode}"
@@ -162,7 +214,8 @@ def read_star(
 ) -> dict[str, pd.DataFrame]:
     """Read a RELION STAR into {'optics': df, 'particles': df} (RELION 3.0 files get no optics).
 
-    Raises InputError if the file cannot be parsed or `required` particle columns are missing.
+    Raises InputError if the file cannot be parsed, `required` particle columns are missing or a
+    numeric column holds something else than finite numbers (check_numeric).
     """
     path = require_file(path, "STAR file")
     try:
@@ -182,7 +235,9 @@ def read_star(
     missing = [c for c in required or [] if c not in particles.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join('_' + c for c in missing)}")
-    return {"optics": optics, "particles": particles}
+    if isinstance(optics, pd.DataFrame):
+        optics = check_numeric(path, optics, "optics")
+    return {"optics": optics, "particles": check_numeric(path, particles, "particle")}
 
 
 def write_star(path: str | os.PathLike, optics: pd.DataFrame, particles: pd.DataFrame) -> None:
