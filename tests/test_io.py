@@ -3,9 +3,20 @@
 import logging
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 
-from deephemnma.io import InputError, StackWriter, atomic_path, open_stack, read_mrc, write_mrc
+from deephemnma.cli import one_line
+from deephemnma.io import (
+    InputError,
+    ParticleImages,
+    StackWriter,
+    atomic_path,
+    open_stack,
+    read_mrc,
+    write_mrc,
+)
 
 
 def test_atomic_path_removes_temp_files_of_a_killed_write(tmp_path, caplog):
@@ -42,3 +53,19 @@ def test_mrc_mode_that_does_not_match_the_file_size_is_an_error(tmp_path):
             InputError, match=r"map\.mrc: not a valid MRC file .*larger than expected"
         ):
             read(path)
+
+
+def test_particle_images_with_nan_pixels_are_an_error_naming_the_image(tmp_path):
+    imgs = np.zeros((4, 8, 8))
+    imgs[2, 1, 1] = np.inf
+    write_mrc(tmp_path / "s.mrcs", imgs, 1.0)
+    images = ParticleImages(pd.Series([f"{i}@s.mrcs" for i in (4, 3, 2, 1)]), [tmp_path])
+    assert images[[0, 3]].shape == (2, 8, 8)
+    with pytest.raises(InputError, match=r"^image 3@s\.mrcs contains NaN or Inf pixels$"):
+        images[0:4]
+    # read in a DataLoader worker (train, infer), the CLI still reports it in one line
+    batches = [[0, 1], [2, 3]]
+    loader = torch.utils.data.DataLoader(images, batch_size=None, sampler=batches, num_workers=1)
+    with pytest.raises(InputError) as err:
+        list(loader)
+    assert one_line(err.value) == "image 3@s.mrcs contains NaN or Inf pixels"

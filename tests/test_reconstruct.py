@@ -205,6 +205,7 @@ def group_star(d, defocus_u=(5000.0, 5000.0, 5000.0), nan_image=None):
             {"defocus_u": ("5000", "abc", "5000")},
             r"g\.star: particle 000002@s\.mrcs has _rlnDefocusU 'abc', not a finite number",
         ),
+        ({"nan_image": 2}, r"image 000003@s\.mrcs contains NaN or Inf pixels"),
     ],
 )
 def test_reconstruct_bad_group_is_a_one_line_error(tmp_path, monkeypatch, capsys, bad, message):

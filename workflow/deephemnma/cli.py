@@ -44,6 +44,15 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: InputError) -> str:
+    """The message of `exc`; for one re-raised by a DataLoader worker (with the worker's
+    traceback), the original message from the traceback's last line."""
+    text = str(exc).strip()
+    if text.startswith("Caught InputError in DataLoader worker"):
+        return text.splitlines()[-1].removeprefix(f"{InputError.__module__}.InputError: ")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verb = next((a for a in argv if a in VERBS), None)
@@ -66,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.module.main(args)
     except InputError as exc:
-        print(f"deephemnma {args.verb}: error: {exc}", file=sys.stderr)
+        print(f"deephemnma {args.verb}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -262,6 +262,7 @@ class ParticleImages:
     """
 
     def __init__(self, names: pd.Series, roots: list[Path]):
+        self.names = names
         self.index, stacks = split_image_name(names)
         self._stacks: dict[str, np.ndarray] = {}
         self.stack_of = np.empty(len(stacks), dtype=object)
@@ -302,7 +303,7 @@ class ParticleImages:
         return len(self.index)
 
     def __getitem__(self, rows: np.ndarray | slice) -> np.ndarray:
-        """Images for the given rows as a float32 (B, D, D) array."""
+        """Images for the given rows as a float32 (B, D, D) array; InputError on NaN/Inf pixels."""
         rows = np.arange(*rows.indices(len(self))) if isinstance(rows, slice) else np.asarray(rows)
         out = np.empty((len(rows), self.box, self.box), dtype=np.float32)
         for name, arr in self._stacks.items():
@@ -311,6 +312,10 @@ class ParticleImages:
                 idx = self.index[rows[sel]]
                 order = np.argsort(idx)
                 out[sel[order]] = arr[idx[order]]
+        finite = np.isfinite(out).all(axis=(1, 2))
+        if not finite.all():
+            name = self.names.iloc[rows[int(np.argmin(finite))]]
+            raise InputError(f"image {name} contains NaN or Inf pixels")
         return out
 
 

@@ -115,11 +115,7 @@ def import_particles(
     try:
         for start in tqdm(range(0, len(parts), batch), desc="import", unit="batch", mininterval=5):
             rows = np.arange(start, min(start + batch, len(parts)))
-            imgs = torch.from_numpy(images[rows].astype(np.float32))
-            finite = torch.isfinite(imgs).flatten(1).all(1)
-            if not finite.all():
-                name = parts["rlnImageName"].iloc[int(rows[int(torch.argmin(finite.int()))])]
-                raise InputError(f"{star}: image {name} contains NaN or Inf pixels")
+            imgs = torch.from_numpy(images[rows])
             imgs = imaging.fourier_crop(imgs, box_out)
             if normalize:
                 imgs = normalise(imgs, 0.9 * box_out / 2)
