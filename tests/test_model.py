@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import numpy as np
+import prody
 import pytest
 
 from deephemnma import model as m
@@ -45,6 +46,78 @@ def test_ca_extension_gives_unit_modes(adk_atoms):
     _, _, modes = nma.compute_modes(adk_atoms, 3, 15.0, 1.0, coarse_above=100)
     np.testing.assert_allclose(np.linalg.norm(modes.reshape(3, -1), axis=1), 1.0, atol=1e-12)
     assert modes.shape == (3, adk_atoms.numAtoms(), 3)
+
+
+def atom_group(coords, names, resnames, resnums, chain=""):
+    ag = prody.AtomGroup("test")
+    ag.setCoords(np.asarray(coords, dtype=float))
+    ag.setNames(names)
+    ag.setResnames(resnames)
+    ag.setResnums(resnums)
+    ag.setChids([chain] * len(names))
+    return ag
+
+
+def with_atom(atoms, xyz):
+    """`atoms` plus one CA (residue ALA 999) at `xyz`."""
+    return atom_group(
+        np.vstack([atoms.getCoords(), xyz]),
+        [*atoms.getNames(), "CA"],
+        [*atoms.getResnames(), "ALA"],
+        [*atoms.getResnums(), 999],
+    )
+
+
+def test_disconnected_network_is_an_error(adk_atoms):
+    ca = adk_atoms.select("name CA").copy()
+    far = with_atom(ca, ca.getCoords().max(0) + 100)
+    with pytest.raises(
+        InputError, match=r"at cutoff 15 Å falls into 2 parts: 1 atom\(s\) .*\(CA ALA 999\)"
+    ):
+        nma.compute_modes(far, 3, 15.0, 1.0, 5000)
+    # a large model solved on its CA atoms: the residue far from the rest
+    moved = adk_atoms.copy()
+    xyz = moved.getCoords()
+    xyz[moved.getResnums() == 214] += 100
+    moved.setCoords(xyz)
+    with pytest.raises(InputError, match=r"falls into 2 parts: 1 atom\(s\) .*\(CA GLY 214\)"):
+        nma.compute_modes(moved, 3, 15.0, 1.0, coarse_above=100)
+    waters = atom_group(
+        np.arange(4)[:, None] * [30.0, 0, 0], ["O"] * 4, ["HOH"] * 4, [1, 2, 3, 4], "W"
+    )
+    with pytest.raises(
+        InputError, match=r"4 parts: 3 atom\(s\) .*\(O HOH W2, O HOH W3, O HOH W4\)"
+    ):
+        nma.compute_modes(waters, 3, 15.0, 1.0, 5000)
+
+
+def test_floppy_network_is_an_error(adk_atoms):
+    """An atom held by one or two springs is connected but adds zero modes."""
+    ca = adk_atoms.select("name CA").copy()
+    xyz = ca.getCoords()
+    for i in np.argsort(-np.linalg.norm(xyz, axis=1)):
+        tip = xyz[i] * (1 + 14.5 / np.linalg.norm(xyz[i]))
+        if np.sum(np.linalg.norm(xyz - tip, axis=1) < 15.0) in (1, 2):
+            break
+    else:
+        pytest.fail("no outermost atom with one or two neighbours")
+    with pytest.raises(InputError, match=r"mode 7 has a zero eigenvalue .*floppy parts"):
+        nma.compute_modes(with_atom(ca, tip), 3, 15.0, 1.0, 5000)
+
+
+def test_nma_cli_on_a_disconnected_model_fails_in_one_line(adk_atoms, tmp_path, capsys):
+    ca = adk_atoms.select("name CA").copy()
+    prody.writePDB(str(tmp_path / "far.pdb"), with_atom(ca, ca.getCoords().max(0) + 100))
+    model = m.prepare_model(tmp_path / "far.pdb", "ca", None, None, 500)
+    m.save_model(model, tmp_path / "m.npz", tmp_path / "m.pdb")
+    args = ["nma", "--model", tmp_path / "m.npz", "--pdb", tmp_path / "m.pdb"]
+    for opt in ("npz", "nmd", "table", "anim-dir"):
+        args += [f"--out-{opt}", tmp_path / "out" / opt]
+    rc = cli_main([str(a) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert f"{tmp_path / 'm.pdb'}: the elastic network at cutoff 15 Å falls into 2 parts" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_open_to_closed_overlap(adk_atoms, adk_modes):

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import prody
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 
 from .io import InputError, atomic_path, load_model, require_file
 from .model import read_structure, write_pdb
@@ -26,15 +29,49 @@ def atoms_from_pdb(pdb: str | Path) -> prody.AtomGroup:
     return read_structure(pdb)
 
 
+def atom_label(atom: prody.Atom) -> str:
+    """'CA LYS A214': atom name, residue name, chain and residue number."""
+    return f"{atom.getName()} {atom.getResname()} {atom.getChid().strip()}{atom.getResnum()}"
+
+
+def check_connected(atoms: prody.AtomGroup, cutoff: float) -> None:
+    """InputError naming the atoms outside the largest connected part of the elastic network.
+
+    Springs join atoms closer than `cutoff`; each further part would add six zero modes.
+    """
+    coords = atoms.getCoords()
+    pairs = cKDTree(coords).query_pairs(cutoff, output_type="ndarray")
+    graph = coo_array((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(coords),) * 2)
+    n_parts, labels = connected_components(graph, directed=False)
+    if n_parts > 1:
+        loose = np.nonzero(labels != np.bincount(labels).argmax())[0]
+        names = ", ".join(atom_label(atoms[int(i)]) for i in loose[:5])
+        raise InputError(
+            f"the elastic network at cutoff {cutoff:g} Å falls into {n_parts} parts: "
+            f"{len(loose)} atom(s) are not connected to the largest ({names}"
+            f"{', ...' if len(loose) > 5 else ''}); remove them or raise the cutoff"
+        )
+
+
 def anm_modes(
     coords: np.ndarray, n_modes: int, cutoff: float, gamma: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """ANM of `coords` (N, 3): eigenvalues (6 + n_modes,) and unit vectors (6 + n_modes, N, 3)."""
+    """ANM of `coords` (N, 3): eigenvalues (6 + n_modes,) and unit vectors (6 + n_modes, N, 3).
+
+    Raises InputError if a mode beyond the six rigid-body ones has a zero eigenvalue (a network
+    with floppy parts, e.g. atoms held by only one or two springs).
+    """
     anm = prody.ANM("model")
     anm.buildHessian(coords, cutoff=cutoff, gamma=gamma)
     anm.calcModes(n_modes=n_modes + 6, zeros=True, turbo=True)
-    vecs = anm.getEigvecs().T.reshape(-1, len(coords), 3)
-    return anm.getEigvals().copy(), vecs
+    evals = anm.getEigvals().copy()
+    zero = np.nonzero(evals[6:] < prody.utilities.ZERO * gamma)[0]
+    if len(zero):
+        raise InputError(
+            f"mode {7 + zero[0]} has a zero eigenvalue ({evals[6 + zero[0]]:.2g}): the elastic "
+            f"network at cutoff {cutoff:g} Å has floppy parts; raise the cutoff"
+        )
+    return evals, anm.getEigvecs().T.reshape(-1, len(coords), 3)
 
 
 def compute_modes(
@@ -44,18 +81,21 @@ def compute_modes(
 
     Returns (eigenvalues_all (6+K,), eigenvalues (K,), modes (K, N, 3)). Models with more than
     `coarse_above` atoms are solved on their CA atoms and extended to all atoms (ProDy extendModel).
+    InputError if the elastic network is disconnected or floppy.
     """
     coords = atoms.getCoords()
     if len(coords) < 3:
         raise InputError(f"model has {len(coords)} atoms: too few for normal modes")
     ca = atoms.select("name CA")
     if len(coords) > coarse_above and ca is not None and ca.numAtoms() >= 3:
+        check_connected(ca, cutoff)
         evals, vecs = anm_modes(ca.getCoords(), n_modes, cutoff, gamma)
         anm = prody.ANM("ca")
         anm.setEigens(vecs[6:].reshape(n_modes, -1).T, evals[6:])
         ext, _ = prody.extendModel(anm, ca, atoms, norm=True)
         modes = ext.getArray().T.reshape(n_modes, len(coords), 3)
     else:
+        check_connected(atoms, cutoff)
         evals, vecs = anm_modes(coords, n_modes, cutoff, gamma)
         modes = vecs[6:]
     modes = modes / np.linalg.norm(modes.reshape(n_modes, -1), axis=1)[:, None, None]
@@ -136,9 +176,12 @@ def main(args: argparse.Namespace) -> None:
             f"{args.pdb}: {atoms.numAtoms()} atoms but {args.model} has {len(model['coords'])}"
         )
     atoms.setCoords(model["coords"])
-    evals_all, evals, modes = compute_modes(
-        atoms, args.n_modes, args.cutoff, args.gamma, args.coarse_above
-    )
+    try:
+        evals_all, evals, modes = compute_modes(
+            atoms, args.n_modes, args.cutoff, args.gamma, args.coarse_above
+        )
+    except InputError as exc:
+        raise InputError(f"{args.pdb}: {exc}") from exc
     numbers = np.arange(7, 7 + args.n_modes)
     table = pd.DataFrame(
         {"mode": numbers, "eigenvalue": evals, "collectivity": collectivity(modes)}
