@@ -3,6 +3,8 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
+from deephemnma.config import check_sizes
+
 
 def check_config_files():
     """Fail at load time, naming the config key, when a configured input file is missing."""
@@ -16,6 +18,7 @@ def check_config_files():
 
 
 check_config_files()
+check_sizes(config)  # subset, shards, n_val and n_test against the particle count
 
 RES = config["results"]
 

@@ -2,10 +2,12 @@ import re
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
+import starfile
 import yaml
 
-from deephemnma.config import ConfigError, check_config
+from deephemnma.config import ConfigError, check_config, check_sizes
 
 from .conftest import REPO
 
@@ -37,6 +39,63 @@ def test_invalid_config_names_key(patch, key, problem):
         check_config(cfg, SCHEMA)
 
 
+def filled_config(**changes):
+    """The default config with dotted keys changed and the schema's defaults filled in."""
+    from snakemake.utils import validate
+
+    cfg = default_config()
+    for key, value in changes.items():
+        *path, last = key.split(".")
+        node = cfg
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    validate(cfg, str(SCHEMA))
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"hemnma.subset": 1},
+            "keys 'hemnma.subset', 'hemnma.shards': 2 shards for 1 images (some would be empty)",
+        ),
+        (
+            {"hemnma.subset": None, "hemnma.shards": 4, "particles.simulate.n_images": 3},
+            "key 'hemnma.shards': 4 shards for 3 images",
+        ),
+        (
+            {"hemnma.subset": 1500},
+            "key 'hemnma.subset': 1500 is more than the 1200 particles "
+            "('particles.simulate.n_images')",
+        ),
+        (
+            {"network.n_val": 250, "network.n_test": 50},
+            "keys 'network.n_val', 'network.n_test': cannot split 300 labelled images into "
+            "250 validation, 50 test",
+        ),
+    ],
+)
+def test_sizes_that_cannot_work_name_the_keys(changes, message):
+    with pytest.raises(ConfigError, match=f"^invalid config: {re.escape(message)}"):
+        check_sizes(filled_config(**changes))
+
+
+def test_sizes_checked_against_what_is_labelled_and_imported(tmp_path):
+    check_sizes(filled_config())
+    # truth labels: all 1200 simulated images, not the HEMNMA subset of 300
+    check_sizes(filled_config(**{"network.label_source": "truth", "network.n_val": 250}))
+    star = tmp_path / "in.star"
+    starfile.write(pd.DataFrame({"rlnImageName": ["1@a.mrcs", "2@a.mrcs", "3@a.mrcs"]}), star)
+    imported = {"particles.source": "import", "particles.import.star": str(star)}
+    with pytest.raises(
+        ConfigError, match=r"300 is more than the 3 particles \('particles.import.star'\)"
+    ):
+        check_sizes(filled_config(**imported))
+    check_sizes(filled_config(**imported, **{"hemnma.subset": None, "network.n_val": 1}))
+
+
 def snakemake(*args, cwd=REPO):
     exe = [sys.executable, "-m", "snakemake"]
     return subprocess.run([*exe, *args], cwd=cwd, capture_output=True, text=True)
@@ -49,3 +108,10 @@ def test_snakemake_reports_bad_config_and_missing_file():
     r = snakemake("-n", "--config", "structure=nowhere.pdb")
     assert r.returncode != 0
     assert "config key 'structure': file 'nowhere.pdb' does not exist" in r.stdout + r.stderr
+
+
+def test_snakemake_reports_sizes_when_it_loads(tmp_path):
+    (tmp_path / "subset.yaml").write_text("hemnma:\n  subset: 1\n")
+    r = snakemake("-n", "--configfile", str(tmp_path / "subset.yaml"))
+    assert r.returncode != 0
+    assert "invalid config: keys 'hemnma.subset', 'hemnma.shards': 2 shards for 1" in r.stdout

@@ -4,13 +4,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import starfile
 import torch
 
 from deephemnma import geometry, hemnma
 from deephemnma.cli import main as cli
-from deephemnma.io import ParticleSet, load_model, load_modes
+from deephemnma.io import InputError, ParticleSet, load_model, load_modes
 from deephemnma.shard import shard_rows
 
 
@@ -119,6 +120,22 @@ def test_shard_rows():
     assert [len(s) for s in shards] == [8, 8, 7, 7]
     np.testing.assert_array_equal(rows, np.concatenate(shard_rows(100, 30, 4, seed=1)))
     assert len(np.concatenate(shard_rows(10, None, 3, 0))) == 10
+    with pytest.raises(InputError, match="a subset of 11 is more than the 10 particles"):
+        shard_rows(10, 11, 2, 0)
+    with pytest.raises(InputError, match="1 particles for 2 shards"):
+        shard_rows(10, 1, 2, 0)
+
+
+def test_shard_cli_refuses_empty_shards(tmp_path, capsys):
+    star = tmp_path / "p.star"
+    starfile.write({"particles": pd.DataFrame({"rlnImageName": ["1@s.mrcs", "2@s.mrcs"]})}, star)
+    outs = [str(tmp_path / f"shard_{i}.star") for i in range(3)]
+    assert cli(["shard", "--particles", str(star), "--out", *outs]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"deephemnma shard: error: {star}: 2 particles for 3 shards (some would be empty)"
+    ]
+    assert not any(os.path.exists(o) for o in outs)
 
 
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec (pip mpich) not on PATH")

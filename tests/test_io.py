@@ -5,6 +5,7 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+import starfile
 import torch
 
 from deephemnma.cli import one_line
@@ -13,9 +14,13 @@ from deephemnma.io import (
     ParticleImages,
     StackWriter,
     atomic_path,
+    count_star_rows,
     open_stack,
+    optics_table,
     read_mrc,
+    read_star,
     write_mrc,
+    write_star,
 )
 
 
@@ -69,3 +74,11 @@ def test_particle_images_with_nan_pixels_are_an_error_naming_the_image(tmp_path)
     with pytest.raises(InputError) as err:
         list(loader)
     assert one_line(err.value) == "image 3@s.mrcs contains NaN or Inf pixels"
+
+
+def test_count_star_rows_matches_the_parsed_particle_table(tmp_path):
+    parts = pd.DataFrame({"rlnImageName": [f"{i}@s.mrcs" for i in range(1, 6)], "rlnDefocusU": 1.0})
+    write_star(tmp_path / "31.star", optics_table(1.0, 8, 300.0, 2.7, 0.1), parts)
+    starfile.write(parts, tmp_path / "30.star")
+    for name in ("31.star", "30.star"):
+        assert count_star_rows(tmp_path / name) == len(read_star(tmp_path / name)["particles"]) == 5

@@ -7,6 +7,9 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from .io import InputError, count_star_rows
+from .split import split_sizes
+
 
 class ConfigError(ValueError):
     """An invalid workflow configuration; the message names the key."""
@@ -20,3 +23,41 @@ def check_config(config: dict, schema_path: str | Path) -> None:
     if error is not None:
         key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
         raise ConfigError(f"invalid config: key '{key}': {error.message}")
+
+
+def particle_count(config: dict) -> tuple[int, str] | None:
+    """(number of particles, config key it comes from) if known before anything runs:
+    particles.simulate.n_images, or the rows of the particles.import.star file."""
+    particles = config["particles"]
+    if particles["source"] == "simulate":
+        return particles["simulate"]["n_images"], "particles.simulate.n_images"
+    star = particles["import"]["star"]
+    n = count_star_rows(star) if star is not None and Path(star).is_file() else None
+    return None if n is None else (n, "particles.import.star")
+
+
+def check_sizes(config: dict) -> None:
+    """Raise ConfigError (one line naming the keys) for a HEMNMA subset or shard count, or
+    validation and test sizes, that do not fit the particles (schema defaults filled in)."""
+    hemnma, network = config["hemnma"], config["network"]
+    subset, shards = hemnma["subset"], hemnma["shards"]
+    n, source = particle_count(config) or (None, None)
+    if subset is not None and n is not None and subset > n:
+        raise ConfigError(
+            f"invalid config: key 'hemnma.subset': {subset} is more than the {n} particles "
+            f"('{source}')"
+        )
+    aligned = subset if subset is not None else n
+    if aligned is not None and aligned < shards:
+        keys = "keys 'hemnma.subset', 'hemnma.shards'" if subset else "key 'hemnma.shards'"
+        raise ConfigError(
+            f"invalid config: {keys}: {shards} shards for {aligned} images (some would be empty)"
+        )
+    labelled = aligned if network["label_source"] == "hemnma" else n
+    if labelled is not None:
+        try:
+            split_sizes(labelled, network["n_val"], network["n_test"])
+        except InputError as exc:
+            raise ConfigError(
+                f"invalid config: keys 'network.n_val', 'network.n_test': {exc}"
+            ) from None

@@ -240,6 +240,24 @@ def read_star(
     return {"optics": optics, "particles": check_numeric(path, particles, "particle")}
 
 
+def count_star_rows(path: str | os.PathLike) -> int | None:
+    """Rows of a STAR's particle table (data_particles, or the only block), counted line by line
+    without parsing the values; None if there is no such table."""
+    rows: dict[str, int] = {}
+    block = None
+    with open(path) as fh:
+        for line in fh:
+            word = line.lstrip()[:5]
+            if word.startswith("data_"):
+                block = line.strip()
+                rows[block] = 0
+            elif block and word and word[0] not in "#_" and word != "loop_":
+                rows[block] += 1
+    if "data_particles" in rows:
+        return rows["data_particles"]
+    return next(iter(rows.values())) if len(rows) == 1 else None
+
+
 def write_star(path: str | os.PathLike, optics: pd.DataFrame, particles: pd.DataFrame) -> None:
     """Write a RELION 3.1 STAR (data_optics + data_particles) atomically."""
     with atomic_path(path) as tmp:

@@ -18,14 +18,21 @@ def count(n: int, value: float) -> int:
     return int(value) if value >= 1 else int(round(value * n))
 
 
-def split_sets(n: int, n_val: float, n_test: float, seed: int) -> np.ndarray:
-    """Array of 'train' / 'val' / 'test' labels for n items (a seeded permutation)."""
+def split_sizes(n: int, n_val: float, n_test: float) -> tuple[int, int]:
+    """(validation, test) sizes for n items; InputError unless one validation and one training
+    item remain."""
     nv, nt = count(n, n_val), count(n, n_test)
     if nv + nt >= n or nv < 1:
         raise InputError(
             f"cannot split {n} labelled images into {nv} validation, {nt} test and "
             "at least one training image"
         )
+    return nv, nt
+
+
+def split_sets(n: int, n_val: float, n_test: float, seed: int) -> np.ndarray:
+    """Array of 'train' / 'val' / 'test' labels for n items (a seeded permutation)."""
+    nv, nt = split_sizes(n, n_val, n_test)
     perm = np.random.default_rng(seed).permutation(n)
     sets = np.full(n, "train", dtype=object)
     sets[perm[:nt]] = "test"
