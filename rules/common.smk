@@ -28,6 +28,51 @@ def res(path):
     return f"{RES}/{path}"
 
 
+def lock_results():
+    """Lock the results folder for this run (flock, released when Snakemake exits).
+
+    Snakemake locks only its working directory: another instance elsewhere with the same
+    results folder would overwrite these results. The lock file names its holder.
+    """
+    import errno
+    import fcntl
+    import os
+    import socket
+
+    from snakemake.logging import logger
+
+    path = Path(RES) / ".deephemnma.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            logger.warning(
+                f"cannot lock {path} ({exc}): run one workflow per results folder"
+            )
+            return handle
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        raise WorkflowError(
+            f"results folder '{path.parent.resolve()}' is in use by {holder} "
+            "(another workflow instance); wait for it or set another 'results'"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} in {Path.cwd()}\n")
+    handle.flush()
+    return handle
+
+
+RESULTS_LOCK = []
+
+
+onstart:
+    # real runs only (not dry runs); jobs submitted to a cluster run with --no-hooks
+    if workflow.is_main_process:
+        RESULTS_LOCK.append(lock_results())
+
+
 def mode_numbers():
     """Mode numbers in use: 7 .. 6 + n_modes."""
     return list(range(7, 7 + config["nma"]["n_modes"]))

@@ -1,5 +1,6 @@
 """The workflow through Snakemake: DAG, a full tiny run, partial reruns, report."""
 
+import fcntl
 import re
 import shutil
 import subprocess
@@ -88,6 +89,28 @@ def test_dry_run_plans_the_whole_dag(tmp_path):
         "fsc": 2,
         "all": 1,
     }
+
+
+def test_second_instance_on_the_same_results_folder_stops(tmp_path):
+    """Another working directory, the same results folder: a run stops while the other holds it."""
+    shared, wd = tmp_path / "shared", tmp_path / "b"
+    shared.mkdir()
+    wd.mkdir()
+    write_config(wd, results=str(shared))
+    target = str(shared / "model/model.npz")
+    with open(shared / ".deephemnma.lock", "a+") as other:  # as held by a running instance
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("pid 4242 on node7 in /elsewhere\n")
+        other.flush()
+        r = snakemake(wd, target, check=False)
+        assert r.returncode != 0
+        busy = f"results folder '{shared.resolve()}' is in use by pid 4242 on node7 in /elsewhere"
+        assert busy in r.stderr
+        assert not (shared / "model").exists()
+        assert "prepare_model" in snakemake(wd, "-n", target).stdout  # dry runs take no lock
+    snakemake(wd, target)
+    assert (shared / "model/model.npz").exists()
+    assert f"in {wd}" in (shared / ".deephemnma.lock").read_text()
 
 
 def test_full_run_outputs(done):
