@@ -17,7 +17,7 @@ import torch
 from deephemnma import infer
 from deephemnma.io import ParticleSet, StackWriter, optics_table, write_star
 from deephemnma.nets import ResNet
-from deephemnma.train import preprocess
+from deephemnma.nets import preprocess
 
 
 def make_stack(d: str, n: int, box: int) -> ParticleSet:
@@ -80,7 +80,7 @@ def main() -> None:
                 t = time.perf_counter()
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     for s in range(0, a.n_images, a.batch):
-                        x = preprocess(torch.from_numpy(ps.images[slice(s, s + a.batch)]))
+                        x = preprocess(torch.from_numpy(ps.images[slice(s, s + a.batch)]), ps.box)
                         if cl:
                             x = x.contiguous(memory_format=torch.channels_last)
                         model(x)

@@ -183,23 +183,32 @@ def train_args():
         "--epochs",
         c["epochs"],
     ]
-    args += [
-        "--batch-size",
-        c["batch_size"],
-        "--lr",
-        c["lr"],
-        "--weight-decay",
-        c["weight_decay"],
-    ]
-    args += [
-        "--patience",
-        c["patience"],
-        "--workers",
-        c["workers"],
-        "--seed",
-        c["seed"],
-    ]
+    args += ["--batch-size", c["batch_size"], "--lr", c["lr"]]
+    args += ["--weight-decay", c["weight_decay"], "--patience", c["patience"]]
+    args += ["--workers", c["workers"], "--seed", c["seed"]]
+    args += [] if c["box"] is None else ["--box", c["box"]]
+    args += ["--pretrain-epochs", c["pretrain"]["epochs"]] if pretraining() else []
     return args + ([] if c["augment"] else ["--no-augment"])
+
+
+def pretraining():
+    """Whether the networks are pretrained on synthetic images."""
+    p = config["network"]["pretrain"]
+    return p["images"] > 0 and p["epochs"] > 0
+
+
+def synthetic_input():
+    """The synthetic pretraining set train reads (none without pretraining)."""
+    files = ["images.npy", "labels.npz", "meta.json"]
+    return [res(f"network/synthetic/{f}") for f in files] if pretraining() else []
+
+
+def synthesize_args():
+    """CLI arguments of `deephemnma synthesize`."""
+    c = config["network"]
+    args = ["--n-images", c["pretrain"]["images"], "--seed", c["seed"]]
+    args += ["--sigma-angstrom", sigma_angstrom()]
+    return args + ([] if c["box"] is None else ["--box", c["box"]])
 
 
 def anim_dir(wildcards, output):
@@ -244,6 +253,8 @@ def space_args():
         a["trajectory_frames"],
         "--span-std",
         a["trajectory_span_std"],
+        "--untrusted",
+        a["untrusted"],
     ]
 
 

@@ -13,11 +13,44 @@ rule split:
         "deephemnma split --labels {input.labels:q} {params.args} --out {output:q} > {log:q} 2>&1"
 
 
+rule synthesize:
+    input:
+        model=res("model/model.npz"),
+        modes=res("model/modes.npz"),
+        particles=res("particles/particles.star"),
+        stacks=res("particles/stacks"),
+        labels=label_star(),
+    output:
+        images=res("network/synthetic/images.npy"),
+        labels=res("network/synthetic/labels.npz"),
+        meta=res("network/synthetic/meta.json"),
+        figure=report(
+            res("network/synthetic.png"),
+            caption="../report/synthetic.rst",
+            category="4. Networks",
+        ),
+    log:
+        res("logs/synthesize.log"),
+    benchmark:
+        res("benchmarks/synthesize.tsv")
+    conda:
+        "../envs/deephemnma.yaml"
+    threads: 2
+    params:
+        args=quoted(synthesize_args()),
+        out_dir=output_dir,
+    shell:
+        "deephemnma synthesize --model {input.model:q} --modes {input.modes:q} "
+        "--particles {input.particles:q} --labels {input.labels:q} {params.args} "
+        "--out-dir {params.out_dir:q} --out-figure {output.figure:q} > {log:q} 2>&1"
+
+
 rule train:
     input:
         labels=label_star(),
         split=rules.split.output[0],
         stacks=res("particles/stacks"),
+        synthetic=synthetic_input(),
     output:
         model=res("network/{param}/model.pt"),
         history=res("network/{param}/history.csv"),
@@ -38,10 +71,14 @@ rule train:
         gpu=1,
     params:
         args=quoted(train_args()),
+        pretrain=quoted(
+            ["--pretrain", res("network/synthetic")] if pretraining() else []
+        ),
         out_dir=output_dir,
     shell:
         "deephemnma train --param {wildcards.param} --labels {input.labels:q} "
-        "--split {input.split:q} {params.args} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "--split {input.split:q} {params.args} {params.pretrain} "
+        "--out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule infer:
@@ -68,11 +105,38 @@ rule infer:
         "--batch {params.batch} --workers {params.workers} --out {output:q} > {log:q} 2>&1"
 
 
+rule quality:
+    input:
+        labels=label_star(),
+        split=rules.split.output[0],
+        inferred=expand(res("network/{param}/inferred.star"), param=network_params()),
+    output:
+        json=res("network/quality.json"),
+        md=report(
+            res("network/quality.md"),
+            caption="../report/quality.rst",
+            category="0. Verdicts",
+        ),
+    log:
+        res("logs/quality.log"),
+    conda:
+        "../envs/deephemnma.yaml"
+    params:
+        source=config["network"]["label_source"],
+        ratio=config["network"]["max_error_ratio"],
+    shell:
+        "deephemnma quality --labels {input.labels:q} --split {input.split:q} "
+        "--inferred {input.inferred:q} --label-source {params.source:q} "
+        "--max-ratio {params.ratio} --out-json {output.json:q} --out-md {output.md:q} "
+        "> {log:q} 2>&1"
+
+
 rule merge:
     input:
         particles=res("particles/particles.star"),
         inferred=expand(res("network/{param}/inferred.star"), param=network_params()),
         labelled=res("hemnma/hemnma.star"),
+        quality=rules.quality.output.json,
     output:
         res("network/deephemnma.star"),
     log:
@@ -81,7 +145,8 @@ rule merge:
         "../envs/deephemnma.yaml"
     shell:
         "deephemnma merge --particles {input.particles:q} --inferred {input.inferred:q} "
-        "--labelled {input.labelled:q} --out {output:q} > {log:q} 2>&1"
+        "--labelled {input.labelled:q} --quality {input.quality:q} --out {output:q} "
+        "> {log:q} 2>&1"
 
 
 rule evaluate:

@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -6,10 +7,11 @@ import pytest
 import starfile
 import torch
 
-from deephemnma import geometry, infer, simulate, train
+from deephemnma import geometry, infer, quality, simulate, synthetic, train
 from deephemnma.cli import main as cli
+from deephemnma.imaging import fourier_crop
 from deephemnma.io import ParticleSet, load_model, load_modes
-from deephemnma.nets import ResNet, n_parameters
+from deephemnma.nets import ResNet, n_parameters, preprocess
 from deephemnma.split import split_sets
 
 from .conftest import sim_config
@@ -269,7 +271,180 @@ def test_predict_matches_direct_forward(labelled, monkeypatch):
     streamed = infer.predict(net, meta, ps, torch.device("cpu"), 64, 0)
     bf16 = infer.bf16_supported(torch.device("cpu"))  # predict uses bf16 where the CPU has it
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        x = train.preprocess(torch.from_numpy(ps.images[np.arange(5)]))
+        x = preprocess(torch.from_numpy(ps.images[np.arange(5)]), meta["box"])
         direct = net(x.contiguous(memory_format=torch.channels_last)).float()
     direct = direct * meta["std"] + meta["mean"]
     np.testing.assert_allclose(streamed[:5], direct.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_sixd_output_follows_the_relion_convention():
+    """6D targets are the first two rows of RELION's matrix; outputs map back to the same Euler
+    angles, noisy outputs to proper rotations, and the matrix angle equals the quaternion one."""
+    rng = np.random.default_rng(1)
+    euler = geometry.random_euler(200, rng)
+    six = train.target_values("angles", "6d", torch.tensor(euler), None, None)
+    back = train.outputs_to_euler(six.numpy(), "6d")
+    assert geometry.euler_distance_deg(back, euler).max() < 1e-4
+    mats = geometry.euler_to_matrix(torch.tensor(euler))
+    np.testing.assert_allclose(six.reshape(-1, 2, 3).numpy(), mats[:, :2].numpy(), atol=1e-12)
+    noisy = geometry.sixd_to_matrix(six * 3 + 0.2 * torch.randn(six.shape, dtype=six.dtype))
+    eye = torch.eye(3, dtype=noisy.dtype).expand_as(noisy)
+    torch.testing.assert_close(noisy @ noisy.transpose(-1, -2), eye)
+    torch.testing.assert_close(torch.linalg.det(noisy), torch.ones(200, dtype=noisy.dtype))
+    other = geometry.random_euler(200, rng)
+    np.testing.assert_allclose(
+        geometry.matrix_distance_deg(mats.numpy(), geometry.euler_to_matrix(other)),
+        geometry.euler_distance_deg(euler, other),
+        atol=1e-5,
+    )
+
+
+def test_pretraining_images_match_particles(adk_model_files, tmp_path, monkeypatch):
+    """Synthetic images rendered with the particles' own parameters have their power spectrum
+    (CTF and noise) once the signal scale and noise are fitted; the noise level is recovered."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["simulate", "--model", str(adk_model_files / "model.npz")]
+    argv += ["--modes", str(adk_model_files / "modes.npz"), "--n-images", "400", "--box", "64"]
+    argv += ["--pixel-size", "2.2", "--snr", "0.1", "--defocus", "4000", "9000"]
+    assert cli([*argv, "--out-star", "p.star", "--out-stacks", "s"]) == 0
+    ps = ParticleSet("p.star")
+    m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
+    t = lambda a: torch.tensor(a, dtype=torch.float32)
+    box = 32
+    renderer = synthetic.FlexibleRenderer(
+        t(m["coords"]), t(md["modes"]), t(m["weights"]), md["mode_numbers"], ps, box, 1.0
+    )
+    params = ps.particles.assign(row=np.arange(len(ps)))
+    clean = renderer.render(params)
+    real = fourier_crop(torch.from_numpy(ps.images[np.arange(len(ps))]), box)
+    fit = synthetic.fit_noise(real, clean)
+    # the simulator's noise has unit variance at 64 px: sigma (32 / 64) after the crop
+    assert fit.noise_sigma == pytest.approx(0.5, rel=0.05)
+    g = torch.Generator().manual_seed(0)
+    noisy = np.sqrt(fit.signal_scale) * clean + fit.noise_sigma * torch.randn(
+        clean.shape, generator=g
+    )
+    shells = slice(1, box // 2)  # the fitted shells (the corner shell at Nyquist is sparse)
+    p_real, p_syn = synthetic.radial_power(real)[shells], synthetic.radial_power(noisy)[shells]
+    print("power ratio per shell:", np.round(p_syn / p_real, 3))
+    assert np.abs(p_syn / p_real - 1).max() < 0.08
+    # same poses and CTFs: the fitted synthetic signal correlates with each particle's
+    corr = ((real - real.mean()) * clean).sum((1, 2)) / (real.std() * clean.std() * box * box)
+    assert float(corr.mean()) > 0.1
+    # a wrong CTF (defocus doubled) no longer fits
+    ps.table["rlnDefocusU"] *= 2
+    ps.table["rlnDefocusV"] *= 2
+    wrong = synthetic.FlexibleRenderer(
+        t(m["coords"]), t(md["modes"]), t(m["weights"]), md["mode_numbers"], ps, box, 1.0
+    ).render(params)
+    fit_w = synthetic.fit_noise(real, wrong)
+    noisy_w = np.sqrt(fit_w.signal_scale) * wrong + fit_w.noise_sigma * torch.randn(
+        clean.shape, generator=g
+    )
+    assert np.abs(synthetic.radial_power(noisy_w)[shells] / p_real - 1).max() > 0.15
+
+
+def test_easy_task_learns(adk_model_files, tmp_path, monkeypatch):
+    """Noise-free images at a fixed pose: the amplitude network gets well below its baseline."""
+    monkeypatch.chdir(tmp_path)
+    m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
+    cfg = sim_config(box=32, pixel_size=4.4, ctf=False, snr=None, seed=2)
+    params = simulate.draw_parameters(600, md["mode_numbers"], cfg)
+    params[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]] = [30.0, 60.0, 0.0]
+    params[["rlnOriginXAngst", "rlnOriginYAngst"]] = 0.0
+    t = lambda a: torch.tensor(a, dtype=torch.float32)
+    out = simulate.render(
+        t(m["coords"]), t(md["modes"]), t(m["weights"]), params, md["mode_numbers"], cfg, None
+    )
+    net, base, err = train_in_memory(out["final"], params, md["mode_numbers"], epochs=12)
+    print(f"easy task: error {err:.1f}, baseline {base:.1f}")
+    assert err < 0.3 * base
+
+
+def train_in_memory(images, params, mode_numbers, epochs, shuffle=False):
+    """Train an amplitude network on images (n, D, D) without augmentation; (net, baseline,
+    error) on the last fifth of the images."""
+    torch.manual_seed(0)
+    amps = torch.tensor(params[[f"dhAmplitudeMode{k}" for k in mode_numbers]].to_numpy()).float()
+    n_train = len(images) * 4 // 5
+    y = amps[torch.randperm(len(amps))] if shuffle else amps
+    mean, std = y[:n_train].mean(0), y[:n_train].std(0)
+    net = ResNet("resnet18", len(mode_numbers))
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    x = preprocess(images, images.shape[-1])
+    for _ in range(epochs):
+        net.train()
+        for i in torch.randperm(n_train).split(32):
+            loss = torch.nn.functional.mse_loss(net(x[i]), (y[i] - mean) / std)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        pred = net(x[n_train:]) * std + mean
+    err = float((pred - amps[n_train:]).abs().mean())
+    base = float((mean - amps[n_train:]).abs().mean())
+    return net, base, err
+
+
+def test_quality_verdict_flags_shuffled_labels_and_merge_falls_back(
+    labelled, monkeypatch, tmp_path
+):
+    """A network trained on shuffled labels is not trusted; merge then takes HEMNMA's values
+    for labelled images and marks the others untrusted; space leaves those out."""
+    monkeypatch.chdir(labelled)
+    star = starfile.read(labelled / "p.star")
+    parts = star["particles"]
+    rng = np.random.default_rng(0)
+    for k in (7, 8, 9):
+        parts[f"dhAmplitudeMode{k}"] = rng.permutation(parts[f"dhAmplitudeMode{k}"].to_numpy())
+    starfile.write(star, labelled / "shuffled.star", overwrite=True)
+    args = train_args(labelled, "amplitudes", 2)
+    args[args.index("--labels") + 1] = str(labelled / "shuffled.star")
+    args[args.index("--out-dir") + 1] = str(tmp_path / "net")
+    assert cli(args) == 0
+    inferred = tmp_path / "amplitudes.star"
+    assert cli(["infer", "--network", str(tmp_path / "net" / "model.pt"), "--particles", "p.star",
+                "--workers", "0", "--out", str(inferred)]) == 0  # fmt: skip
+    q = ["quality", "--labels", str(labelled / "shuffled.star"), "--split", "split.csv"]
+    q += ["--inferred", str(inferred), "--out-json", str(tmp_path / "q.json")]
+    assert cli([*q, "--out-md", str(tmp_path / "q.md")]) == 0
+    verdict = json.loads((tmp_path / "q.json").read_text())["networks"][0]
+    print(verdict["text"])
+    assert verdict["param"] == "amplitudes" and not verdict["trusted"]
+    assert verdict["ratio"] > 0.8 and "NOT" in (tmp_path / "q.md").read_text()
+    # the first 40 images stand for HEMNMA's labelled subset
+    hemnma = {"optics": star["optics"], "particles": star["particles"].iloc[:40]}
+    starfile.write(hemnma, tmp_path / "hemnma.star", overwrite=True)
+    out = tmp_path / "merged.star"
+    assert cli(["merge", "--particles", "p.star", "--inferred", str(inferred), "--labelled",
+                str(tmp_path / "hemnma.star"), "--quality", str(tmp_path / "q.json"),
+                "--out", str(out)]) == 0  # fmt: skip
+    merged = starfile.read(out)["particles"]
+    assert merged["dhTrusted"].tolist() == [1] * 40 + [0] * 120
+    assert (merged["dhSourceAmplitudes"].iloc[:40] == "hemnma").all()
+    np.testing.assert_allclose(merged["dhAmplitudeMode7"].iloc[:40], parts["dhAmplitudeMode7"][:40])
+    pred = starfile.read(inferred)["particles"]["dhAmplitudeMode7"]
+    np.testing.assert_allclose(merged["dhAmplitudeMode7"].iloc[40:], pred.iloc[40:], rtol=1e-5)
+
+
+def test_quality_baselines_match_independent_formulas():
+    """Constant answers: amplitudes uniform in ±150 give a mean |error| of 75; orientations
+    uniform on SO(3) give a mean angle of about 126.5° from any constant rotation."""
+    rng = np.random.default_rng(0)
+    n = 20000
+    labels = lambda: {
+        "euler": geometry.random_euler(n, rng),
+        "shifts": rng.uniform(-5, 5, (n, 2)),
+        "amplitudes": rng.uniform(-150, 150, (n, 3)),
+    }
+    train_l, test_l = labels(), labels()
+    base = quality.baseline(train_l, n)
+    assert quality.errors("amplitudes", base, test_l).mean() == pytest.approx(75, rel=0.02)
+    # E|angle| for uniform rotations: (pi/2 + 2/pi) rad
+    expected = np.degrees(np.pi / 2 + 2 / np.pi)
+    assert quality.errors("angles", base, test_l).mean() == pytest.approx(expected, rel=0.01)
+    # mean distance to the centre of a 10 x 10 px square: 3.826 px
+    assert quality.errors("shifts", base, test_l).mean() == pytest.approx(3.826, rel=0.02)
+    assert quality.verdict("shifts", 1.0, 3.8, 0.5, "truth")["trusted"]
+    assert not quality.verdict("shifts", 2.0, 3.8, 0.5, "truth")["trusted"]

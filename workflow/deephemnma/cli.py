@@ -19,8 +19,16 @@ VERBS = {
     "hemnma": ("hemnma", "HEMNMA elastic alignment of a particle shard (MPI-parallel)"),
     "gather": ("gather", "merge aligned HEMNMA shards into one STAR"),
     "split": ("split", "seeded train/validation/test lists over the labelled images"),
+    "synthesize": (
+        "synthetic",
+        "pretraining images rendered from the model with the data's CTF and noise",
+    ),
     "train": ("train", "train one ResNet per parameter type (amplitudes, angles, shifts)"),
     "infer": ("infer", "infer one parameter type for every image with a trained network"),
+    "quality": (
+        "quality",
+        "verdicts: does each network beat its trivial baseline on held-out images?",
+    ),
     "merge": ("merge", "merge the inferred parameter types into one RELION STAR"),
     "evaluate": ("evaluate", "accuracy tables against ground truth (seed Tables 1, S1, S2)"),
     "space": ("space", "PCA of the amplitudes, groups, centroid models and trajectories"),

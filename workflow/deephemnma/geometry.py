@@ -142,3 +142,34 @@ def fibonacci_sphere_euler(n_directions: int, psi_step_deg: float) -> np.ndarray
     return np.stack(
         [np.repeat(rot, n_psi), np.repeat(tilt, n_psi), np.tile(psis, n_directions)], -1
     )
+
+
+def sixd_to_matrix(six: torch.Tensor) -> torch.Tensor:
+    """RELION matrices A (..., 3, 3) from the continuous 6D representation (..., 6).
+
+    The 6 numbers are the first two rows of A before orthonormalisation (Gram-Schmidt); the third
+    row is their cross product, so every output is a proper rotation (Zhou et al., CVPR 2019).
+    """
+    a1, a2 = six[..., :3], six[..., 3:]
+    b1 = torch.nn.functional.normalize(a1, dim=-1)
+    b2 = torch.nn.functional.normalize(a2 - (b1 * a2).sum(-1, keepdim=True) * b1, dim=-1)
+    return torch.stack([b1, b2, torch.linalg.cross(b1, b2)], dim=-2)
+
+
+def matrix_to_sixd(mat: Array) -> Array:
+    """The 6D representation (..., 6) of rotation matrices (..., 3, 3): their first two rows."""
+    return mat[..., :2, :].reshape(*mat.shape[:-2], 6)
+
+
+def matrix_distance_deg(m1: Array, m2: Array) -> Array:
+    """Angle in degrees of the rotation between two orientations given as matrices (..., 3, 3)."""
+    xp = _lib(m1)
+    cos = ((m1 * m2).sum((-2, -1)) - 1.0) / 2.0
+    return xp.rad2deg(xp.arccos(xp.clip(cos, -1.0, 1.0)))
+
+
+def mean_rotation(mats: np.ndarray) -> np.ndarray:
+    """The chordal L2 mean (3, 3) of rotation matrices (n, 3, 3): the rotation nearest their sum."""
+    u, _, vt = np.linalg.svd(mats.sum(0))
+    d = np.sign(np.linalg.det(u @ vt))
+    return u @ np.diag([1.0, 1.0, d]) @ vt

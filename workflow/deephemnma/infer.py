@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
 
 import numpy as np
 import pandas as pd
@@ -17,10 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import geometry
-from .io import ParticleSet, amplitude_column, require_file, write_star
-from .nets import ResNet
-from .train import preprocess
+from .io import InputError, ParticleSet, amplitude_column, require_file, write_star
+from .nets import ResNet, bf16_supported, preprocess
+from .train import outputs_to_euler
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +42,28 @@ class Chunks(Dataset):
 
 def load_network(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """A trained network (eval mode, channels_last, on `device`) and its metadata."""
-    meta = torch.load(require_file(path, "network"), map_location="cpu", weights_only=True)
-    net = ResNet(meta["arch"], meta["n_out"])
-    net.load_state_dict(meta["state_dict"])
+    try:
+        meta = torch.load(require_file(path, "network"), map_location="cpu", weights_only=True)
+        net = ResNet(meta["arch"], meta["n_out"])
+        net.load_state_dict(meta["state_dict"])
+    except pickle.UnpicklingError as exc:
+        raise InputError(f"{path}: refusing to load (not a DeepHEMNMA network)") from exc
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise InputError(f"{path}: not a DeepHEMNMA network ({exc})") from exc
     return net.to(device).eval().to(memory_format=torch.channels_last), meta
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast is fast here (CUDA, or a CPU with native bf16 in oneDNN)."""
-    if device.type == "cuda":
-        return True
-    return bool(
-        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+def check_geometry(meta: dict, ps: ParticleSet, path: str) -> None:
+    """Refuse particles whose field of view differs from the training images'."""
+    trained = meta["particle_box"] * meta["pixel_size"]
+    given = ps.box * ps.pixel_size
+    if abs(trained - given) > 1e-3 * trained or ps.box < meta["box"]:
+        raise InputError(
+            f"{ps.star}: {ps.box} px at {ps.pixel_size:g} Å/px, but {path} was trained on "
+            f"{meta['particle_box']} px at {meta['pixel_size']:g} Å/px"
+        )
+    if ps.box != meta["box"]:
+        log.info("images are Fourier-cropped from %d to the network's %d px", ps.box, meta["box"])
 
 
 @torch.no_grad()
@@ -75,7 +84,7 @@ def predict(
     pos = 0
     bf16 = bf16_supported(device)
     for imgs in tqdm(loader, desc=f"infer {meta['param']}", unit="batch", mininterval=10):
-        x = preprocess(imgs.to(device, non_blocking=True).float())
+        x = preprocess(imgs.to(device, non_blocking=True).float(), meta["box"])
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             y = net(x)
@@ -97,8 +106,7 @@ def prediction_table(
         t["rlnOriginXAngst"] = -values[:, 0] * pixel_size
         t["rlnOriginYAngst"] = -values[:, 1] * pixel_size
     else:
-        v = values.astype(np.float64)
-        euler = geometry.quaternion_to_euler(v) if meta["angle_repr"] == "quaternion" else v
+        euler = outputs_to_euler(values, meta["angle_repr"])
         t["rlnAngleRot"], t["rlnAngleTilt"], t["rlnAnglePsi"] = euler.T
     return t
 
@@ -115,6 +123,7 @@ def main(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net, meta = load_network(args.network, device)
     ps = ParticleSet(require_file(args.particles, "particle STAR"))
+    check_geometry(meta, ps, args.network)
     values = predict(net, meta, ps, device, args.batch, args.workers)
     table = prediction_table(meta, ps.particles["rlnImageName"], values, ps.pixel_size)
     write_star(args.out, ps.optics, table)

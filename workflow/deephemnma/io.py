@@ -175,7 +175,7 @@ NUMERIC_COLUMNS = {
     "rlnCoordinateY",
     "rlnRandomSubset",
 }
-TEXT_DH_COLUMNS = {"dhSource", "dhSourceImageName"}
+TEXT_DH_PREFIX = "dhSource"  # dhSource<...> columns hold text (image names, origins)
 
 
 def check_numeric(path: Path, table: pd.DataFrame, what: str) -> pd.DataFrame:
@@ -185,7 +185,8 @@ def check_numeric(path: Path, table: pd.DataFrame, what: str) -> pd.DataFrame:
     of the first value that is not a finite number.
     """
     for col in table.columns:
-        if col not in NUMERIC_COLUMNS and not (col.startswith("dh") and col not in TEXT_DH_COLUMNS):
+        own = col.startswith("dh") and not col.startswith(TEXT_DH_PREFIX)
+        if col not in NUMERIC_COLUMNS and not own:
             continue
         values = pd.to_numeric(table[col], errors="coerce")
         bad = ~np.isfinite(values.to_numpy(np.float64))

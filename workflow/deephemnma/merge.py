@@ -1,8 +1,15 @@
-"""merge: all particles with the network estimates of every parameter type, one RELION STAR."""
+"""merge: all particles with the estimates of every parameter type, one RELION STAR.
+
+Each parameter type comes from its network when the network's verdict (`deephemnma quality`)
+trusts it. When it does not, images HEMNMA aligned keep HEMNMA's values for that type and the
+other images keep the network's but are marked untrusted (`_dhTrusted 0`); the column
+`_dhSource<Type>` says where each value came from (network | hemnma).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 from .io import InputError, read_star, require_file, write_star
@@ -10,10 +17,15 @@ from .io import InputError, read_star, require_file, write_star
 log = logging.getLogger(__name__)
 
 
+def source_column(param: str) -> str:
+    return f"dhSource{param.capitalize()}"
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--particles", required=True, help="all particles (STAR)")
     p.add_argument("--inferred", nargs="+", required=True, help="STARs from infer")
     p.add_argument("--labelled", default=None, help="STAR of the HEMNMA-labelled images")
+    p.add_argument("--quality", default=None, help="quality.json: untrusted networks fall back")
     p.add_argument("--out", required=True)
 
 
@@ -21,16 +33,44 @@ def main(args: argparse.Namespace) -> None:
     """All particles with the inferred columns replacing theirs, joined on rlnImageName."""
     base = read_star(require_file(args.particles, "particle STAR"), ["rlnImageName"])
     parts = base["particles"].copy()
+    verdicts = {}
+    if args.quality:
+        report = json.loads(require_file(args.quality, "quality JSON").read_text())
+        verdicts = {r["param"]: r["trusted"] for r in report["networks"]}
+    labelled = None
+    if args.labelled:
+        labelled = read_star(require_file(args.labelled, "HEMNMA STAR"), ["rlnImageName"])
+        labelled = labelled["particles"].set_index("rlnImageName")
+        parts["dhHemnmaLabelled"] = parts["rlnImageName"].isin(labelled.index).astype(int)
+    trusted = parts["rlnImageName"].notna()
     for path in args.inferred:
         inferred = read_star(require_file(path, "inferred STAR"), ["rlnImageName"])["particles"]
         cols = [c for c in inferred.columns if c != "rlnImageName"]
+        param = (
+            "angles"
+            if "rlnAngleRot" in cols
+            else "shifts"
+            if "rlnOriginXAngst" in cols
+            else "amplitudes"
+        )
         merged = parts[["rlnImageName"]].merge(inferred, on="rlnImageName", how="left")
         if merged[cols].isna().any().any():
             raise InputError(f"{path}: does not cover every particle of {args.particles}")
         parts[cols] = merged[cols].to_numpy()
-    if args.labelled:
-        names = read_star(args.labelled, ["rlnImageName"])["particles"]["rlnImageName"]
-        parts["dhHemnmaLabelled"] = parts["rlnImageName"].isin(set(names)).astype(int)
-    parts["dhSource"] = "deephemnma"
+        parts[source_column(param)] = "network"
+        if verdicts.get(param, True):
+            continue
+        if labelled is None:
+            trusted &= False
+            continue
+        has = parts["rlnImageName"].isin(labelled.index)
+        parts.loc[has, cols] = labelled.loc[parts.loc[has, "rlnImageName"], cols].to_numpy()
+        parts.loc[has, source_column(param)] = "hemnma"
+        trusted &= has
+        log.warning(
+            "%s: network not trusted; HEMNMA values for %d images, %d images marked untrusted",
+            param, int(has.sum()), int((~has).sum()),
+        )  # fmt: skip
+    parts["dhTrusted"] = trusted.astype(int)
     write_star(args.out, base["optics"], parts)
-    log.info("merged %d particles", len(parts))
+    log.info("merged %d particles, %d trusted", len(parts), int(trusted.sum()))

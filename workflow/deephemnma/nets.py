@@ -1,9 +1,12 @@
-"""ResNet-18/34/50/101 with a one-channel stem and a regression head, one per parameter type."""
+"""ResNet-18/34/50/101 with a one-channel stem and a regression head, one per parameter type,
+and the input preprocessing every network shares in training and inference."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .imaging import fourier_crop
 
 LAYERS = {
     "resnet18": ("basic", [2, 2, 2, 2]),
@@ -93,3 +96,21 @@ class ResNet(nn.Module):
 def n_parameters(model: nn.Module) -> int:
     """Trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def preprocess(images: torch.Tensor, box: int) -> torch.Tensor:
+    """(B, D, D) -> (B, 1, box, box): Fourier-cropped to the working box (a low-pass at its
+    Nyquist frequency), then each image to zero mean and unit variance."""
+    images = fourier_crop(images, box)
+    mean = images.mean(dim=(-2, -1), keepdim=True)
+    std = images.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    return ((images - mean) / std)[:, None]
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast is fast here (CUDA, or a CPU with native bf16 in oneDNN)."""
+    if device.type == "cuda":
+        return True
+    return bool(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )

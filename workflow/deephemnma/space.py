@@ -129,12 +129,27 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=11)
     p.add_argument("--span-std", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--untrusted",
+        choices=["exclude", "keep"],
+        default="exclude",
+        help="images marked _dhTrusted 0 by merge (default: %(default)s)",
+    )
     p.add_argument("--out-dir", required=True)
 
 
 def main(args: argparse.Namespace) -> None:
     blocks = read_star(require_file(args.particles, "particle STAR"), ["rlnImageName"])
     parts = blocks["particles"]
+    if args.untrusted == "exclude" and "dhTrusted" in parts:
+        keep = parts["dhTrusted"].astype(int) == 1
+        log.warning(
+            "%d of %d images have estimates from an untrusted network: left out of the space",
+            int((~keep).sum()), len(parts),
+        )  # fmt: skip
+        parts = parts[keep].reset_index(drop=True)
+        if len(parts) < 2:
+            raise InputError(f"{args.particles}: fewer than 2 trusted images to analyse")
     modes_npz = load_modes(args.modes)
     numbers = [int(k) for k in modes_npz["mode_numbers"]]
     if amplitude_modes(parts) != numbers:

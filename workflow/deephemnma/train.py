@@ -1,22 +1,31 @@
 """train: one ResNet per parameter type (amplitudes | angles | shifts) on labelled images.
 
-Targets are standardised with training-set statistics stored in the checkpoint (quaternions are
-unit vectors and are left as they are); images get the same preprocessing in training and
-inference (per-image zero mean, unit variance). Augmentation is label-consistent: an in-plane
-rotation by α and a translation t turn (psi, d) into (psi + α, Rz(α) d + t) and leave amplitudes
-unchanged; only exact pixel permutations are used (quarter turns, integer shifts), so augmented
-images keep the noise statistics of real ones. AdamW with a cosine schedule, early stopping on the validation loss, the best epoch
-kept, a checkpoint every epoch (a killed job resumes), bf16 autocast and channels_last on CUDA,
-DistributedDataParallel under torchrun. The device comes from the environment.
+Optionally pretrained first on synthetic images of the flexible model (`deephemnma synthesize`:
+exact labels, the data's CTFs and noise level, fresh noise every epoch), then fine-tuned on the
+labelled images. Images are Fourier-cropped to a working box and normalised per image, the same in
+training and inference (`nets.preprocess`). Targets are standardised with training-set statistics
+stored in the checkpoint; orientations are regressed in the continuous 6D representation (chordal
+loss) by default, or as quaternions / Euler angles (the paper's ablation). Augmentation is
+label-consistent: an in-plane rotation by α and a translation t turn (psi, d) into
+(psi + α, Rz(α) d + t) and leave amplitudes unchanged; only exact pixel permutations are used
+(quarter turns, integer shifts), so augmented images keep the noise statistics of real ones.
+AdamW with linear warm-up and cosine decay per step over both phases, early stopping on the
+validation loss, the best epoch kept, a checkpoint every epoch fingerprinted by the settings and
+the content of labels, split and synthetic set (a killed job resumes; changed labels start
+afresh), bf16 autocast where the device has it, channels_last, DistributedDataParallel under
+torchrun. The validation error is logged and plotted next to the trivial baseline's.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +35,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from . import geometry
+from . import geometry, quality
 from .io import (
     InputError,
     ParticleSet,
@@ -36,10 +45,11 @@ from .io import (
     require_file,
     save_figure,
 )
-from .nets import ResNet, n_parameters
+from .nets import ResNet, bf16_supported, n_parameters, preprocess
 
 log = logging.getLogger(__name__)
 PARAMS = ("amplitudes", "angles", "shifts")
+ANGLE_OUTPUTS = {"6d": 6, "quaternion": 4, "euler": 3}
 
 
 # ----------------------------------------------------------------------------- labels
@@ -58,11 +68,21 @@ def target_values(
         return amps
     if param == "shifts":
         return shifts
+    if angle_repr == "6d":
+        return geometry.matrix_to_sixd(geometry.euler_to_matrix(euler))
     return geometry.euler_to_quaternion(euler) if angle_repr == "quaternion" else euler
 
 
+def outputs_to_euler(values: np.ndarray, angle_repr: str) -> np.ndarray:
+    """ZYZ Euler angles (n, 3) in degrees from angle-network outputs (n, 6 | 4 | 3)."""
+    v = values.astype(np.float64)
+    if angle_repr == "6d":
+        return geometry.matrix_to_euler(geometry.sixd_to_matrix(torch.from_numpy(v))).numpy()
+    return geometry.quaternion_to_euler(v) if angle_repr == "quaternion" else v
+
+
 def n_outputs(param: str, angle_repr: str, n_modes: int) -> int:
-    return {"amplitudes": n_modes, "shifts": 2}.get(param, 4 if angle_repr == "quaternion" else 3)
+    return {"amplitudes": n_modes, "shifts": 2}.get(param, ANGLE_OUTPUTS[angle_repr])
 
 
 def quaternion_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -72,13 +92,6 @@ def quaternion_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- images
-
-
-def preprocess(images: torch.Tensor) -> torch.Tensor:
-    """(B, D, D) -> (B, 1, D, D), each image to zero mean and unit variance."""
-    mean = images.mean(dim=(-2, -1), keepdim=True)
-    std = images.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
-    return ((images - mean) / std)[:, None]
 
 
 def transform_images(
@@ -119,10 +132,10 @@ def transform_labels(
 
 
 class ImageRows(Dataset):
-    """Items (image, euler, shift, amplitudes) of given rows of a memory-mapped particle set."""
+    """Items (image, euler, shift, amplitudes) of given rows of images and label arrays."""
 
-    def __init__(self, ps: ParticleSet, rows: np.ndarray, labels: dict[str, np.ndarray]):
-        self.images, self.rows, self.labels = ps.images, rows, labels
+    def __init__(self, images, rows: np.ndarray, labels: dict[str, np.ndarray]):
+        self.images, self.rows, self.labels = images, rows, labels
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -130,12 +143,38 @@ class ImageRows(Dataset):
     def __getitem__(self, i: int):
         r = self.rows[i]
         return (
-            torch.from_numpy(self.images[np.array([r])][0]),
+            torch.from_numpy(np.asarray(self.images[r : r + 1], dtype=np.float32)[0]),
             *(
                 torch.from_numpy(self.labels[k][r]).float()
                 for k in ("euler", "shifts", "amplitudes")
             ),
         )
+
+
+@dataclass
+class Synthetic:
+    """Pretraining images from `deephemnma synthesize`: noise-free at the working box, memory-mapped;
+    white noise of `noise_sigma` is added afresh to every batch."""
+
+    images: np.ndarray  # (n, box, box)
+    labels: dict[str, np.ndarray]
+    noise_sigma: float
+    box: int
+    meta_text: str  # meta.json as written, for the checkpoint fingerprint
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Synthetic:
+        folder = Path(folder)
+        meta_text = require_file(folder / "meta.json", "synthetic meta.json").read_text()
+        meta = json.loads(meta_text)
+        images = np.load(require_file(folder / "images.npy", "synthetic images"), mmap_mode="r")
+        with np.load(require_file(folder / "labels.npz", "synthetic labels")) as z:
+            labels = {k: z[k] for k in ("euler", "shifts", "amplitudes")}
+        if images.shape[0] != len(labels["euler"]):
+            raise InputError(
+                f"{folder}: {images.shape[0]} images but {len(labels['euler'])} labels"
+            )
+        return cls(images, labels, float(meta["noise_sigma"]), int(meta["box"]), meta_text)
 
 
 # ----------------------------------------------------------------------------- training
@@ -166,6 +205,10 @@ def loss_and_metric(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training loss and the summed metric (degrees, amplitude units or pixels) of a batch."""
     pred = pred.float()
+    if param == "angles" and angle_repr == "6d":
+        rot, ref = geometry.sixd_to_matrix(pred), geometry.sixd_to_matrix(target)
+        loss = ((rot - ref) ** 2).sum((-2, -1)).mean()  # chordal: 4 (1 - cos angle)
+        return loss, geometry.matrix_distance_deg(rot.detach(), ref).sum()
     if param == "angles" and angle_repr == "quaternion":
         loss = quaternion_loss(pred, target)
         metric = geometry.quaternion_distance_deg(pred.detach(), target).sum()
@@ -181,8 +224,9 @@ def loss_and_metric(
     return loss, metric
 
 
-def loss_figure(history: pd.DataFrame, param: str, path: Path) -> None:
-    """Training and validation loss per epoch (seed Figure S6) and the validation metric."""
+def loss_figure(history: pd.DataFrame, param: str, baseline: float, path: Path) -> None:
+    """Training and validation loss per epoch (paper Figure S6) and the validation error next
+    to the trivial baseline's."""
     plt = pyplot()
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -192,13 +236,46 @@ def loss_figure(history: pd.DataFrame, param: str, path: Path) -> None:
     a1.set_xlabel("epoch")
     a1.set_ylabel("loss")
     a1.legend()
-    a2.plot(history["epoch"], history["val_metric"], color="tab:green")
+    a2.plot(history["epoch"], history["val_metric"], color="tab:green", label="network")
+    a2.axhline(baseline, color="k", ls="--", lw=0.8, label="trivial baseline")
+    a2.axhline(baseline / 2, color="k", ls=":", lw=0.8, label="½ baseline")
+    a2.set_ylim(bottom=0)
     a2.set_xlabel("epoch")
     unit = {"angles": "mean angular error (deg)", "shifts": "mean shift error (px)"}
     a2.set_ylabel(unit.get(param, "mean |amplitude error|"))
+    a2.legend(fontsize=8)
+    pre = history["phase"] == "pretrain" if "phase" in history else None
+    if pre is not None and pre.any():
+        for ax in (a1, a2):
+            ax.axvspan(0.5, history["epoch"][pre].max() + 0.5, color="0.9", zorder=0)
+        a2.text(0.02, 0.02, "grey: synthetic pretraining", transform=a2.transAxes, fontsize=8)
     fig.suptitle(f"{param} network")
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
+
+
+def content_hash(*parts) -> str:
+    """SHA-256 of arrays and strings: what a checkpoint was trained on, not where it came from."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(
+            np.ascontiguousarray(part).tobytes()
+            if isinstance(part, np.ndarray)
+            else str(part).encode()
+        )
+    return h.hexdigest()
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float = 0.05):
+    """LR multiplier per optimiser step: linear warm-up, then a cosine decay to zero."""
+    warm = max(1, int(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
+
+    return factor
 
 
 def train(args: argparse.Namespace) -> None:
@@ -215,37 +292,77 @@ def train(args: argparse.Namespace) -> None:
     train_rows = np.nonzero((sets == "train").to_numpy())[0]
     val_rows = np.nonzero((sets == "val").to_numpy())[0]
     labels = raw_labels(ps, modes)
+    box = args.box or ps.box
+    if box > ps.box:
+        raise InputError(f"working box {box} is larger than the particles' box {ps.box}")
+    synthetic = Synthetic.load(args.pretrain) if args.pretrain and args.pretrain_epochs else None
+    if synthetic is not None and synthetic.box != box:
+        raise InputError(f"{args.pretrain}: rendered at {synthetic.box} px, networks work at {box}")
+    pretrain_epochs = args.pretrain_epochs if synthetic is not None else 0
     tgt = target_values(
         args.param,
         args.angle_repr,
         *(torch.tensor(labels[k][train_rows]) for k in ("euler", "shifts", "amplitudes")),
     )
     mean, std = tgt.mean(0).float(), tgt.std(0).float().clamp_min(1e-6)
-    if args.param == "angles" and args.angle_repr == "quaternion":
+    if args.param == "angles" and args.angle_repr != "euler":
         mean, std = torch.zeros_like(mean), torch.ones_like(std)
+    val_labels = {k: v[val_rows] for k, v in labels.items()}
+    base_val = quality.baseline({k: v[train_rows] for k, v in labels.items()}, len(val_rows))
+    baseline_error = float(quality.errors(args.param, base_val, val_labels).mean())
     n_out = n_outputs(args.param, args.angle_repr, len(modes))
-    model = ResNet(args.arch, n_out).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = ResNet(args.arch, n_out).to(device).to(memory_format=torch.channels_last)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs)
+
+    loader_kw = {
+        "num_workers": args.workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": args.workers > 0,
+    }
+
+    def loader(ds: Dataset, shuffle: bool) -> tuple[DataLoader, DistributedSampler | None]:
+        sampler = DistributedSampler(ds, shuffle=shuffle, seed=args.seed) if world > 1 else None
+        return DataLoader(
+            ds,
+            batch_size=args.batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            drop_last=shuffle and len(ds) > args.batch_size,
+            **loader_kw,
+        ), sampler
+
+    tr, tr_sampler = loader(ImageRows(ps.images, train_rows, labels), True)
+    va, _ = loader(ImageRows(ps.images, val_rows, labels), False)
+    if synthetic is not None:
+        syn_rows = np.arange(len(synthetic.images))
+        sy, sy_sampler = loader(ImageRows(synthetic.images, syn_rows, synthetic.labels), True)
+    total_steps = pretrain_epochs * (len(sy) if synthetic else 0) + args.epochs * len(tr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps))
+
     out = Path(args.out_dir)
     ckpt_path = out / "checkpoint.pt"
     state = {"epoch": 0, "best_val": math.inf, "best_state": None, "bad_epochs": 0, "history": []}
-    fingerprint = {
+    settings = {
         k: v
         for k, v in sorted(vars(args).items())
-        if k not in ("module", "verbose", "workers", "stop_after_epoch")
+        if k not in ("module", "verbose", "workers", "stop_after_epoch", "labels", "split")
     }
-    fingerprint = repr(fingerprint) + f" world={world}"
+    fingerprint = content_hash(
+        repr(settings),
+        f"world={world}",
+        ps.particles["rlnImageName"].to_numpy(str),
+        sets.to_numpy(str),
+        *(labels[k] for k in ("euler", "shifts", "amplitudes")),
+        synthetic.meta_text if synthetic else "",
+    )
     ckpt = (
         torch.load(ckpt_path, map_location=device, weights_only=True)
         if ckpt_path.exists()
         else None
     )
     if ckpt is not None and ckpt.get("fingerprint") != fingerprint:
-        log.info("ignoring %s: written by a run with other settings", ckpt_path)
+        log.info("ignoring %s: written by a run with other settings or labels", ckpt_path)
         ckpt = None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -253,64 +370,55 @@ def train(args: argparse.Namespace) -> None:
         sched.load_state_dict(ckpt["sched"])
         state = {k: ckpt[k] for k in state}
         log.info("resuming from %s after epoch %d", ckpt_path, state["epoch"])
-    loader_kw = {
-        "num_workers": args.workers,
-        "pin_memory": device.type == "cuda",
-        "persistent_workers": args.workers > 0,
-    }
-    tr_ds, va_ds = ImageRows(ps, train_rows, labels), ImageRows(ps, val_rows, labels)
-    tr_sampler = DistributedSampler(tr_ds, seed=args.seed) if world > 1 else None
-    va_sampler = DistributedSampler(va_ds, shuffle=False) if world > 1 else None
-    tr = DataLoader(
-        tr_ds,
-        batch_size=args.batch_size,
-        shuffle=tr_sampler is None,
-        sampler=tr_sampler,
-        drop_last=len(tr_ds) > args.batch_size,
-        **loader_kw,
-    )
-    va = DataLoader(va_ds, batch_size=args.batch_size, sampler=va_sampler, **loader_kw)
     mean, std = mean.to(device), std.to(device)
-    amp_ctx = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-        if device.type == "cuda"
-        else (lambda: torch.autocast("cpu", enabled=False))
-    )
+    bf16 = bf16_supported(device)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)
 
-    def batches(loader, augment: bool):
+    def batches(loader: DataLoader, augment: bool, noise_sigma: float = 0.0):
         for img, eul, sh, amp in loader:
             img, eul, sh, amp = (x.to(device, non_blocking=True) for x in (img, eul, sh, amp))
+            if noise_sigma:
+                img = img + noise_sigma * torch.randn(
+                    img.shape, generator=gen, device=device, dtype=img.dtype
+                )
             if augment:
                 turns = torch.randint(0, 4, (len(img),), device=device)
                 r = int(args.augment_shift_px)
                 t = torch.randint(-r, r + 1, (len(img), 2), device=device).float()
                 img = transform_images(img, turns, t)
                 eul, sh = transform_labels(eul, sh, 90.0 * turns.float(), t)
-            x = preprocess(img)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = preprocess(img, box).contiguous(memory_format=torch.channels_last)
             yield x, target_values(args.param, args.angle_repr, eul, sh, amp).float()
 
-    for epoch in range(state["epoch"] + 1, args.epochs + 1):
+    log.info(
+        "%s %s at %d px: %d training, %d validation images; %d synthetic pretraining epochs; "
+        "trivial baseline %.3g",
+        args.param, args.arch, box, len(train_rows), len(val_rows), pretrain_epochs,
+        baseline_error,
+    )  # fmt: skip
+    for epoch in range(state["epoch"] + 1, pretrain_epochs + args.epochs + 1):
         t0 = time.perf_counter()
-        if tr_sampler is not None:
-            tr_sampler.set_epoch(epoch)
+        pretraining = epoch <= pretrain_epochs
+        data, sampler = (sy, sy_sampler) if pretraining else (tr, tr_sampler)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         net.train()
         tot = torch.zeros(2, device=device)
-        for x, y in batches(tr, args.augment):
-            with amp_ctx():
+        noise = synthetic.noise_sigma if pretraining else 0.0
+        for x, y in batches(data, args.augment, noise):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 pred = net(x)
             loss, _ = loss_and_metric(args.param, args.angle_repr, pred, y, mean, std)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             tot += torch.stack([loss.detach() * len(x), torch.tensor(len(x), device=device)])
-        sched.step()
         net.eval()
         val = torch.zeros(3, device=device)
         with torch.no_grad():
             for x, y in batches(va, False):
-                with amp_ctx():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     pred = net(x)
                 loss, metric = loss_and_metric(args.param, args.angle_repr, pred, y, mean, std)
                 val += torch.stack([loss * len(x), metric, torch.tensor(len(x), device=device)])
@@ -319,6 +427,7 @@ def train(args: argparse.Namespace) -> None:
             dist.all_reduce(val)
         row = {
             "epoch": epoch,
+            "phase": "pretrain" if pretraining else "finetune",
             "train_loss": float(tot[0] / tot[1]),
             "val_loss": float(val[0] / val[2]),
             "val_metric": float(val[1] / val[2]),
@@ -334,13 +443,10 @@ def train(args: argparse.Namespace) -> None:
             state["bad_epochs"] += 1
         if rank == 0:
             log.info(
-                "epoch %d: train %.4f, val %.4f, metric %.3f (%.1f s)",
-                epoch,
-                row["train_loss"],
-                row["val_loss"],
-                row["val_metric"],
-                row["seconds"],
-            )
+                "epoch %d (%s): train %.4f, val %.4f, error %.3f (baseline %.3g) (%.1f s)",
+                epoch, row["phase"], row["train_loss"], row["val_loss"], row["val_metric"],
+                baseline_error, row["seconds"],
+            )  # fmt: skip
             with atomic_path(ckpt_path) as tmp:
                 torch.save(
                     {
@@ -354,10 +460,12 @@ def train(args: argparse.Namespace) -> None:
                 )
         if args.stop_after_epoch and epoch == args.stop_after_epoch:
             return  # testing hook: behave like a job killed after this epoch's checkpoint
-        if state["bad_epochs"] >= args.patience:
+        if state["bad_epochs"] >= args.patience and not pretraining:
             log.info("early stop: no validation improvement for %d epochs", args.patience)
             break
     if rank == 0:
+        history = pd.DataFrame(state["history"])
+        best = history.loc[history["val_loss"].idxmin()]
         final = {
             "state_dict": state["best_state"],
             "arch": args.arch,
@@ -366,46 +474,64 @@ def train(args: argparse.Namespace) -> None:
             "n_out": n_out,
             "mean": mean.cpu(),
             "std": std.cpu(),
-            "box": ps.box,
+            "box": box,
+            "particle_box": ps.box,
             "pixel_size": ps.pixel_size,
             "mode_numbers": modes,
             "best_val_loss": state["best_val"],
+            "val_error": float(best["val_metric"]),
+            "val_baseline": baseline_error,
         }
         with atomic_path(out / "model.pt") as tmp:
             torch.save(final, tmp)
-        history = pd.DataFrame(state["history"])
         with atomic_path(out / "history.csv") as tmp:
             history.to_csv(tmp, index=False, float_format="%.6g")
-        loss_figure(history, args.param, out / "loss.png")
+        loss_figure(history, args.param, baseline_error, out / "loss.png")
         ckpt_path.unlink()  # finished: a later run with new settings starts afresh
         log.info(
-            "%s %s: %.1f M parameters, best validation loss %.4f",
-            args.param,
-            args.arch,
-            n_parameters(model) / 1e6,
-            state["best_val"],
-        )
+            "%s %s: %.1f M parameters; best epoch %d: validation error %.3g, trivial baseline %.3g",
+            args.param, args.arch, n_parameters(model) / 1e6, int(best["epoch"]),
+            best["val_metric"], baseline_error,
+        )  # fmt: skip
     if world > 1:
         dist.destroy_process_group()
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    d = " (default: %(default)s)"
     p.add_argument("--param", choices=PARAMS, required=True)
     p.add_argument("--labels", required=True, help="labelled particle STAR")
     p.add_argument("--split", required=True, help="split CSV")
     p.add_argument(
         "--arch", default="resnet34", choices=["resnet18", "resnet34", "resnet50", "resnet101"]
     )
-    p.add_argument("--angle-repr", default="quaternion", choices=["quaternion", "euler"])
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--patience", type=int, default=8)
+    p.add_argument(
+        "--angle-repr", default="6d", choices=list(ANGLE_OUTPUTS), help="angle output" + d
+    )
+    p.add_argument(
+        "--box",
+        type=int,
+        default=None,
+        help="working box: images are Fourier-cropped to it (default: the particles')",
+    )
+    p.add_argument("--pretrain", default=None, help="folder from `deephemnma synthesize`")
+    p.add_argument(
+        "--pretrain-epochs", type=int, default=0, help="epochs over the synthetic images" + d
+    )
+    p.add_argument("--epochs", type=int, default=30, help="epochs over the labelled images" + d)
+    p.add_argument("--batch-size", type=int, default=64, help=d)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate" + d)
+    p.add_argument("--weight-decay", type=float, default=1e-4, help=d)
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=8,
+        help="early stop after this many epochs without improvement" + d,
+    )
     p.add_argument("--no-augment", dest="augment", action="store_false")
-    p.add_argument("--augment-shift-px", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment-shift-px", type=int, default=2, help=d)
+    p.add_argument("--workers", type=int, default=2, help=d)
+    p.add_argument("--seed", type=int, default=0, help=d)
     p.add_argument("--stop-after-epoch", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument(
         "--out-dir", required=True, help="model.pt, history.csv, loss.png, checkpoint.pt"

@@ -1,0 +1,170 @@
+"""quality: does each network beat its trivial baseline on held-out labelled images?
+
+A network's error on the test images (labelled, never used for training or early stopping) is
+compared with the error of the trivial answer learnt from the training labels: their mean for
+amplitudes and shifts, the rotation nearest their mean for angles (a constant answer; about 126°
+for orientations uniform on SO(3)). With HEMNMA labels this is the network against HEMNMA on
+held-out images, the only check real data allow. A network is trusted when its error is at most
+`max_ratio` × the baseline's; the verdicts go to quality.json (read by merge) and quality.md
+(first in the report), in plain words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+
+from . import geometry
+from .io import (
+    InputError,
+    ParticleSet,
+    amplitude_column,
+    amplitude_modes,
+    atomic_path,
+    read_star,
+    require_file,
+)
+
+log = logging.getLogger(__name__)
+EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+UNITS = {"amplitudes": "amplitude units", "angles": "degrees", "shifts": "pixels"}
+
+
+def errors(param: str, est: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> np.ndarray:
+    """Per-image error of estimates against references: angle (degrees), mean |amplitude
+    difference| over modes, or shift distance (pixels). Label dicts hold 'euler', 'shifts',
+    'amplitudes' arrays with one row per image."""
+    if param == "angles":
+        return geometry.euler_distance_deg(est["euler"], ref["euler"])
+    if param == "shifts":
+        return np.linalg.norm(est["shifts"] - ref["shifts"], axis=1)
+    return np.abs(est["amplitudes"] - ref["amplitudes"]).mean(1)
+
+
+def baseline(train: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """The trivial constant answer for n images, learnt from training labels."""
+    rot = geometry.mean_rotation(geometry.euler_to_matrix(train["euler"]))
+    return {
+        "euler": np.repeat(geometry.matrix_to_euler(rot)[None], n, 0),
+        "shifts": np.repeat(train["shifts"].mean(0, keepdims=True), n, 0),
+        "amplitudes": np.repeat(train["amplitudes"].mean(0, keepdims=True), n, 0),
+    }
+
+
+def verdict(param: str, error: float, base: float, max_ratio: float, reference: str) -> dict:
+    """One network's verdict as a dict, with a sentence a user can act on."""
+    ratio = error / base if base > 0 else float("inf")
+    trusted = bool(ratio <= max_ratio)
+    unit = UNITS[param]
+    if trusted:
+        text = (
+            f"{param}: the network learned — mean error {error:.3g} {unit} against "
+            f"{reference}, {ratio:.2f} × the trivial baseline ({base:.3g})."
+        )
+    else:
+        text = (
+            f"{param}: the network did NOT learn enough — mean error {error:.3g} {unit} "
+            f"against {reference} is {ratio:.2f} × the trivial baseline ({base:.3g}; trusted "
+            f"at ≤ {max_ratio:g} ×). Its values are not used where HEMNMA's exist; images "
+            "without HEMNMA values are marked untrusted."
+        )
+    return {
+        "param": param,
+        "error": error,
+        "baseline": base,
+        "ratio": ratio,
+        "trusted": trusted,
+        "reference": reference,
+        "text": text,
+    }
+
+
+def labels_of(table: pd.DataFrame, pixel_size: float, modes: list[int]) -> dict[str, np.ndarray]:
+    """The label arrays a particle table holds (shifts in pixels: origin = -shift · pixel size)."""
+    columns = {
+        "euler": EULER,
+        "shifts": ["rlnOriginXAngst", "rlnOriginYAngst"],
+        "amplitudes": [amplitude_column(k) for k in modes],
+    }
+    out = {k: table[c].to_numpy(float) for k, c in columns.items() if set(c) <= set(table.columns)}
+    if "shifts" in out:
+        out["shifts"] = -out["shifts"] / pixel_size
+    return out
+
+
+def markdown(rows: list[dict], images: int, which: str) -> str:
+    """The verdicts as a Markdown page: sentences first, then the table."""
+    lines = ["# Network verdicts", ""]
+    lines += [f"- {'✅' if r['trusted'] else '❌'} {r['text']}" for r in rows]
+    lines += [
+        "",
+        f"Measured on {images} {which} images. Baseline: the best constant answer learnt "
+        "from the training labels.",
+        "",
+        "| network | mean error | baseline | ratio | trusted |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['param']} | {r['error']:.3g} | {r['baseline']:.3g} | {r['ratio']:.2f} | "
+        f"{'yes' if r['trusted'] else 'NO'} |"
+        for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels", required=True, help="labelled STAR the networks learnt from")
+    p.add_argument("--split", required=True, help="split CSV")
+    p.add_argument("--inferred", nargs="+", required=True, help="STARs from infer")
+    p.add_argument(
+        "--label-source", default="hemnma", choices=["hemnma", "truth"], help="what labels are"
+    )
+    p.add_argument(
+        "--max-ratio",
+        type=float,
+        default=0.5,
+        help="trusted when error ≤ this × baseline (default: %(default)s)",
+    )
+    p.add_argument("--out-json", required=True)
+    p.add_argument("--out-md", required=True)
+
+
+def main(args: argparse.Namespace) -> None:
+    ps = ParticleSet(require_file(args.labels, "label STAR"))
+    modes = amplitude_modes(ps.particles)
+    table = ps.particles.set_index("rlnImageName")
+    split = pd.read_csv(require_file(args.split, "split CSV")).set_index("rlnImageName")
+    which = "test"
+    held_out = split.index[split["set"] == "test"]
+    if len(held_out) == 0:
+        which, held_out = "validation", split.index[split["set"] == "val"]
+    if len(held_out) == 0:
+        raise InputError(f"{args.split}: no test or validation images to judge the networks on")
+    train_names = split.index[split["set"] == "train"]
+    ref = labels_of(table.loc[held_out], ps.pixel_size, modes)
+    base = baseline(labels_of(table.loc[train_names], ps.pixel_size, modes), len(held_out))
+    reference = "HEMNMA on held-out images" if args.label_source == "hemnma" else "ground truth"
+    rows = []
+    for path in args.inferred:
+        inferred = read_star(require_file(path, "inferred STAR"), ["rlnImageName"])["particles"]
+        inferred = inferred.set_index("rlnImageName")
+        missing = held_out.difference(inferred.index)
+        if len(missing):
+            raise InputError(f"{path}: no estimate for image {missing[0]}")
+        est = labels_of(inferred.loc[held_out], ps.pixel_size, modes)
+        if len(est) != 1:
+            raise InputError(f"{path}: expected the columns of one parameter type")
+        key = next(iter(est))
+        param = {"euler": "angles"}.get(key, key)
+        err = float(errors(param, est, ref).mean())
+        b = float(errors(param, base, ref).mean())
+        rows.append(verdict(param, err, b, args.max_ratio, reference))
+        log.info("%s", rows[-1]["text"])
+    with atomic_path(args.out_json) as tmp:
+        tmp.write_text(json.dumps({"images": len(held_out), "set": which, "networks": rows}))
+    with atomic_path(args.out_md) as tmp:
+        tmp.write_text(markdown(rows, len(held_out), which))
