@@ -1,6 +1,7 @@
 """The workflow through Snakemake: DAG, a full tiny run, partial reruns, report."""
 
 import fcntl
+import json
 import re
 import shutil
 import subprocess
@@ -80,8 +81,10 @@ def test_dry_run_plans_the_whole_dag(tmp_path):
         "hemnma": 2,
         "gather": 1,
         "split": 1,
+        "synthesize": 1,
         "train": 3,
         "infer": 3,
+        "quality": 1,
         "merge": 1,
         "evaluate": 1,
         "space": 1,
@@ -120,6 +123,17 @@ def test_full_run_outputs(done):
     assert len(net["particles"]) == 120
     assert net["particles"]["dhHemnmaLabelled"].sum() == 60
     assert "rlnPhaseShift" in net["particles"]
+    verdicts = json.loads((done / "results/network/quality.json").read_text())["networks"]
+    assert {v["param"] for v in verdicts} == {"amplitudes", "angles", "shifts"}
+    trusted = net["particles"]["dhTrusted"]
+    if all(v["trusted"] for v in verdicts):
+        assert trusted.all()
+    else:  # untrusted networks: the images HEMNMA aligned keep HEMNMA's values and trust
+        assert (trusted == net["particles"]["dhHemnmaLabelled"]).all()
+        space = (done / "results/space/space.csv").read_text().count("\n") - 1
+        assert space == 60
+    log = (done / "results/logs/quality.log").read_text()
+    assert all(v["text"] in log for v in verdicts)
     hem = starfile.read(done / "results/hemnma/hemnma.star")["particles"]
     assert len(hem) == 60 and "dhCost" in hem
     assert (done / "results/evaluate/accuracy.md").read_text().count("|") > 20
@@ -134,11 +148,14 @@ def test_nothing_reruns_after_complete_run(done):
 
 def test_training_parameter_reruns_only_its_branch(done):
     jobs = planned_jobs(done, **{"network.epochs": 3})
-    assert jobs.get("train") == 3 and jobs.get("infer") == 3
-    assert {"merge", "space", "reconstruct", "fsc", "evaluate"} <= set(jobs)
+    assert jobs.get("train") == 3 and jobs.get("infer") == 3 and "synthesize" not in jobs
+    assert {"quality", "merge", "space", "reconstruct", "fsc", "evaluate"} <= set(jobs)
     assert not {"prepare_model", "nma", "simulate", "shard", "hemnma", "gather", "split"} & set(
         jobs
     )
+    jobs = planned_jobs(done, **{"network.pretrain.images": 300})
+    assert jobs.get("synthesize") == 1 and jobs.get("train") == 3
+    assert not {"simulate", "hemnma", "split"} & set(jobs)
 
 
 def test_nma_cutoff_reruns_everything_downstream(done):
