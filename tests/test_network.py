@@ -448,3 +448,49 @@ def test_quality_baselines_match_independent_formulas():
     assert quality.errors("shifts", base, test_l).mean() == pytest.approx(3.826, rel=0.02)
     assert quality.verdict("shifts", 1.0, 3.8, 0.5, "truth")["trusted"]
     assert not quality.verdict("shifts", 2.0, 3.8, 0.5, "truth")["trusted"]
+
+
+def test_changed_labels_do_not_resume_a_checkpoint(labelled, monkeypatch, tmp_path):
+    """The checkpoint fingerprint holds the labels' content, not their file name."""
+    monkeypatch.chdir(labelled)
+    star = starfile.read(labelled / "p.star")
+    starfile.write(star, tmp_path / "labels.star", overwrite=True)
+    args = train_args(labelled, "shifts", 3)
+    args[args.index("--labels") + 1] = str(tmp_path / "labels.star")
+    args[args.index("--out-dir") + 1] = str(tmp_path / "net")
+    assert cli([*args, "--stop-after-epoch", "2"]) == 0
+    killed = torch.load(tmp_path / "net" / "checkpoint.pt", weights_only=True)["history"]
+    star["particles"]["rlnOriginXAngst"] += 4.4  # same file, new labels (a rerun of HEMNMA)
+    starfile.write(star, tmp_path / "labels.star", overwrite=True)
+    assert cli(args) == 0
+    hist = pd.read_csv(tmp_path / "net" / "history.csv")
+    assert hist["epoch"].tolist() == [1, 2, 3]
+    assert abs(hist["val_metric"].iloc[0] - killed[0]["val_metric"]) > 1e-3  # epoch 1 redone
+    assert torch.load(tmp_path / "net" / "model.pt", weights_only=True)["val_baseline"] > 0
+
+
+def test_infer_refuses_other_geometry_and_foreign_pickles(labelled, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(labelled)
+    if not (labelled / "shifts" / "model.pt").exists():
+        assert cli(train_args(labelled, "shifts", 1)) == 0
+    star = starfile.read(labelled / "p.star")
+    star["optics"]["rlnImagePixelSize"] = 2.2  # same box, half the field of view
+    starfile.write(star, tmp_path / "other.star", overwrite=True)
+    for stack in {n.split("@")[1] for n in star["particles"]["rlnImageName"]}:
+        (tmp_path / stack).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / stack).write_bytes((labelled / stack).read_bytes())
+    base = ["infer", "--workers", "0", "--out", str(tmp_path / "o.star")]
+    monkeypatch.chdir(tmp_path)
+    net = str(labelled / "shifts" / "model.pt")
+    assert cli([*base, "--network", net, "--particles", "other.star"]) == 2
+    assert "32 px at 2.2 Å/px, but" in capsys.readouterr().err
+    assert not (tmp_path / "o.star").exists()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned > owned.txt",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    assert cli([*base, "--network", str(tmp_path / "evil.pt"), "--particles", "other.star"]) == 2
+    assert not (tmp_path / "owned.txt").exists()
+    assert "refusing to load (not a DeepHEMNMA network)" in capsys.readouterr().err
