@@ -16,8 +16,7 @@ import torch
 
 from deephemnma import infer
 from deephemnma.io import ParticleSet, StackWriter, optics_table, write_star
-from deephemnma.nets import ResNet
-from deephemnma.nets import preprocess
+from deephemnma.nets import ResNet, preprocess
 
 
 def make_stack(d: str, n: int, box: int) -> ParticleSet:

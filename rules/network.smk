@@ -152,7 +152,8 @@ rule merge:
 rule evaluate:
     input:
         truth=res("particles/particles.star"),
-        network=rules.merge.output[0],
+        inferred=expand(res("network/{param}/inferred.star"), param=network_params()),
+        final=rules.merge.output[0],
         hemnma=res("hemnma/hemnma.star"),
         split=rules.split.output[0],
     output:
@@ -172,6 +173,7 @@ rule evaluate:
     conda:
         "../envs/deephemnma.yaml"
     shell:
-        "deephemnma evaluate --truth {input.truth:q} --network {input.network:q} "
+        "deephemnma evaluate --truth {input.truth:q} --inferred {input.inferred:q} "
+        "--final {input.final:q} "
         "--hemnma {input.hemnma:q} --split {input.split:q} --out-csv {output.csv:q} "
         "--out-md {output.md:q} --out-figure {output.figure:q} > {log:q} 2>&1"

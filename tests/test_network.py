@@ -494,3 +494,24 @@ def test_infer_refuses_other_geometry_and_foreign_pickles(labelled, monkeypatch,
     assert cli([*base, "--network", str(tmp_path / "evil.pt"), "--particles", "other.star"]) == 2
     assert not (tmp_path / "owned.txt").exists()
     assert "refusing to load (not a DeepHEMNMA network)" in capsys.readouterr().err
+
+
+def test_synthesize_then_pretrain_and_finetune(labelled, adk_model_files, monkeypatch, tmp_path):
+    """synthesize recovers the simulator's unit noise; train runs a pretraining epoch on the
+    synthetic images, then fine-tunes on the labelled ones, and records both phases."""
+    monkeypatch.chdir(labelled)
+    syn = tmp_path / "syn"
+    argv = ["synthesize", "--model", str(adk_model_files / "model.npz")]
+    argv += ["--modes", str(adk_model_files / "modes.npz"), "--particles", "p.star"]
+    argv += ["--labels", "p.star", "--n-images", "96", "--out-dir", str(syn)]
+    assert cli([*argv, "--out-figure", str(tmp_path / "syn.png")]) == 0
+    meta = json.loads((syn / "meta.json").read_text())
+    assert meta["noise_sigma"] == pytest.approx(1.0, rel=0.1) and meta["box"] == 32
+    assert np.load(syn / "images.npy").shape == (96, 32, 32)
+    labels = np.load(syn / "labels.npz")
+    assert np.abs(labels["shifts"]).max() <= 2.0 + 1e-6  # within the labelled range
+    args = train_args(labelled, "shifts", 1)
+    args[args.index("--out-dir") + 1] = str(tmp_path / "net")
+    assert cli([*args, "--pretrain", str(syn), "--pretrain-epochs", "1"]) == 0
+    hist = pd.read_csv(tmp_path / "net" / "history.csv")
+    assert hist["phase"].tolist() == ["pretrain", "finetune"]

@@ -54,9 +54,11 @@ def evaluation_table(
     hemnma: pd.DataFrame | None,
     test: pd.Series,
     pixel_size: float,
+    final: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Comparison table. The network is judged on the test images; HEMNMA (not trained) on every
-    image it aligned; network vs HEMNMA on the test images HEMNMA aligned. Joined on names."""
+    image it aligned; network vs HEMNMA on the test images HEMNMA aligned; the final merged
+    values (what the space uses) on every trusted image. Joined on names."""
     modes = amplitude_modes(truth)
     t, n = truth.set_index("rlnImageName"), network.set_index("rlnImageName")
 
@@ -71,6 +73,11 @@ def evaluation_table(
         h = hemnma.set_index("rlnImageName")
         rows["HEMNMA vs ground truth"] = row(h, t, h.index)
         rows["network vs HEMNMA"] = row(n, h, test)
+    if final is not None:
+        f = final.set_index("rlnImageName")
+        if "dhTrusted" in f:
+            f = f[f["dhTrusted"].astype(int) == 1]
+        rows["final (trusted images) vs ground truth"] = row(f, t, f.index)
     table = pd.DataFrame({k: v for k, v in rows.items() if v}).T
     table.index.name = "comparison"
     return table
@@ -114,7 +121,8 @@ def overlap_figure(
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truth", required=True, help="simulated particles.star (ground truth)")
-    p.add_argument("--network", required=True, help="deephemnma.star")
+    p.add_argument("--inferred", nargs="+", required=True, help="STARs from infer (the networks)")
+    p.add_argument("--final", default=None, help="deephemnma.star (merged, with verdicts)")
     p.add_argument("--hemnma", default=None, help="hemnma.star")
     p.add_argument("--split", required=True, help="split CSV (test images are evaluated)")
     p.add_argument("--out-csv", required=True)
@@ -128,14 +136,20 @@ def main(args: argparse.Namespace) -> None:
     if not amplitude_modes(truth):
         raise InputError(f"{args.truth}: no _dhAmplitudeMode<k> ground-truth columns")
     pixel_size = float(truth_b["optics"]["rlnImagePixelSize"].iloc[0])
-    network = read_star(require_file(args.network, "network STAR"), ["rlnImageName"])["particles"]
+    network = truth[["rlnImageName"]]
+    for path in args.inferred:
+        inferred = read_star(require_file(path, "inferred STAR"), ["rlnImageName"])["particles"]
+        network = network.merge(inferred, on="rlnImageName", how="left")
+    amp_cols = [amplitude_column(k) for k in amplitude_modes(truth)]
+    network = network.reindex(columns=["rlnImageName", *EULER, *ORIGIN, *amp_cols])  # NaN: no net
+    final = read_star(args.final, ["rlnImageName"])["particles"] if args.final else None
     hemnma = read_star(args.hemnma, ["rlnImageName"])["particles"] if args.hemnma else None
     split = pd.read_csv(require_file(args.split, "split CSV"))
     names = split.loc[split["set"] == "test", "rlnImageName"]
     if names.empty:
         names = split["rlnImageName"]
         log.warning("no test images in the split: evaluating on all labelled images")
-    table = evaluation_table(truth, network, hemnma, names, pixel_size)
+    table = evaluation_table(truth, network, hemnma, names, pixel_size, final)
     with atomic_path(args.out_csv) as tmp:
         table.to_csv(tmp, float_format="%.4f")
     with atomic_path(args.out_md) as tmp:

@@ -13,6 +13,7 @@ import json
 import logging
 
 from .io import InputError, read_star, require_file, write_star
+from .quality import param_of
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,7 @@ def main(args: argparse.Namespace) -> None:
     for path in args.inferred:
         inferred = read_star(require_file(path, "inferred STAR"), ["rlnImageName"])["particles"]
         cols = [c for c in inferred.columns if c != "rlnImageName"]
-        param = (
-            "angles"
-            if "rlnAngleRot" in cols
-            else "shifts"
-            if "rlnOriginXAngst" in cols
-            else "amplitudes"
-        )
+        param = param_of(inferred)
         merged = parts[["rlnImageName"]].merge(inferred, on="rlnImageName", how="left")
         if merged[cols].isna().any().any():
             raise InputError(f"{path}: does not cover every particle of {args.particles}")

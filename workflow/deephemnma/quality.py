@@ -83,6 +83,13 @@ def verdict(param: str, error: float, base: float, max_ratio: float, reference: 
     }
 
 
+def param_of(table: pd.DataFrame) -> str:
+    """The parameter type whose columns an inferred table holds."""
+    if "rlnAngleRot" in table:
+        return "angles"
+    return "shifts" if "rlnOriginXAngst" in table else "amplitudes"
+
+
 def labels_of(table: pd.DataFrame, pixel_size: float, modes: list[int]) -> dict[str, np.ndarray]:
     """The label arrays a particle table holds (shifts in pixels: origin = -shift · pixel size)."""
     columns = {
@@ -155,11 +162,8 @@ def main(args: argparse.Namespace) -> None:
         missing = held_out.difference(inferred.index)
         if len(missing):
             raise InputError(f"{path}: no estimate for image {missing[0]}")
-        est = labels_of(inferred.loc[held_out], ps.pixel_size, modes)
-        if len(est) != 1:
-            raise InputError(f"{path}: expected the columns of one parameter type")
-        key = next(iter(est))
-        param = {"euler": "angles"}.get(key, key)
+        param = param_of(inferred)
+        est = {**ref, **labels_of(inferred.loc[held_out], ps.pixel_size, modes)}
         err = float(errors(param, est, ref).mean())
         b = float(errors(param, base, ref).mean())
         rows.append(verdict(param, err, b, args.max_ratio, reference))

@@ -38,6 +38,7 @@ from torch.utils.data.distributed import DistributedSampler
 from . import geometry, quality
 from .io import (
     InputError,
+    ParticleImages,
     ParticleSet,
     amplitude_modes,
     atomic_path,
@@ -49,6 +50,7 @@ from .nets import ResNet, bf16_supported, n_parameters, preprocess
 
 log = logging.getLogger(__name__)
 PARAMS = ("amplitudes", "angles", "shifts")
+LABEL_KEYS = ("euler", "shifts", "amplitudes")
 ANGLE_OUTPUTS = {"6d": 6, "quaternion": 4, "euler": 3}
 
 
@@ -134,7 +136,7 @@ def transform_labels(
 class ImageRows(Dataset):
     """Items (image, euler, shift, amplitudes) of given rows of images and label arrays."""
 
-    def __init__(self, images, rows: np.ndarray, labels: dict[str, np.ndarray]):
+    def __init__(self, images: ParticleImages, rows: np.ndarray, labels: dict[str, np.ndarray]):
         self.images, self.rows, self.labels = images, rows, labels
 
     def __len__(self) -> int:
@@ -143,38 +145,47 @@ class ImageRows(Dataset):
     def __getitem__(self, i: int):
         r = self.rows[i]
         return (
-            torch.from_numpy(np.asarray(self.images[r : r + 1], dtype=np.float32)[0]),
-            *(
-                torch.from_numpy(self.labels[k][r]).float()
-                for k in ("euler", "shifts", "amplitudes")
-            ),
+            torch.from_numpy(self.images[np.array([r])][0]),
+            *(torch.from_numpy(self.labels[k][r]).float() for k in LABEL_KEYS),
         )
 
 
 @dataclass
 class Synthetic:
-    """Pretraining images from `deephemnma synthesize`: noise-free at the working box, memory-mapped;
-    white noise of `noise_sigma` is added afresh to every batch."""
+    """Pretraining images from `deephemnma synthesize`: noise-free at the working box, held in
+    memory on the training device; white noise of `noise_sigma` is added afresh to every batch."""
 
-    images: np.ndarray  # (n, box, box)
-    labels: dict[str, np.ndarray]
+    images: torch.Tensor  # (n, box, box)
+    labels: dict[str, torch.Tensor]
     noise_sigma: float
     box: int
     meta_text: str  # meta.json as written, for the checkpoint fingerprint
 
     @classmethod
-    def load(cls, folder: str | Path) -> Synthetic:
+    def load(cls, folder: str | Path, device: torch.device) -> Synthetic:
         folder = Path(folder)
         meta_text = require_file(folder / "meta.json", "synthetic meta.json").read_text()
         meta = json.loads(meta_text)
-        images = np.load(require_file(folder / "images.npy", "synthetic images"), mmap_mode="r")
+        images = np.load(require_file(folder / "images.npy", "synthetic images"))
         with np.load(require_file(folder / "labels.npz", "synthetic labels")) as z:
-            labels = {k: z[k] for k in ("euler", "shifts", "amplitudes")}
+            labels = {k: torch.tensor(z[k]).float().to(device) for k in LABEL_KEYS}
         if images.shape[0] != len(labels["euler"]):
             raise InputError(
                 f"{folder}: {images.shape[0]} images but {len(labels['euler'])} labels"
             )
+        images = torch.from_numpy(images).to(device)
         return cls(images, labels, float(meta["noise_sigma"]), int(meta["box"]), meta_text)
+
+    def n_batches(self, batch_size: int, world: int) -> int:
+        return len(self.images) // world // batch_size
+
+    def batches(self, batch_size: int, epoch: int, rank: int, world: int, seed: int):
+        """Shuffled full batches (image, euler, shift, amplitudes) of this rank's share."""
+        gen = torch.Generator().manual_seed(seed + epoch)
+        perm = torch.randperm(len(self.images), generator=gen)[rank::world]
+        for idx in perm[: self.n_batches(batch_size, world) * batch_size].split(batch_size):
+            idx = idx.to(self.images.device)
+            yield self.images[idx], *(self.labels[k][idx] for k in LABEL_KEYS)
 
 
 # ----------------------------------------------------------------------------- training
@@ -295,7 +306,9 @@ def train(args: argparse.Namespace) -> None:
     box = args.box or ps.box
     if box > ps.box:
         raise InputError(f"working box {box} is larger than the particles' box {ps.box}")
-    synthetic = Synthetic.load(args.pretrain) if args.pretrain and args.pretrain_epochs else None
+    synthetic = (
+        Synthetic.load(args.pretrain, device) if args.pretrain and args.pretrain_epochs else None
+    )
     if synthetic is not None and synthetic.box != box:
         raise InputError(f"{args.pretrain}: rendered at {synthetic.box} px, networks work at {box}")
     pretrain_epochs = args.pretrain_epochs if synthetic is not None else 0
@@ -334,10 +347,8 @@ def train(args: argparse.Namespace) -> None:
 
     tr, tr_sampler = loader(ImageRows(ps.images, train_rows, labels), True)
     va, _ = loader(ImageRows(ps.images, val_rows, labels), False)
-    if synthetic is not None:
-        syn_rows = np.arange(len(synthetic.images))
-        sy, sy_sampler = loader(ImageRows(synthetic.images, syn_rows, synthetic.labels), True)
-    total_steps = pretrain_epochs * (len(sy) if synthetic else 0) + args.epochs * len(tr)
+    syn_steps = synthetic.n_batches(args.batch_size, world) if synthetic else 0
+    total_steps = pretrain_epochs * syn_steps + args.epochs * len(tr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps))
 
     out = Path(args.out_dir)
@@ -374,8 +385,8 @@ def train(args: argparse.Namespace) -> None:
     bf16 = bf16_supported(device)
     gen = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)
 
-    def batches(loader: DataLoader, augment: bool, noise_sigma: float = 0.0):
-        for img, eul, sh, amp in loader:
+    def batches(items, augment: bool, noise_sigma: float = 0.0):
+        for img, eul, sh, amp in items:
             img, eul, sh, amp = (x.to(device, non_blocking=True) for x in (img, eul, sh, amp))
             if noise_sigma:
                 img = img + noise_sigma * torch.randn(
@@ -399,9 +410,12 @@ def train(args: argparse.Namespace) -> None:
     for epoch in range(state["epoch"] + 1, pretrain_epochs + args.epochs + 1):
         t0 = time.perf_counter()
         pretraining = epoch <= pretrain_epochs
-        data, sampler = (sy, sy_sampler) if pretraining else (tr, tr_sampler)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        if pretraining:
+            data = synthetic.batches(args.batch_size, epoch, rank, world, args.seed)
+        else:
+            data = tr
+            if tr_sampler is not None:
+                tr_sampler.set_epoch(epoch)
         net.train()
         tot = torch.zeros(2, device=device)
         noise = synthetic.noise_sigma if pretraining else 0.0

@@ -1,0 +1,169 @@
+"""Learning ladder (after the paper's Table S3, reduced): how hard each step makes the task.
+
+Networks are trained on the ground truth of simulated images of open adenylate kinase (64 px at
+2.2 Å/px, Fourier-cropped to a working box), one task harder per row: noise-free at a fixed pose,
++ shifts, + in-plane rotation, + full SO(3), + noise (SNR 0.1) and CTF. Each row renders its images
+once, noise-free; noisy rows draw fresh noise for every batch (as synthetic pretraining does).
+Errors are on held-out images, next to the trivial baseline (the training mean; for angles the
+rotation nearest the mean). Prints one table; ≤ 30 min on 2 cores at the defaults.
+
+    python bench/learning.py [--n-images 4000] [--epochs 8] [--box 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
+
+from deephemnma import model, nma, quality, simulate, train  # noqa: E402
+from deephemnma.cli import build_parser  # noqa: E402
+from deephemnma.nets import ResNet, bf16_supported, preprocess  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = [
+    ("noise-free, fixed pose", dict(shift=False, psi=False, so3=False, noisy=False)),
+    ("+ shifts", dict(shift=True, psi=False, so3=False, noisy=False)),
+    ("+ in-plane rotation", dict(shift=True, psi=True, so3=False, noisy=False)),
+    ("+ full SO(3)", dict(shift=True, psi=True, so3=True, noisy=False)),
+    ("+ noise (SNR 0.1) and CTF", dict(shift=True, psi=True, so3=True, noisy=True)),
+]
+
+
+def flexible_model(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+    """Coordinates, modes 7-9 and weights of open AK (heavy atoms)."""
+    atoms = model.prepare_model(REPO / "resources/adk_open.pdb", "heavy", None, None, 500)
+    model.save_model(atoms, folder / "model.npz", folder / "model.pdb")
+    _, _, modes = nma.compute_modes(atoms, 3, 15.0, 1.0, 5000)
+    m = np.load(folder / "model.npz")
+    t = lambda a: torch.tensor(a, dtype=torch.float32)
+    return t(m["coords"]), t(modes), t(m["weights"]), np.arange(7, 10)
+
+
+def render_row(flex, n: int, row: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Noise-free images (n, 64, 64) (with CTF on noisy rows), per-image noise sigma, labels."""
+    coords, modes, weights, numbers = flex
+    argv = ["simulate", "--model", "-", "--modes", "-", "--n-images", str(n)]
+    cfg = build_parser("simulate").parse_args([*argv, "--out-star", "-", "--out-stacks", "-"])
+    cfg.seed, cfg.ctf, cfg.snr = seed, row["noisy"], None
+    params = simulate.draw_parameters(n, numbers, cfg)
+    if not row["so3"]:
+        params[["rlnAngleRot", "rlnAngleTilt"]] = [30.0, 60.0]
+    if not row["psi"]:
+        params["rlnAnglePsi"] = 0.0
+    if not row["shift"]:
+        params[["rlnOriginXAngst", "rlnOriginYAngst"]] = 0.0
+    key = "ctf" if row["noisy"] else "clean"
+    images = torch.cat(
+        [
+            simulate.render(coords, modes, weights, params.iloc[i : i + 64], numbers, cfg, None)[
+                key
+            ]
+            for i in range(0, n, 64)
+        ]
+    )
+    sigma = (images.var(dim=(-2, -1)) / 0.1).sqrt() if row["noisy"] else torch.zeros(n)
+    labels = {
+        "euler": params[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(),
+        "shifts": -params[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / cfg.pixel_size,
+        "amplitudes": params[[f"dhAmplitudeMode{k}" for k in numbers]].to_numpy(),
+    }
+    return images, sigma, labels
+
+
+def fit(images, sigma, labels, param: str, box: int, epochs: int, augment: bool) -> float:
+    """Train one network on the first 80 % of the images; mean error on the rest."""
+    torch.manual_seed(0)
+    n = len(images)
+    n_train = n * 4 // 5
+    lab = {k: torch.tensor(v).float() for k, v in labels.items()}
+    y_all = train.target_values(param, "6d", lab["euler"], lab["shifts"], lab["amplitudes"])
+    mean, std = y_all[:n_train].mean(0), y_all[:n_train].std(0).clamp_min(1e-6)
+    if param == "angles":
+        mean, std = torch.zeros_like(mean), torch.ones_like(std)
+    net = ResNet("resnet18", train.n_outputs(param, "6d", 3)).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    steps = epochs * (n_train // 64)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, train.warmup_cosine(steps))
+    bf16 = bf16_supported(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(epochs):
+        net.train()
+        for idx in torch.randperm(n_train).split(64)[: n_train // 64]:
+            x = images[idx] + sigma[idx, None, None] * torch.randn(images[idx].shape, generator=gen)
+            e, s = lab["euler"][idx], lab["shifts"][idx]
+            if augment:  # exact quarter turns: labels follow (psi + 90° k, rotated shifts)
+                turns = torch.randint(0, 4, (len(idx),))
+                x = train.transform_images(x, turns, torch.zeros(len(idx), 2))
+                e, s = train.transform_labels(e, s, 90.0 * turns.float(), torch.zeros(len(idx), 2))
+            y = train.target_values(param, "6d", e, s, lab["amplitudes"][idx])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                pred = net(preprocess(x, box).contiguous(memory_format=torch.channels_last))
+            loss, _ = train.loss_and_metric(param, "6d", pred, y, mean, std)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    g = torch.Generator().manual_seed(2)
+    test = images[n_train:] + sigma[n_train:, None, None] * torch.randn(
+        images[n_train:].shape, generator=g
+    )
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = net(preprocess(test, box).contiguous(memory_format=torch.channels_last)).float()
+    out = (out * std + mean).numpy()
+    ref = {k: v[n_train:] for k, v in labels.items()}
+    est = dict(ref)
+    if param == "angles":
+        est["euler"] = train.outputs_to_euler(out, "6d")
+    else:
+        est[param] = out
+    return float(quality.errors(param, est, ref).mean())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--n-images", type=int, default=4000)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--box", type=int, default=32, help="working box (images are 64 px)")
+    p.add_argument("--rows", type=int, default=len(ROWS), help="first rows only")
+    a = p.parse_args()
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; {a.n_images} images of 64 px (80 % training), "
+        f"working box {a.box}, ResNet-18, {a.epochs} epochs, trained on truth, 6D angles"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        flex = flexible_model(Path(tmp))
+    print("| task | amplitudes | angles (deg) | shifts (px) | seconds |")
+    print("|---|---|---|---|---|")
+    for name, row in ROWS[: a.rows]:
+        t0 = time.perf_counter()
+        images, sigma, labels = render_row(flex, a.n_images, row, seed=3)
+        n_train = a.n_images * 4 // 5
+        base = quality.baseline({k: v[:n_train] for k, v in labels.items()}, a.n_images - n_train)
+        ref = {k: v[n_train:] for k, v in labels.items()}
+        cells = []
+        for param in ("amplitudes", "angles", "shifts"):
+            varies = {"angles": row["psi"], "shifts": row["shift"]}.get(param, True)
+            if not varies:
+                cells.append("— (fixed)")
+                continue
+            err = fit(images, sigma, labels, param, a.box, a.epochs, augment=row["psi"])
+            b = float(quality.errors(param, base, ref).mean())
+            cells.append(f"{err:.3g} (baseline {b:.3g})")
+        print(f"| {name} | {' | '.join(cells)} | {time.perf_counter() - t0:.0f} |", flush=True)
+    print("goal for the last row: amplitudes ≤ 30, angles ≤ 15°")
+
+
+if __name__ == "__main__":
+    main()
