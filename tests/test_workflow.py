@@ -90,6 +90,17 @@ def test_dry_run_plans_the_whole_dag(tmp_path):
     }
 
 
+def test_several_structures_add_a_reference_each(tmp_path):
+    write_config(tmp_path, structure=[str(OPEN_PDB), str(CLOSED_PDB)])
+    out = snakemake(tmp_path, "-n", "-p").stdout
+    stats = out.split("Job stats:")[1].split("total")[0]
+    jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
+    assert jobs["prepare_model"] == jobs["prepare_reference"] == 1
+    assert jobs["nma"] == jobs["nma_reference"] == 1
+    assert "--model results/model/model.npz results/model/reference_2/model.npz" in out
+    assert "--modes results/model/modes.npz results/model/reference_2/modes.npz" in out
+
+
 def test_full_run_outputs(done):
     import starfile
 
@@ -99,6 +110,7 @@ def test_full_run_outputs(done):
     assert "rlnPhaseShift" in net["particles"]
     hem = starfile.read(done / "results/hemnma/hemnma.star")["particles"]
     assert len(hem) == 60 and "dhCost" in hem
+    assert {"dhCostZ", "dhFlagged"} <= set(hem) and "dhReference" not in hem
     assert (done / "results/evaluate/accuracy.md").read_text().count("|") > 20
     for g in (0, 1):
         assert (done / f"results/maps/group_{g}.mrc").stat().st_size > 32**3 * 4
