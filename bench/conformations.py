@@ -7,7 +7,7 @@ Aligns them against the open model (or open + closed references) and prints, per
 pose error (mean/median, fraction within 5°), amplitude error against the least-squares
 projection of each particle's true structure on the open model's modes (mean |error| per mode
 and the median error norm relative to the open -> closed distance in amplitudes), the chosen reference, the fraction flagged by the cost z-score, and
-for a mixture the open/closed AUC of PC1 of the amplitudes.
+for a mixture the open/closed AUC of PC1 of the amplitudes and of the cost.
 
 Usage: python bench/conformations.py [--particles closed|mixture] [--n-images 200] [--modes 3]
        [--references open|both] [--amplitude-prior 0] [--spread 0]
@@ -157,7 +157,11 @@ def main() -> None:
     if a.particles == "mixture":
         pc1 = PCA(1).fit_transform(amps)[:, 0]
         auc = roc_auc_score(state, pc1)
-        print(f"  open/closed AUC of PC1 of the amplitudes: {max(auc, 1 - auc):.3f}")
+        cost_auc = roc_auc_score(state, res["cost"])
+        print(
+            f"  open/closed AUC of PC1 of the amplitudes: {max(auc, 1 - auc):.3f}; "
+            f"AUC of the cost (closed above open): {cost_auc:.3f}"
+        )
     per = wall / a.n_images
     print(f"  {per * threads:.2f} s per image per core ({len(used)} reference(s))")
 
