@@ -1,7 +1,7 @@
 """HEMNMA on particles of a structure other than the reference: closed AK against open AK.
 
-Simulates particles of closed adenylate kinase (1AKE, CA-superposed on 4AKE), or a 50/50 mixture
-with open AK (4AKE), at 64 px, 2.2 Å/px, SNR 0.1, with CTF (5,000 Å defocus, 200 kV), uniform
+Simulates particles of closed adenylate kinase (1AKE, CA-superposed on 4AKE), or a mixture with
+open AK (4AKE; 50/50 unless --closed-fraction), at 64 px, 2.2 Å/px, SNR 0.1, with CTF (5,000 Å defocus, 200 kV), uniform
 SO(3), shifts ±2.5 px; optionally with Gaussian fluctuations along each structure's own modes.
 Aligns them against the open model (or open + closed references) and prints, per true state:
 pose error (mean/median, fraction within 5°), amplitude error against the least-squares
@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--modes", type=int, default=3)
     p.add_argument("--references", choices=["open", "both"], default="open")
     p.add_argument("--amplitude-prior", type=float, default=0.0)
+    p.add_argument("--closed-fraction", type=float, default=0.5, help="of a mixture")
     p.add_argument("--spread", type=float, default=0.0, help="std of amplitudes along own modes")
     p.add_argument("--flag-z", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=3)
@@ -79,7 +80,8 @@ def main() -> None:
         params[amplitude_column(int(k))] = own[:, j]
     state = np.ones(a.n_images, dtype=int)
     if a.particles == "mixture":
-        state[rng.permutation(a.n_images)[: a.n_images // 2]] = 0
+        n_open = a.n_images - round(a.closed_fraction * a.n_images)
+        state[rng.permutation(a.n_images)[:n_open]] = 0
     refs = [open_ref, closed_ref]
     gen = torch.Generator().manual_seed(a.seed + 1)
     t = lambda x: torch.tensor(x, dtype=torch.float32)
@@ -142,9 +144,9 @@ def main() -> None:
     )
     print(
         "| state | n | pose mean | median | ≤5° | mean abs amp err per mode | amp err / open-closed"
-        " | right reference | flagged |"
+        " | right reference | flagged | median cost |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s, name in enumerate(["open", "closed"]):
         m = state == s
         if not m.any():
@@ -152,7 +154,8 @@ def main() -> None:
         print(
             f"| {name} | {m.sum()} | {ang[m].mean():.2f}° | {np.median(ang[m]):.2f}° | "
             f"{(ang[m] <= 5).mean():.0%} | {np.round(err[m].mean(0), 1)} | "
-            f"{np.median(rel[m]):.1%} | {right(m, s)} | {flagged[m].mean():.0%} |"
+            f"{np.median(rel[m]):.1%} | {right(m, s)} | {flagged[m].mean():.0%} | "
+            f"{np.median(res['cost'][m]):.4f} |"
         )
     if a.particles == "mixture":
         pc1 = PCA(1).fit_transform(amps)[:, 0]
