@@ -328,3 +328,60 @@ def test_amplitude_prior_pulls_noise_to_zero_and_leaves_data_alone(two_states):
     on_data = fit(clean, sd, np.zeros((1, 3)))
     print(f"clean data with prior: {on_data.round(1)} (truth {truth[0]})")
     np.testing.assert_allclose(on_data, truth[0], atol=8.0)
+
+
+def test_cli_several_references(adk_model_files, tmp_path):
+    from .conftest import CLOSED_PDB
+
+    simulate(tmp_path, adk_model_files, 4, 32, 4.4, True, seed=6)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "deephemnma", *map(str, a)],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        run(
+            "prepare-model", "--structure", CLOSED_PDB, "--out-npz", "c.npz", "--out-pdb", "c.pdb"
+        ).returncode
+        == 0
+    )
+    nma = ["--out-nmd", "c.nmd", "--out-table", "c.csv", "--out-anim-dir", "anim"]
+    assert (
+        run("nma", "--model", "c.npz", "--pdb", "c.pdb", "--out-npz", "cm.npz", *nma).returncode
+        == 0
+    )
+    files = adk_model_files
+    fast = ["--coarse-box", "16", "--n-directions", "50", "--iterations", "3", "5"]
+    r = run(
+        "hemnma",
+        "--particles",
+        "p.star",
+        "--model",
+        files / "model.npz",
+        "c.npz",
+        "--modes",
+        files / "modes.npz",
+        "cm.npz",
+        "--out",
+        "two.star",
+        *fast,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = starfile.read(tmp_path / "two.star")["particles"]
+    assert set(out["dhReference"]) <= {1, 2} and "dhRefAmplitudeMode9" in out
+    r = run(
+        "hemnma",
+        "--particles",
+        "p.star",
+        "--model",
+        files / "model.npz",
+        "c.npz",
+        "--modes",
+        "cm.npz",
+        "--out",
+        "x.star",
+        *fast,
+    )
+    assert r.returncode == 2 and "2 model files but 1 modes files" in r.stderr
