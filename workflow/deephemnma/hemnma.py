@@ -116,25 +116,22 @@ def superpose(mobile: Reference, target: Reference) -> Reference:
 def common_amplitudes(
     references: list[Reference], reference: np.ndarray, amplitudes: np.ndarray
 ) -> np.ndarray:
-    """(B, K0) amplitudes on the first reference's modes of each image's fitted structure.
+    """(B, K) amplitudes on the first reference's modes of each image's fitted structure.
 
     Image b fitted reference r = `reference[b]` with `amplitudes[b]` (its own modes); its
     structure is projected by least squares on the first reference's modes over their shared atoms.
     """
     first = references[0]
-    out = (
-        amplitudes.copy() if len(references) == 1 else np.zeros((len(reference), len(first.modes)))
-    )
+    out = amplitudes.copy()
     for r, ref in enumerate(references[1:], start=1):
         sel = reference == r
         if not sel.any():
             continue
         i, j = shared_atoms(first, ref)
         x = ref.coords[j][None] + np.einsum("bk,knc->bnc", amplitudes[sel], ref.modes[:, j])
-        basis = first.modes[:, i].reshape(len(first.modes), -1).T  # (3M, K0)
+        basis = first.modes[:, i].reshape(len(first.modes), -1).T  # (3M, K)
         rhs = (x - first.coords[i][None]).reshape(len(x), -1).T
         out[sel] = np.linalg.lstsq(basis, rhs, rcond=None)[0].T
-    out[reference == 0] = amplitudes[reference == 0][:, : len(first.modes)]
     return out
 
 
