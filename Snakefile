@@ -34,6 +34,7 @@ wildcard_constraints:
     param="amplitudes|angles|shifts",
     i=r"\d+",
     g=r"\d+",
+    r=r"\d+",
 
 
 include: "rules/common.smk"

@@ -5,7 +5,7 @@ Simulates open-AK particles (modes 7-9, uniform ±150, uniform SO(3), shifts ±5
 distance to ground truth (mean/std, degrees), |amplitude error| per mode, shift error, and the
 seconds per image per CPU core (wall × threads / images).
 
-Usage: python bench/hemnma.py [--n-images 200] [--box 128] [--no-noise]
+Usage: python bench/hemnma.py [--n-images 200] [--box 128] [--no-noise] [--amplitude-prior 0]
 """
 
 import argparse
@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--candidates", type=int, default=hemnma.AlignSettings.candidates)
     p.add_argument("--n-directions", type=int, default=hemnma.AlignSettings.n_directions)
+    p.add_argument("--amplitude-prior", type=float, default=hemnma.AlignSettings.amplitude_prior)
     a = p.parse_args()
     px = 1.1 * 128 / a.box
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,10 +106,18 @@ def main() -> None:
             max_shift_px=6.0 * a.box / 128,
             candidates=a.candidates,
             n_directions=a.n_directions,
+            amplitude_prior=a.amplitude_prior,
         )
         t0 = time.perf_counter()
         al = hemnma.Aligner(
-            m["coords"], md["modes"], m["weights"], ps.box, ps.pixel_size, settings, device
+            m["coords"],
+            md["modes"],
+            m["weights"],
+            ps.box,
+            ps.pixel_size,
+            settings,
+            device,
+            md["eigenvalues"],
         )
         t1 = time.perf_counter()
         res = hemnma.align_rows(ps, np.arange(len(ps)), al)
@@ -126,6 +135,7 @@ def main() -> None:
         else (f"{platform.machine()} CPU, {threads} threads")
     )
     cond = "no noise, no CTF" if a.no_noise else "CTF + SNR 0.1"
+    cond += f", amplitude prior {a.amplitude_prior:g}" if a.amplitude_prior else ""
     print(f"HEMNMA on {a.n_images} images, {a.box} px, {cond}; {where}")
     print(
         f"  angular distance to truth: mean {ang.mean():.2f} deg, std {ang.std():.2f} deg, "

@@ -8,13 +8,28 @@ from deephemnma.config import check_sizes
 
 def check_config_files():
     """Fail at load time, naming the config key, when a configured input file is missing."""
-    keys = [
-        ("structure", config["structure"]),
-        ("nma.compare_to", config["nma"]["compare_to"]),
-    ]
+    keys = [("structure", s) for s in structures()]
+    keys.append(("nma.compare_to", config["nma"]["compare_to"]))
     for key, path in keys:
         if path is not None and not Path(path).is_file():
             raise WorkflowError(f"config key '{key}': file '{path}' does not exist")
+
+
+def structures():
+    """The configured structures: the main reference first, then any extra references."""
+    s = config["structure"]
+    return [s] if isinstance(s, str) else list(s)
+
+
+def reference_structure(wildcards):
+    """Structure of extra reference {r} (2, 3, ...)."""
+    return structures()[int(wildcards.r) - 1]
+
+
+def reference_files(name):
+    """`name` (model.npz or modes.npz) of every reference, the main one first."""
+    extra = range(2, len(structures()) + 1)
+    return [res(f"model/{name}")] + [res(f"model/reference_{r}/{name}") for r in extra]
 
 
 check_config_files()
@@ -143,6 +158,7 @@ def hemnma_args():
     args = ["--coarse-box", c["coarse_box"], "--n-directions", c["n_directions"]]
     args += ["--psi-step", c["psi_step"], "--candidates", c["candidates"]]
     args += ["--gallery-amplitude", c["gallery_amplitude"]]
+    args += ["--amplitude-prior", c["amplitude_prior"]]
     args += ["--max-shift-px", c["max_shift_px"], "--iterations", *c["iterations"]]
     return args + ["--batch", c["batch"], "--sigma-angstrom", sigma_angstrom()]
 

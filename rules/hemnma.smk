@@ -18,8 +18,8 @@ rule hemnma:
     input:
         shard=res("hemnma/shards/shard_{i}.star"),
         stacks=res("particles/stacks"),
-        model=rules.prepare_model.output.npz,
-        modes=rules.nma.output.npz,
+        model=reference_files("model.npz"),
+        modes=reference_files("modes.npz"),
     output:
         res("hemnma/aligned/shard_{i}.star"),
     log:
@@ -54,6 +54,8 @@ rule gather:
         res("logs/gather.log"),
     conda:
         "../envs/deephemnma.yaml"
+    params:
+        flag_z=config["hemnma"]["flag_z"],
     shell:
         "deephemnma gather --shards {input:q} --out {output.star:q} "
-        "--out-figure {output.figure:q} > {log:q} 2>&1"
+        "--out-figure {output.figure:q} --flag-z {params.flag_z} > {log:q} 2>&1"

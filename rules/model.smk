@@ -1,6 +1,6 @@
 rule prepare_model:
     input:
-        structure=config["structure"],
+        structure=structures()[0],
     output:
         npz=res("model/model.npz"),
         pdb=res("model/model.pdb"),
@@ -57,3 +57,29 @@ rule nma:
         "--animate-amplitude {params.amplitude} {params.compare} "
         "--out-npz {output.npz:q} --out-nmd {output.nmd:q} --out-table {output.table:q} "
         "--out-anim-dir {params.anim_dir:q} > {log:q} 2>&1"
+
+
+use rule prepare_model as prepare_reference with:
+    input:
+        structure=reference_structure,
+    output:
+        npz=res("model/reference_{r}/model.npz"),
+        pdb=res("model/reference_{r}/model.pdb"),
+    log:
+        res("logs/prepare_reference_{r}.log"),
+
+
+use rule nma as nma_reference with:
+    input:
+        npz=rules.prepare_reference.output.npz,
+        pdb=rules.prepare_reference.output.pdb,
+        compare_to=config["nma"]["compare_to"] or [],
+    output:
+        npz=res("model/reference_{r}/modes.npz"),
+        nmd=res("model/reference_{r}/modes.nmd"),
+        table=res("model/reference_{r}/modes.csv"),
+        anim=expand(res("model/reference_{{r}}/anim/mode{k}.pdb"), k=mode_numbers()),
+    log:
+        res("logs/nma_reference_{r}.log"),
+    benchmark:
+        res("benchmarks/nma_reference_{r}.tsv")

@@ -190,3 +190,214 @@ def test_mpi_two_ranks_equal_one_rank(adk_model_files, tmp_path):
         "dhCost",
     ]:
         np.testing.assert_allclose(two[col], one[col], atol=2e-3, err_msg=col)
+
+
+@pytest.fixture(scope="module")
+def two_states(adk_atoms, adk_modes):
+    """Open and closed AK references (closed superposed on open) and a noise-free mixture of
+    4 open + 4 closed particles (32 px, 4.4 Å/px, CTF): (references, images, ctf, table, state)."""
+    from deephemnma import model as model_mod
+    from deephemnma import nma as nma_mod
+    from deephemnma import simulate
+
+    from .conftest import CLOSED_PDB, sim_config
+
+    refs = []
+    for ag in (adk_atoms, model_mod.prepare_model(CLOSED_PDB, "heavy", None, None, 500)):
+        _, evals, modes = nma_mod.compute_modes(ag, 3, 15.0, 1.0, 5000)
+        weights = model_mod.scattering_weights(ag.getElements())
+        refs.append(
+            hemnma.Reference(ag.getCoords(), modes, weights, evals, model_mod.atom_labels(ag))
+        )
+    refs[1] = hemnma.superpose(refs[1], refs[0])
+    cfg = sim_config(box=32, pixel_size=4.4, max_shift_px=1.5, seed=5)
+    table = simulate.draw_parameters(8, np.arange(7, 10), cfg)
+    for k in (7, 8, 9):
+        table[f"dhAmplitudeMode{k}"] = 0.0
+    state = np.array([0, 1] * 4)
+    images = np.zeros((8, 32, 32), dtype=np.float32)
+    t = lambda a: torch.tensor(a, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    for s, ref in enumerate(refs):
+        rows = np.flatnonzero(state == s)
+        out = simulate.render(
+            t(ref.coords),
+            t(ref.modes),
+            t(ref.weights),
+            table.iloc[rows],
+            np.arange(7, 10),
+            cfg,
+            gen,
+        )
+        images[rows] = out["final"].numpy()
+    n = len(table)
+    ctf = {
+        "defocus_u": table["rlnDefocusU"].to_numpy(),
+        "defocus_v": table["rlnDefocusV"].to_numpy(),
+        "defocus_angle": np.zeros(n),
+        "phase_shift": np.zeros(n),
+        "voltage_kv": np.full(n, cfg.voltage_kv),
+        "cs_mm": np.full(n, cfg.cs_mm),
+        "amplitude_contrast": np.full(n, cfg.amplitude_contrast),
+        "bfactor": np.zeros(n),
+    }
+    return refs, images, ctf, table, state
+
+
+def small_settings(**kw) -> hemnma.AlignSettings:
+    return hemnma.AlignSettings(iterations=(20, 40), **kw)
+
+
+def test_superpose_recovers_a_rigid_motion(two_states):
+    refs = two_states[0]
+    rot = geometry.euler_to_matrix(np.array([30.0, 50.0, -20.0]))
+    moved = hemnma.Reference(
+        refs[1].coords @ rot + 5.0,
+        refs[1].modes @ rot,
+        refs[1].weights,
+        refs[1].eigenvalues,
+        refs[1].atom_ids,
+    )
+    back = hemnma.superpose(moved, refs[0])
+    np.testing.assert_allclose(back.coords, refs[1].coords, atol=1e-6)
+    np.testing.assert_allclose(back.modes, refs[1].modes, atol=1e-9)
+
+
+def test_several_references_each_image_keeps_its_own(two_states):
+    refs, images, ctf, table, state = two_states
+    cpu, s = torch.device("cpu"), small_settings()
+    aligners = [hemnma.Aligner.from_reference(r, 32, 4.4, s, cpu) for r in refs]
+    res = hemnma.align_best(aligners, images, ctf, np.arange(8), True)
+    truth = table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    ang = geometry.euler_distance_deg(res["euler"], truth)
+    print(f"references {res['reference']}, pose error {ang.round(2)}")
+    np.testing.assert_array_equal(res["reference"], state)
+    assert ang.max() < 3.0
+    # on the first reference's modes, closed particles sit at their least-squares fit
+    amps = hemnma.common_amplitudes(refs, res["reference"], res["amplitudes"])
+    lsq = hemnma.common_amplitudes(refs, np.array([1]), np.zeros((1, 3)))[0]
+    assert np.abs(lsq - [-212, 111, -35]).max() < 5  # 1AKE on 4AKE modes 7-9
+    np.testing.assert_allclose(amps[state == 1], np.tile(lsq, (4, 1)), atol=30)
+    assert np.abs(amps[state == 0]).max() < 30
+
+
+def test_quality_flag_marks_a_structure_the_model_does_not_explain(two_states):
+    from deephemnma.gather import cost_z
+
+    refs, images, ctf, _, state = two_states
+    keep = np.array([0, 1, 2, 4, 6])  # four open, one closed
+    al = hemnma.Aligner.from_reference(refs[0], 32, 4.4, small_settings(), torch.device("cpu"))
+    res = hemnma.align_best([al], images[keep], ctf, keep, True)
+    z = cost_z(pd.DataFrame({"dhCost": res["cost"]}))
+    print(f"costs {res['cost'].round(4)}, z {z.round(1)}")
+    np.testing.assert_array_equal(z > 3.0, state[keep] == 1)
+    # per reference: the same costs under two references are scored separately
+    two = pd.DataFrame(
+        {"dhCost": np.r_[res["cost"], res["cost"] + 1], "dhReference": [1] * 5 + [2] * 5}
+    )
+    np.testing.assert_allclose(cost_z(two), np.r_[z, z])
+
+
+def test_amplitude_prior_pulls_noise_to_zero_and_leaves_data_alone(two_states):
+    refs, images, ctf, table, _ = two_states
+    ref, s = refs[0], small_settings(amplitude_prior=60.0)
+    t = lambda a: torch.tensor(a, dtype=torch.float32)
+    sd = t(hemnma.prior_std(ref.eigenvalues, s.amplitude_prior))
+    rot = geometry.euler_to_matrix(
+        t(table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()[:1])
+    )
+    shift = -t(table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()[:1]) / 4.4
+    noise = torch.randn(1, 32, 32, generator=torch.Generator().manual_seed(1)).numpy()
+    truth = np.array([[90.0, -70.0, 40.0]])
+    from deephemnma import simulate
+
+    from .conftest import sim_config
+
+    cfg = sim_config(box=32, pixel_size=4.4, snr=None)
+    row = table.iloc[:1].copy()
+    row[["dhAmplitudeMode7", "dhAmplitudeMode8", "dhAmplitudeMode9"]] = truth
+    clean = simulate.render(
+        t(ref.coords), t(ref.modes), t(ref.weights), row, np.arange(7, 10), cfg, torch.Generator()
+    )["final"].numpy()
+
+    def fit(img, prior, amp0):
+        target = hemnma.make_target(t(img), ctf, np.arange(1), 32, 4.4, True)
+        out = hemnma.refine(
+            target,
+            t(ref.coords),
+            t(ref.modes),
+            t(ref.weights),
+            rot,
+            shift,
+            t(amp0),
+            60,
+            s,
+            32,
+            prior,
+        )
+        return out[2].numpy()[0]
+
+    start = np.full((1, 3), 100.0)
+    free, held = fit(noise, None, start), fit(noise, sd, start)
+    print(f"pure noise: free {free.round(1)}, with prior {held.round(1)}")
+    assert np.abs(held).max() < 25.0 and np.linalg.norm(held) < 0.5 * np.linalg.norm(free)
+    on_data = fit(clean, sd, np.zeros((1, 3)))
+    print(f"clean data with prior: {on_data.round(1)} (truth {truth[0]})")
+    np.testing.assert_allclose(on_data, truth[0], atol=8.0)
+
+
+def test_cli_several_references(adk_model_files, tmp_path):
+    from .conftest import CLOSED_PDB
+
+    simulate(tmp_path, adk_model_files, 4, 32, 4.4, True, seed=6)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "deephemnma", *map(str, a)],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        run(
+            "prepare-model", "--structure", CLOSED_PDB, "--out-npz", "c.npz", "--out-pdb", "c.pdb"
+        ).returncode
+        == 0
+    )
+    nma = ["--out-nmd", "c.nmd", "--out-table", "c.csv", "--out-anim-dir", "anim"]
+    assert (
+        run("nma", "--model", "c.npz", "--pdb", "c.pdb", "--out-npz", "cm.npz", *nma).returncode
+        == 0
+    )
+    files = adk_model_files
+    fast = ["--coarse-box", "16", "--n-directions", "50", "--iterations", "3", "5"]
+    r = run(
+        "hemnma",
+        "--particles",
+        "p.star",
+        "--model",
+        files / "model.npz",
+        "c.npz",
+        "--modes",
+        files / "modes.npz",
+        "cm.npz",
+        "--out",
+        "two.star",
+        *fast,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = starfile.read(tmp_path / "two.star")["particles"]
+    assert set(out["dhReference"]) <= {1, 2} and "dhRefAmplitudeMode9" in out
+    r = run(
+        "hemnma",
+        "--particles",
+        "p.star",
+        "--model",
+        files / "model.npz",
+        "c.npz",
+        "--modes",
+        "cm.npz",
+        "--out",
+        "x.star",
+        *fast,
+    )
+    assert r.returncode == 2 and "2 model files but 1 modes files" in r.stderr

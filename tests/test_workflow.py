@@ -116,6 +116,17 @@ def test_second_instance_on_the_same_results_folder_stops(tmp_path):
     assert f"in {wd}" in (shared / ".deephemnma.lock").read_text()
 
 
+def test_several_structures_add_a_reference_each(tmp_path):
+    write_config(tmp_path, structure=[str(OPEN_PDB), str(CLOSED_PDB)])
+    out = snakemake(tmp_path, "-n", "-p").stdout
+    stats = out.split("Job stats:")[1].split("total")[0]
+    jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
+    assert jobs["prepare_model"] == jobs["prepare_reference"] == 1
+    assert jobs["nma"] == jobs["nma_reference"] == 1
+    assert "--model results/model/model.npz results/model/reference_2/model.npz" in out
+    assert "--modes results/model/modes.npz results/model/reference_2/modes.npz" in out
+
+
 def test_full_run_outputs(done):
     import starfile
 
@@ -136,6 +147,7 @@ def test_full_run_outputs(done):
     assert all(v["text"] in log for v in verdicts)
     hem = starfile.read(done / "results/hemnma/hemnma.star")["particles"]
     assert len(hem) == 60 and "dhCost" in hem
+    assert {"dhCostZ", "dhFlagged"} <= set(hem) and "dhReference" not in hem
     assert (done / "results/evaluate/accuracy.md").read_text().count("|") > 20
     for g in (0, 1):
         assert (done / f"results/maps/group_{g}.mrc").stat().st_size > 32**3 * 4

@@ -13,6 +13,13 @@ Per image it estimates normal-mode amplitudes, three Euler angles and two shifts
    at the full box for the best one.
 
 The cost of each image is 1 - (final normalised correlation); under MPI, ranks split the images.
+
+Several references (e.g. every known state, each with its own modes) may be given: the later ones
+are superposed on the first over their shared CA atoms, every image is aligned against each, and it
+keeps the one with the lowest refined objective (`dhReference`, 1-based); its amplitudes are then
+projected (least squares over the shared atoms) on the first reference's modes, one common space.
+An optional Gaussian prior on the amplitudes (std ∝ 1/√eigenvalue) turns the refinement into a
+MAP estimate: the data term is then the profile Gaussian log-likelihood (M/2)·log(1 - NCC²).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from . import geometry, imaging
-from .io import ParticleSet, amplitude_column, load_model, load_modes, write_star
+from .io import InputError, ParticleSet, amplitude_column, load_model, load_modes, write_star
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,96 @@ class AlignSettings:
     lr_amplitude: float = 6.0
     lr_rotation: float = 0.02  # radians
     lr_shift: float = 0.3  # pixels of the full box
+    amplitude_prior: float = 0.0  # prior std of the softest mode (amplitude units); 0: no prior
+
+
+@dataclass
+class Reference:
+    """One flexible model: coords (N, 3) in Å, modes (K, N, 3), weights (N,), eigenvalues (K,),
+    atom_ids (N,) 'chain:residue:name' labels (empty when unknown, e.g. pseudo-atoms)."""
+
+    coords: np.ndarray
+    modes: np.ndarray
+    weights: np.ndarray
+    eigenvalues: np.ndarray
+    atom_ids: np.ndarray
+
+
+def load_reference(model_path: str, modes_path: str) -> Reference:
+    """A reference from model.npz and modes.npz (InputError if they do not belong together)."""
+    model, modes = load_model(model_path), load_modes(modes_path)
+    if modes["modes"].shape[1] != len(model["coords"]):
+        raise InputError(
+            f"{modes_path}: modes of {modes['modes'].shape[1]} atoms, "
+            f"but {model_path} has {len(model['coords'])}"
+        )
+    ids = model.get("atom_ids", np.array([], dtype=str))
+    return Reference(model["coords"], modes["modes"], model["weights"], modes["eigenvalues"], ids)
+
+
+def shared_atoms(a: Reference, b: Reference) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (into a, into b) of the atoms with the same label in both references."""
+    if len(a.atom_ids) != len(a.coords) or len(b.atom_ids) != len(b.coords):
+        raise InputError("several references need model.npz files with atom labels (prepare-model)")
+    index = {label: i for i, label in enumerate(b.atom_ids)}
+    pairs = np.array([(i, index[x]) for i, x in enumerate(a.atom_ids) if x in index], dtype=int)
+    if len(pairs) < 3:
+        raise InputError("references share fewer than 3 atoms: they are not the same molecule")
+    return pairs[:, 0], pairs[:, 1]
+
+
+def superpose(mobile: Reference, target: Reference) -> Reference:
+    """`mobile` rigidly moved (coordinates and modes) onto `target` over their shared CA atoms
+    (all shared atoms when fewer than 3 CA atoms are shared)."""
+    i, j = shared_atoms(target, mobile)
+    ca = np.char.endswith(target.atom_ids[i].astype(str), ":CA")
+    if ca.sum() >= 3:
+        i, j = i[ca], j[ca]
+    p, q = mobile.coords[j], target.coords[i]
+    u, _, vt = np.linalg.svd((p - p.mean(0)).T @ (q - q.mean(0)))
+    rot = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt  # x -> x @ rot
+    coords = (mobile.coords - p.mean(0)) @ rot + q.mean(0)
+    return Reference(
+        coords, mobile.modes @ rot, mobile.weights, mobile.eigenvalues, mobile.atom_ids
+    )
+
+
+def common_amplitudes(
+    references: list[Reference], reference: np.ndarray, amplitudes: np.ndarray
+) -> np.ndarray:
+    """(B, K) amplitudes on the first reference's modes of each image's fitted structure.
+
+    Image b fitted reference r = `reference[b]` with `amplitudes[b]` (its own modes); its
+    structure is projected by least squares on the first reference's modes over their shared atoms.
+    """
+    first = references[0]
+    out = amplitudes.copy()
+    for r, ref in enumerate(references[1:], start=1):
+        sel = reference == r
+        if not sel.any():
+            continue
+        i, j = shared_atoms(first, ref)
+        x = ref.coords[j][None] + np.einsum("bk,knc->bnc", amplitudes[sel], ref.modes[:, j])
+        basis = first.modes[:, i].reshape(len(first.modes), -1).T  # (3M, K)
+        rhs = (x - first.coords[i][None]).reshape(len(x), -1).T
+        out[sel] = np.linalg.lstsq(basis, rhs, rcond=None)[0].T
+    return out
+
+
+def load_references(models: list[str], modes: list[str]) -> list[Reference]:
+    """References from paired model/modes files; later ones superposed on the first."""
+    if len(models) != len(modes):
+        raise InputError(f"{len(models)} model files but {len(modes)} modes files")
+    refs = [load_reference(m, k) for m, k in zip(models, modes, strict=True)]
+    if len({len(r.modes) for r in refs}) > 1:
+        raise InputError("references have different numbers of modes")
+    return refs[:1] + [superpose(r, refs[0]) for r in refs[1:]]
+
+
+def prior_std(eigenvalues: np.ndarray, scale: float) -> np.ndarray:
+    """Per-mode prior std: `scale` for the softest mode, ∝ 1/√eigenvalue for the others."""
+    ev = np.asarray(eigenvalues, dtype=np.float64)
+    return scale * np.sqrt(ev.min() / ev)
 
 
 @dataclass
@@ -255,8 +353,13 @@ def refine(
     iterations: int,
     settings: AlignSettings,
     full_box: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Adam on -NCC over (amplitudes, rotation, shift). Returns rot, shift, amplitudes, ncc."""
+    prior_sd: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adam over (amplitudes, rotation, shift). Returns rot, shift, amplitudes, ncc, objective.
+
+    The objective is -NCC, or with a prior (per-mode std `prior_sd`, (K,)) the negative log
+    posterior (M/2)·log(1 - NCC₊²) + ½ Σ (q_k / sd_k)², M the number of Fourier terms compared.
+    """
     omega = torch.zeros(len(rot0), 3, dtype=coords.dtype, device=coords.device, requires_grad=True)
     shift = shift0.clone().requires_grad_(True)
     amp = amp0.clone().requires_grad_(True)
@@ -270,22 +373,27 @@ def refine(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=0.0)
     scale = full_box / target.box
     sigma, filt, w = target.model_filter(settings.sigma_angstrom)
+    n_terms = float(w.sum())
 
-    def score() -> torch.Tensor:
+    def score() -> tuple[torch.Tensor, torch.Tensor]:
         rot = torch.linalg.matrix_exp(skew(omega)) @ rot0
         x = coords + torch.einsum("bk,knc->bnc", amp, modes)
         proj = imaging.project(x, rot, shift / scale, weights, target.box, target.pixel_size, sigma)
-        return ncc(torch.fft.rfft2(proj) * filt, target, w)
+        c = ncc(torch.fft.rfft2(proj) * filt, target, w)
+        if prior_sd is None:
+            return c, -c
+        data = 0.5 * n_terms * torch.log1p(-(c.clamp(0.0, 1.0 - 1e-6) ** 2))
+        return c, data + 0.5 * ((amp / prior_sd) ** 2).sum(1)
 
     for _ in range(iterations):
         opt.zero_grad(set_to_none=True)
-        (-score().sum()).backward()
+        score()[1].sum().backward()
         opt.step()
         sched.step()
     with torch.no_grad():
-        final = score()
+        final, objective = score()
         rot = torch.linalg.matrix_exp(skew(omega)) @ rot0
-    return rot, shift.detach(), amp.detach(), final
+    return rot, shift.detach(), amp.detach(), final, objective
 
 
 class Aligner:
@@ -300,10 +408,16 @@ class Aligner:
         pixel_size: float,
         settings: AlignSettings,
         device: torch.device,
+        eigenvalues: np.ndarray | None = None,
     ):
         self.s, self.box, self.px, self.dev = settings, box, pixel_size, device
         t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)
         self.coords, self.modes, self.weights = t(coords), t(modes), t(weights)
+        self.prior_sd = None
+        if settings.amplitude_prior > 0:
+            if eigenvalues is None:
+                raise ValueError("an amplitude prior needs the modes' eigenvalues")
+            self.prior_sd = t(prior_std(eigenvalues, settings.amplitude_prior))
         self.coarse = min(settings.coarse_box, box)
         self.gallery = Gallery(
             self.coords,
@@ -314,8 +428,22 @@ class Aligner:
             settings,
         )
 
+    @classmethod
+    def from_reference(
+        cls,
+        ref: Reference,
+        box: int,
+        pixel_size: float,
+        settings: AlignSettings,
+        device: torch.device,
+    ) -> Aligner:
+        return cls(
+            ref.coords, ref.modes, ref.weights, box, pixel_size, settings, device, ref.eigenvalues
+        )
+
     def align(self, images: np.ndarray, ctf_params: dict, rows: np.ndarray, has_ctf: bool) -> dict:
-        """Estimate (euler (B,3), shifts_px (B,2), amplitudes (B,K), cost (B,)) for one batch."""
+        """Estimate (euler (B,3), shifts_px (B,2), amplitudes (B,K), cost (B,), objective (B,))
+        for one batch; the objective is what the refinement minimised (-NCC without a prior)."""
         s, dev = self.s, self.dev
         imgs = torch.as_tensor(images, dtype=torch.float32, device=dev)
         b, c, k = len(imgs), s.candidates, self.modes.shape[0]
@@ -329,7 +457,7 @@ class Aligner:
         )
         shift0 = torch.tensor(sh.reshape(-1, 2), dtype=torch.float32, device=dev)
         amp0 = torch.tensor(amp_init.reshape(-1, k), dtype=torch.float32, device=dev)
-        rot, shift, amp, score = refine(
+        rot, shift, amp, _, objective = refine(
             coarse_c,
             self.coords,
             self.modes,
@@ -340,11 +468,12 @@ class Aligner:
             s.iterations[0],
             s,
             self.box,
+            self.prior_sd,
         )
-        best = score.view(b, c).argmax(1) + torch.arange(b, device=dev) * c
+        best = objective.view(b, c).argmin(1) + torch.arange(b, device=dev) * c
         # stage 2: the best candidate at the full box
         full = make_target(imgs, ctf_params, rows, self.box, self.px, has_ctf)
-        rot, shift, amp, score = refine(
+        rot, shift, amp, score, objective = refine(
             full,
             self.coords,
             self.modes,
@@ -355,52 +484,95 @@ class Aligner:
             s.iterations[1],
             s,
             self.box,
+            self.prior_sd,
         )
         return {
             "euler": geometry.matrix_to_euler(rot.double()).cpu().numpy(),
             "shifts_px": shift.cpu().numpy().astype(np.float64),
             "amplitudes": amp.cpu().numpy().astype(np.float64),
             "cost": (1.0 - score).cpu().numpy().astype(np.float64),
+            "objective": objective.cpu().numpy().astype(np.float64),
         }
 
 
-def align_rows(
-    ps: ParticleSet, rows: np.ndarray, aligner: Aligner, desc: str = "hemnma"
+def align_best(
+    aligners: Sequence[Aligner],
+    images: np.ndarray,
+    ctf_params: dict,
+    rows: np.ndarray,
+    has_ctf: bool,
 ) -> dict[str, np.ndarray]:
-    """Align the particle rows `rows` in batches; returns stacked results."""
+    """Align one batch against every reference; each image keeps the lowest objective.
+
+    Adds 'reference' (B,), the 0-based index of the chosen aligner.
+    """
+    runs = [a.align(images, ctf_params, rows, has_ctf) for a in aligners]
+    choice = np.argmin(np.stack([r["objective"] for r in runs]), 0)
+    out = {key: np.stack([r[key] for r in runs])[choice, np.arange(len(choice))] for key in runs[0]}
+    out["reference"] = choice
+    return out
+
+
+def align_rows(
+    ps: ParticleSet,
+    rows: np.ndarray,
+    aligner: Aligner | Sequence[Aligner],
+    desc: str = "hemnma",
+) -> dict[str, np.ndarray]:
+    """Align the particle rows `rows` in batches against one or several references."""
+    aligners = [aligner] if isinstance(aligner, Aligner) else list(aligner)
     ctf_params = ps.ctf_params()
     parts: list[dict] = []
-    bs = aligner.s.batch
+    bs = aligners[0].s.batch
     for start in tqdm(range(0, len(rows), bs), desc=desc, unit="batch", mininterval=10):
         r = rows[start : start + bs]
-        parts.append(aligner.align(ps.images[r], ctf_params, r, ps.has_ctf))
+        parts.append(align_best(aligners, ps.images[r], ctf_params, r, ps.has_ctf))
     if not parts:
-        k = aligner.modes.shape[0]
+        k = aligners[0].modes.shape[0]
         return {
             "euler": np.zeros((0, 3)),
             "shifts_px": np.zeros((0, 2)),
             "amplitudes": np.zeros((0, k)),
             "cost": np.zeros(0),
+            "objective": np.zeros(0),
+            "reference": np.zeros(0, dtype=int),
         }
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
-def result_table(ps: ParticleSet, result: dict, mode_numbers: np.ndarray) -> pd.DataFrame:
-    """The input particle rows with the estimated pose, amplitudes and cost."""
+def result_table(
+    ps: ParticleSet,
+    result: dict,
+    mode_numbers: np.ndarray,
+    references: list[Reference] | None = None,
+) -> pd.DataFrame:
+    """The input particle rows with the estimated pose, amplitudes and cost.
+
+    With several references, also `dhReference` (1-based) and the amplitudes on the chosen
+    reference's own modes (`dhRefAmplitudeMode<k>`); `dhAmplitudeMode<k>` are then on the first
+    reference's modes.
+    """
     out = ps.particles.copy()
     out["rlnAngleRot"], out["rlnAngleTilt"], out["rlnAnglePsi"] = result["euler"].T
     out["rlnOriginXAngst"] = -result["shifts_px"][:, 0] * ps.pixel_size
     out["rlnOriginYAngst"] = -result["shifts_px"][:, 1] * ps.pixel_size
+    amps = result["amplitudes"]
+    if references is not None and len(references) > 1:
+        amps = common_amplitudes(references, result["reference"], result["amplitudes"])
     for j, k in enumerate(mode_numbers):
-        out[amplitude_column(int(k))] = result["amplitudes"][:, j]
+        out[amplitude_column(int(k))] = amps[:, j]
     out["dhCost"] = result["cost"]
+    if references is not None and len(references) > 1:
+        out["dhReference"] = result["reference"] + 1
+        for j, k in enumerate(mode_numbers):
+            out[f"dhRefAmplitudeMode{int(k)}"] = result["amplitudes"][:, j]
     return out
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--particles", required=True, help="particle STAR (a shard)")
-    p.add_argument("--model", required=True, help="model.npz")
-    p.add_argument("--modes", required=True, help="modes.npz")
+    p.add_argument("--model", nargs="+", required=True, help="model.npz, one per reference")
+    p.add_argument("--modes", nargs="+", required=True, help="modes.npz, one per reference")
     p.add_argument("--out", required=True, help="output STAR")
     d = AlignSettings()
     p.add_argument("--coarse-box", type=int, default=d.coarse_box)
@@ -417,6 +589,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=int, nargs=2, default=list(d.iterations))
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--sigma-angstrom", type=float, default=d.sigma_angstrom)
+    p.add_argument(
+        "--amplitude-prior",
+        type=float,
+        default=d.amplitude_prior,
+        help="Gaussian amplitude prior: std of the softest mode, others ∝ 1/√eigenvalue (0: none)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> AlignSettings:
@@ -430,6 +608,7 @@ def settings_from_args(args: argparse.Namespace) -> AlignSettings:
         iterations=tuple(args.iterations),
         batch=args.batch,
         sigma_angstrom=args.sigma_angstrom,
+        amplitude_prior=args.amplitude_prior,
     )
 
 
@@ -443,23 +622,22 @@ def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(max(1, threads // size))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ps = ParticleSet(args.particles)
-    model, modes = load_model(args.model), load_modes(args.modes)
-    aligner = Aligner(
-        model["coords"],
-        modes["modes"],
-        model["weights"],
-        ps.box,
-        ps.pixel_size,
-        settings_from_args(args),
-        device,
-    )
+    references = load_references(args.model, args.modes)
+    settings = settings_from_args(args)
+    aligners = [
+        Aligner.from_reference(r, ps.box, ps.pixel_size, settings, device) for r in references
+    ]
     rows = np.arange(len(ps))[rank::size]
-    result = align_rows(ps, rows, aligner, desc=f"hemnma rank {rank}/{size}")
+    result = align_rows(ps, rows, aligners, desc=f"hemnma rank {rank}/{size}")
     gathered = comm.gather((rows, result), root=0)
     if rank == 0:
         order = np.concatenate([g[0] for g in gathered])
         merged = {k: np.concatenate([g[1][k] for g in gathered])[np.argsort(order)] for k in result}
-        write_star(args.out, ps.optics, result_table(ps, merged, modes["mode_numbers"]))
+        numbers = load_modes(args.modes[0])["mode_numbers"]
+        write_star(args.out, ps.optics, result_table(ps, merged, numbers, references))
+        if len(references) > 1:
+            counts = np.bincount(merged["reference"], minlength=len(references))
+            log.info("images per reference: %s", ", ".join(map(str, counts)))
         log.info(
             "aligned %d images on %d rank(s): mean cost %.4f",
             len(ps),

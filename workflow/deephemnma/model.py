@@ -1,7 +1,9 @@
 """prepare_model: an atomic model (PDB/mmCIF, or pseudo-atoms from an EM map) -> model.npz + PDB.
 
 model.npz holds ``coords`` (N, 3) in Å centred on the scattering centre, ``weights`` (N,) (atomic
-numbers), ``elements`` (N,), ``center`` (3,) the original-frame centre that was subtracted.
+numbers), ``elements`` (N,), ``center`` (3,) the original-frame centre that was subtracted, and
+``atom_ids`` (N,) 'chain:residue:name' labels that match atoms between models (empty for
+pseudo-atoms, which match nothing).
 """
 
 from __future__ import annotations
@@ -142,6 +144,14 @@ def prepare_model(
     return ag
 
 
+def atom_labels(ag: prody.AtomGroup) -> np.ndarray:
+    """'chain:residue:name' per atom (e.g. 'A:12:CA'); empty for pseudo-atoms from a map."""
+    if (ag.getResnames() == "PSE").all():
+        return np.array([], dtype=str)
+    parts = zip(ag.getChids(), ag.getResnums(), ag.getIcodes(), ag.getNames(), strict=True)
+    return np.array([f"{c.strip()}:{r}{i.strip()}:{n.strip()}" for c, r, i, n in parts])
+
+
 def save_model(ag: prody.AtomGroup, npz_path: str | Path, pdb_path: str | Path) -> None:
     """Write model.npz and the cleaned, centred PDB, each atomically."""
     with atomic_path(npz_path) as tmp:
@@ -152,6 +162,7 @@ def save_model(ag: prody.AtomGroup, npz_path: str | Path, pdb_path: str | Path) 
                 weights=ag.getData("weight"),
                 elements=ag.getElements(),
                 center=ag.getData("center")[0],
+                atom_ids=atom_labels(ag),
             )
     write_pdb(pdb_path, ag, ag.getCoords()[None])
 

@@ -1,0 +1,173 @@
+"""HEMNMA on particles of a structure other than the reference: closed AK against open AK.
+
+Simulates particles of closed adenylate kinase (1AKE, CA-superposed on 4AKE), or a mixture with
+open AK (4AKE; 50/50 unless --closed-fraction), at 64 px, 2.2 Å/px, SNR 0.1, with CTF (5,000 Å defocus, 200 kV), uniform
+SO(3), shifts ±2.5 px; optionally with Gaussian fluctuations along each structure's own modes.
+Aligns them against the open model (or open + closed references) and prints, per true state:
+pose error (mean/median, fraction within 5°), amplitude error against the least-squares
+projection of each particle's true structure on the open model's modes (mean |error| per mode
+and the median error norm relative to the open -> closed distance in amplitudes), the chosen reference, the fraction flagged by the cost z-score, and
+for a mixture the open/closed AUC of PC1 of the amplitudes and of the cost.
+
+Usage: python bench/conformations.py [--particles closed|mixture] [--n-images 200] [--modes 3]
+       [--references open|both] [--amplitude-prior 0] [--spread 0]
+"""
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+from sklearn.metrics import roc_auc_score
+
+from deephemnma import geometry, hemnma, simulate
+from deephemnma import model as model_mod
+from deephemnma import nma as nma_mod
+from deephemnma.cli import build_parser
+from deephemnma.gather import robust_z
+from deephemnma.io import amplitude_column
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reference(pdb: Path, n_modes: int) -> hemnma.Reference:
+    """Heavy atoms of `pdb`, centred, with ANM modes 7..6+n_modes in HEMNMA units."""
+    ag = model_mod.prepare_model(pdb, "heavy", None, None, 500)
+    _, evals, modes = nma_mod.compute_modes(ag, n_modes, 15.0, 1.0, 5000)
+    weights = model_mod.scattering_weights(ag.getElements())
+    return hemnma.Reference(ag.getCoords(), modes, weights, evals, model_mod.atom_labels(ag))
+
+
+def lsq_amplitudes(structures: np.ndarray, ref: hemnma.Reference) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares amplitudes (B, K) of structures (B, N, 3) on `ref`'s modes and the RMSD left."""
+    basis = ref.modes.reshape(len(ref.modes), -1).T
+    rhs = (structures - ref.coords[None]).reshape(len(structures), -1).T
+    q = np.linalg.lstsq(basis, rhs, rcond=None)[0].T
+    left = structures - ref.coords[None] - np.einsum("bk,knc->bnc", q, ref.modes)
+    return q, np.sqrt((left**2).sum(-1).mean(-1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--particles", choices=["closed", "mixture"], default="closed")
+    p.add_argument("--n-images", type=int, default=200)
+    p.add_argument("--modes", type=int, default=3)
+    p.add_argument("--references", choices=["open", "both"], default="open")
+    p.add_argument("--amplitude-prior", type=float, default=0.0)
+    p.add_argument("--closed-fraction", type=float, default=0.5, help="of a mixture")
+    p.add_argument("--spread", type=float, default=0.0, help="std of amplitudes along own modes")
+    p.add_argument("--flag-z", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=3)
+    a = p.parse_args()
+    torch.manual_seed(a.seed)
+    open_ref = reference(REPO / "resources/adk_open.pdb", a.modes)
+    closed_ref = hemnma.superpose(reference(REPO / "resources/adk_closed.pdb", a.modes), open_ref)
+    assert (open_ref.atom_ids == closed_ref.atom_ids).all()
+
+    # ground truth: closed (1) or a mixture; amplitudes along each structure's own modes
+    cfg = build_parser("simulate").parse_args(
+        ["simulate", "--model", "-", "--modes", "-", "--n-images", "1", "--out-star", "-"]
+        + ["--out-stacks", "-", "--snr", "0.1", "--seed", str(a.seed)]
+    )
+    numbers = np.arange(7, 7 + a.modes)
+    params = simulate.draw_parameters(a.n_images, numbers, cfg)
+    rng = np.random.default_rng(a.seed + 10)
+    own = rng.normal(0.0, a.spread, size=(a.n_images, a.modes))
+    for j, k in enumerate(numbers):
+        params[amplitude_column(int(k))] = own[:, j]
+    state = np.ones(a.n_images, dtype=int)
+    if a.particles == "mixture":
+        n_open = a.n_images - round(a.closed_fraction * a.n_images)
+        state[rng.permutation(a.n_images)[:n_open]] = 0
+    refs = [open_ref, closed_ref]
+    gen = torch.Generator().manual_seed(a.seed + 1)
+    t = lambda x: torch.tensor(x, dtype=torch.float32)
+    images = np.zeros((a.n_images, cfg.box, cfg.box), dtype=np.float32)
+    truth_xyz = np.zeros((a.n_images, len(open_ref.coords), 3))
+    for s, ref in enumerate(refs):
+        rows = np.flatnonzero(state == s)
+        for start in range(0, len(rows), 32):
+            r = rows[start : start + 32]
+            out = simulate.render(
+                t(ref.coords), t(ref.modes), t(ref.weights), params.iloc[r], numbers, cfg, gen
+            )
+            images[r] = out["final"].numpy()
+        truth_xyz[rows] = nma_mod.deform(ref.coords, ref.modes, own[rows])
+    truth_amp, rmsd_left = lsq_amplitudes(truth_xyz, open_ref)
+
+    # alignment
+    ctf = {
+        "defocus_u": params["rlnDefocusU"].to_numpy(),
+        "defocus_v": params["rlnDefocusV"].to_numpy(),
+        "defocus_angle": params["rlnDefocusAngle"].to_numpy(),
+        "phase_shift": params["rlnPhaseShift"].to_numpy(),
+        "voltage_kv": np.full(a.n_images, cfg.voltage_kv),
+        "cs_mm": np.full(a.n_images, cfg.cs_mm),
+        "amplitude_contrast": np.full(a.n_images, cfg.amplitude_contrast),
+        "bfactor": params["rlnCtfBfactor"].to_numpy(),
+    }
+    settings = hemnma.AlignSettings(amplitude_prior=a.amplitude_prior)
+    used = refs if a.references == "both" else refs[:1]
+    cpu = torch.device("cpu")
+    aligners = [
+        hemnma.Aligner.from_reference(r, cfg.box, cfg.pixel_size, settings, cpu) for r in used
+    ]
+    t0 = time.perf_counter()
+    parts = []
+    for start in range(0, a.n_images, settings.batch):
+        r = np.arange(start, min(start + settings.batch, a.n_images))
+        parts.append(hemnma.align_best(aligners, images[r], ctf, r, True))
+    wall = time.perf_counter() - t0
+    res = {k: np.concatenate([x[k] for x in parts]) for k in parts[0]}
+    amps = hemnma.common_amplitudes(used, res["reference"], res["amplitudes"])
+
+    true_euler = params[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    ang = geometry.euler_distance_deg(res["euler"], true_euler)
+    err = np.abs(amps - truth_amp)
+    # relative to the open -> closed distance in amplitude space
+    scale = np.linalg.norm(lsq_amplitudes(closed_ref.coords[None], open_ref)[0])
+    rel = np.linalg.norm(amps - truth_amp, axis=1) / scale
+    flagged = robust_z(res["cost"]) > a.flag_z
+    threads = torch.get_num_threads()
+    right = lambda m, s: f"{(res['reference'][m] == s).mean():.0%}" if len(used) > 1 else "-"
+    print(
+        f"HEMNMA on {a.n_images} {a.particles} AK particles, 64 px, 2.2 Å/px, CTF + SNR 0.1, "
+        f"spread {a.spread:g}; references: {a.references}; {a.modes} modes; "
+        f"amplitude prior {a.amplitude_prior:g}; {platform.machine()} CPU, {threads} thread(s)"
+    )
+    print(
+        "  truth: LSQ amplitudes of closed on the open modes "
+        f"{np.round(truth_amp[state == 1].mean(0), 1)}, RMSD left {rmsd_left[state == 1].mean():.2f} Å"
+    )
+    print(
+        "| state | n | pose mean | median | ≤5° | mean abs amp err per mode | amp err / open-closed"
+        " | right reference | flagged | median cost |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for s, name in enumerate(["open", "closed"]):
+        m = state == s
+        if not m.any():
+            continue
+        print(
+            f"| {name} | {m.sum()} | {ang[m].mean():.2f}° | {np.median(ang[m]):.2f}° | "
+            f"{(ang[m] <= 5).mean():.0%} | {np.round(err[m].mean(0), 1)} | "
+            f"{np.median(rel[m]):.1%} | {right(m, s)} | {flagged[m].mean():.0%} | "
+            f"{np.median(res['cost'][m]):.4f} |"
+        )
+    if a.particles == "mixture":
+        pc1 = PCA(1).fit_transform(amps)[:, 0]
+        auc = roc_auc_score(state, pc1)
+        cost_auc = roc_auc_score(state, res["cost"])
+        print(
+            f"  open/closed AUC of PC1 of the amplitudes: {max(auc, 1 - auc):.3f}; "
+            f"AUC of the cost (closed above open): {cost_auc:.3f}"
+        )
+    per = wall / a.n_images
+    print(f"  {per * threads:.2f} s per image per core ({len(used)} reference(s))")
+
+
+if __name__ == "__main__":
+    main()
