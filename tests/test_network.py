@@ -426,6 +426,14 @@ def test_quality_verdict_flags_shuffled_labels_and_merge_falls_back(
     np.testing.assert_allclose(merged["dhAmplitudeMode7"].iloc[:40], parts["dhAmplitudeMode7"][:40])
     pred = starfile.read(inferred)["particles"]["dhAmplitudeMode7"]
     np.testing.assert_allclose(merged["dhAmplitudeMode7"].iloc[40:], pred.iloc[40:], rtol=1e-5)
+    assert (merged["dhSourceAmplitudes"].iloc[40:] == "network").all()
+    # a trusted network: HEMNMA's values still win where they exist, and every image is trusted
+    (tmp_path / "q.json").write_text(json.dumps({"networks": [{**verdict, "trusted": True}]}))
+    assert cli(["merge", "--particles", "p.star", "--inferred", str(inferred), "--labelled",
+                str(tmp_path / "hemnma.star"), "--quality", str(tmp_path / "q.json"),
+                "--out", str(out)]) == 0  # fmt: skip
+    merged = starfile.read(out)["particles"]
+    assert merged["dhTrusted"].all() and (merged["dhSourceAmplitudes"].iloc[:40] == "hemnma").all()
 
 
 def test_quality_baselines_match_independent_formulas():

@@ -1,9 +1,9 @@
 """merge: all particles with the estimates of every parameter type, one RELION STAR.
 
-Each parameter type comes from its network when the network's verdict (`deephemnma quality`)
-trusts it. When it does not, images HEMNMA aligned keep HEMNMA's values for that type and the
-other images keep the network's but are marked untrusted (`_dhTrusted 0`); the column
-`_dhSource<Type>` says where each value came from (network | hemnma).
+Images HEMNMA aligned keep HEMNMA's values (more accurate than any network's); the others take
+each parameter type from its network, and are marked untrusted (`_dhTrusted 0`) when a network
+they depend on failed its verdict (`deephemnma quality`). The column `_dhSource<Type>` says where
+each value came from (network | hemnma).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+
+import pandas as pd
 
 from .io import InputError, read_star, require_file, write_star
 from .quality import param_of
@@ -38,12 +40,13 @@ def main(args: argparse.Namespace) -> None:
     if args.quality:
         report = json.loads(require_file(args.quality, "quality JSON").read_text())
         verdicts = {r["param"]: r["trusted"] for r in report["networks"]}
-    labelled = None
+    has = pd.Series(False, index=parts.index)  # images HEMNMA aligned
     if args.labelled:
         labelled = read_star(require_file(args.labelled, "HEMNMA STAR"), ["rlnImageName"])
         labelled = labelled["particles"].set_index("rlnImageName")
-        parts["dhHemnmaLabelled"] = parts["rlnImageName"].isin(labelled.index).astype(int)
-    trusted = parts["rlnImageName"].notna()
+        has = parts["rlnImageName"].isin(labelled.index)
+        parts["dhHemnmaLabelled"] = has.astype(int)
+    trusted = pd.Series(True, index=parts.index)
     for path in args.inferred:
         inferred = read_star(require_file(path, "inferred STAR"), ["rlnImageName"])["particles"]
         cols = [c for c in inferred.columns if c != "rlnImageName"]
@@ -53,19 +56,15 @@ def main(args: argparse.Namespace) -> None:
             raise InputError(f"{path}: does not cover every particle of {args.particles}")
         parts[cols] = merged[cols].to_numpy()
         parts[source_column(param)] = "network"
-        if verdicts.get(param, True):
-            continue
-        if labelled is None:
-            trusted &= False
-            continue
-        has = parts["rlnImageName"].isin(labelled.index)
-        parts.loc[has, cols] = labelled.loc[parts.loc[has, "rlnImageName"], cols].to_numpy()
-        parts.loc[has, source_column(param)] = "hemnma"
-        trusted &= has
-        log.warning(
-            "%s: network not trusted; HEMNMA values for %d images, %d images marked untrusted",
-            param, int(has.sum()), int((~has).sum()),
-        )  # fmt: skip
+        if has.any():
+            parts.loc[has, cols] = labelled.loc[parts.loc[has, "rlnImageName"], cols].to_numpy()
+            parts.loc[has, source_column(param)] = "hemnma"
+        if not verdicts.get(param, True):
+            trusted &= has
+            log.warning(
+                "%s: network not trusted; HEMNMA values for %d images, %d images marked untrusted",
+                param, int(has.sum()), int((~has).sum()),
+            )  # fmt: skip
     parts["dhTrusted"] = trusted.astype(int)
     write_star(args.out, base["optics"], parts)
     log.info("merged %d particles, %d trusted", len(parts), int(trusted.sum()))
