@@ -135,7 +135,9 @@ def main() -> None:
     p.add_argument("--n-images", type=int, default=4000)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--box", type=int, default=32, help="working box (images are 64 px)")
-    p.add_argument("--rows", type=int, default=len(ROWS), help="first rows only")
+    p.add_argument(
+        "--rows", type=int, nargs="+", default=range(1, len(ROWS) + 1), help="rows to run (1-based)"
+    )
     a = p.parse_args()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -146,7 +148,7 @@ def main() -> None:
         flex = flexible_model(Path(tmp))
     print("| task | amplitudes | angles (deg) | shifts (px) | seconds |")
     print("|---|---|---|---|---|")
-    for name, row in ROWS[: a.rows]:
+    for name, row in (ROWS[i - 1] for i in a.rows):
         t0 = time.perf_counter()
         images, sigma, labels = render_row(flex, a.n_images, row, seed=3)
         n_train = a.n_images * 4 // 5
