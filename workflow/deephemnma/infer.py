@@ -44,6 +44,9 @@ def load_network(path: str, device: torch.device) -> tuple[torch.nn.Module, dict
     """A trained network (eval mode, channels_last, on `device`) and its metadata."""
     try:
         meta = torch.load(require_file(path, "network"), map_location="cpu", weights_only=True)
+        missing = [k for k in ("box", "particle_box", "angle_repr") if k not in meta]
+        if missing:
+            raise InputError(f"{path}: lacks {', '.join(missing)}: retrain it with this version")
         net = ResNet(meta["arch"], meta["n_out"])
         net.load_state_dict(meta["state_dict"])
     except pickle.UnpicklingError as exc:
