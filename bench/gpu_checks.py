@@ -8,7 +8,8 @@ and printed as it finishes:
   4. split 14,055 train / rest val / 2,000 test; render synthetic pretraining images; train
      ResNet-34 (working box 64, 6D angles) on the truth for amplitudes, angles and shifts —
      pretraining, then fine-tuning — and evaluate on the test images next to the baselines;
-  5. inference throughput (ResNet-34, bf16) end to end from the memory-mapped stacks.
+  5. inference throughput (ResNet-34, bf16) end to end from the memory-mapped stacks;
+  6. the same networks trained on HEMNMA's labels of part of the training/validation images.
 
 Usage: python bench/gpu_checks.py --inputs DIR --work DIR [--n-images 20000] [--box 128] ...
 """
@@ -26,7 +27,7 @@ import torch
 
 from deephemnma import geometry, hemnma, imaging, infer, quality, simulate, split, synthetic, train
 from deephemnma.cli import build_parser
-from deephemnma.io import ParticleSet, load_model, load_modes
+from deephemnma.io import ParticleSet, load_model, load_modes, write_star
 
 T0 = time.perf_counter()
 
@@ -67,6 +68,9 @@ def main() -> None:
     p.add_argument("--pretrain-images", type=int, default=50000, help="0: no pretraining")
     p.add_argument("--pretrain-epochs", type=int, default=6)
     p.add_argument("--arch", default="resnet34")
+    p.add_argument(
+        "--hemnma-labels", type=int, default=4000, help="train/val images HEMNMA labels (0: skip)"
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--infer-repeats", type=int, default=5)
@@ -205,7 +209,6 @@ def main() -> None:
         dt = time.perf_counter() - t
         summary["synthesize_images_per_s"] = a.pretrain_images / dt
         say(f"synthesized {a.pretrain_images} pretraining images at {a.net_box}² in {dt:.1f} s")
-    summary["train"] = {}
     truth = {
         "euler": ps.euler(test_rows),
         "shifts": ps.shifts_px(test_rows),
@@ -220,42 +223,68 @@ def main() -> None:
         },
         len(test_rows),
     )
-    for param in ("amplitudes", "angles", "shifts"):
-        argv = ["--param", param, "--labels", str(star), "--split", str(work / "split.csv")]
-        argv += ["--arch", a.arch, "--epochs", str(a.epochs), "--box", str(a.net_box)]
-        argv += ["--batch-size", str(a.batch_size), "--workers", str(a.workers), "--lr", "2e-3"]
-        argv += ["--patience", "10", "--out-dir", str(work / param)]
-        if a.pretrain_images:
-            argv += ["--pretrain", str(syn_dir), "--pretrain-epochs", str(a.pretrain_epochs)]
+
+    def train_and_test(labels: Path, split_csv: Path, tag: str) -> None:
+        """Train the three networks on `labels`, judge them on the test images against truth."""
+        summary[tag] = {}
+        for param in ("amplitudes", "angles", "shifts"):
+            folder = work / tag / param
+            argv = ["--param", param, "--labels", str(labels), "--split", str(split_csv)]
+            argv += ["--arch", a.arch, "--epochs", str(a.epochs), "--box", str(a.net_box)]
+            argv += ["--batch-size", str(a.batch_size), "--workers", str(a.workers)]
+            argv += ["--lr", "2e-3", "--patience", "10", "--out-dir", str(folder)]
+            if a.pretrain_images:
+                argv += ["--pretrain", str(syn_dir), "--pretrain-epochs", str(a.pretrain_epochs)]
+            t = time.perf_counter()
+            train.train(cli_args("train", argv))
+            dt = time.perf_counter() - t
+            hist = pd.read_csv(folder / "history.csv")
+            net, meta = infer.load_network(str(folder / "model.pt"), dev)
+            pred = infer.predict(net, meta, ps, dev, 512, a.workers)[test_rows]
+            names = ps.particles["rlnImageName"].iloc[test_rows]
+            table = infer.prediction_table(meta, names, pred, px)
+            est = {**truth, **quality.labels_of(table, px, [7, 8, 9])}
+            err = quality.errors(param, est, truth)
+            metric = {
+                "mean": float(err.mean()),
+                "std": float(err.std()),
+                "baseline": float(quality.errors(param, base, truth).mean()),
+            }
+            if param == "amplitudes":
+                e = np.abs(est["amplitudes"] - truth["amplitudes"])
+                metric["mean_per_mode"] = e.mean(0).tolist()
+            summary[tag][param] = {
+                "epochs": int(hist["epoch"].max()),
+                "seconds": dt,
+                "seconds_per_epoch": float(hist["seconds"].mean()),
+                "test": metric,
+            }
+            shutil.copy(folder / "loss.png", out / f"loss_{tag}_{param}.png")
+            say(
+                f"[{tag}] trained {param}: {len(hist)} epochs in {dt:.0f} s; test vs truth {metric}"
+            )
+            (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+            if param == "amplitudes" and tag == "train_truth":
+                inference_benchmark(work / tag, ps, dev, a, summary)
+
+    train_and_test(star, work / "split.csv", "train_truth")
+
+    # 6. the same on HEMNMA labels: HEMNMA on part of the training/validation images
+    if a.hemnma_labels:
+        labelled = np.sort(np.r_[np.nonzero(sets != "test")[0][: a.hemnma_labels], test_rows])
+        sub_star = work / "hemnma_subset.star"
+        write_star(sub_star, ps.optics, ps.particles.iloc[labelled])
+        sub = ParticleSet(sub_star)
         t = time.perf_counter()
-        train.train(cli_args("train", argv))
+        res = hemnma.align_rows(sub, np.arange(len(sub)), al)
         dt = time.perf_counter() - t
-        hist = pd.read_csv(work / param / "history.csv")
-        net, meta = infer.load_network(str(work / param / "model.pt"), dev)
-        pred = infer.predict(net, meta, ps, dev, 512, a.workers)[test_rows]
-        table = infer.prediction_table(meta, ps.particles["rlnImageName"].iloc[test_rows], pred, px)
-        est = {**truth, **quality.labels_of(table, px, [7, 8, 9])}
-        err = quality.errors(param, est, truth)
-        metric = {
-            "mean": float(err.mean()),
-            "std": float(err.std()),
-            "baseline": float(quality.errors(param, base, truth).mean()),
-        }
-        if param == "amplitudes":
-            e = np.abs(est["amplitudes"] - truth["amplitudes"])
-            metric["mean_per_mode"] = e.mean(0).tolist()
-        summary["train"][param] = {
-            "epochs": int(hist["epoch"].max()),
-            "seconds": dt,
-            "seconds_per_epoch": float(hist["seconds"].mean()),
-            "test": metric,
-        }
-        shutil.copy(work / param / "loss.png", out / f"loss_{param}.png")
-        hist.to_csv(out / f"history_{param}.csv", index=False)
-        say(f"trained {param}: {len(hist)} epochs in {dt:.0f} s; test vs truth {metric}")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-        if param == "amplitudes":
-            inference_benchmark(work, ps, dev, a, summary)
+        say(f"HEMNMA labels for {len(sub)} images in {dt:.0f} s ({len(sub) / dt:.0f} img/s)")
+        labels = work / "hemnma.star"
+        write_star(labels, ps.optics, hemnma.result_table(sub, res, md["mode_numbers"]))
+        split_h = work / "split_hemnma.csv"
+        names = ps.particles["rlnImageName"].iloc[labelled]
+        pd.DataFrame({"rlnImageName": names, "set": sets[labelled]}).to_csv(split_h, index=False)
+        train_and_test(labels, split_h, "train_hemnma")
 
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     say("done")
