@@ -20,6 +20,7 @@ import pandas as pd
 
 from . import geometry
 from .io import (
+    POSE_COLUMNS,
     InputError,
     ParticleSet,
     amplitude_column,
@@ -30,7 +31,6 @@ from .io import (
 )
 
 log = logging.getLogger(__name__)
-EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 UNITS = {"amplitudes": "amplitude units", "angles": "degrees", "shifts": "pixels"}
 
 
@@ -93,8 +93,8 @@ def param_of(table: pd.DataFrame) -> str:
 def labels_of(table: pd.DataFrame, pixel_size: float, modes: list[int]) -> dict[str, np.ndarray]:
     """The label arrays a particle table holds (shifts in pixels: origin = -shift · pixel size)."""
     columns = {
-        "euler": EULER,
-        "shifts": ["rlnOriginXAngst", "rlnOriginYAngst"],
+        "euler": POSE_COLUMNS[:3],
+        "shifts": POSE_COLUMNS[3:],
         "amplitudes": [amplitude_column(k) for k in modes],
     }
     out = {k: table[c].to_numpy(float) for k, c in columns.items() if set(c) <= set(table.columns)}
