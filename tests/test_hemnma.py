@@ -370,34 +370,16 @@ def test_cli_several_references(adk_model_files, tmp_path):
     )
     files = adk_model_files
     fast = ["--coarse-box", "16", "--n-directions", "50", "--iterations", "3", "5"]
-    r = run(
-        "hemnma",
-        "--particles",
-        "p.star",
-        "--model",
-        files / "model.npz",
-        "c.npz",
-        "--modes",
-        files / "modes.npz",
-        "cm.npz",
-        "--out",
-        "two.star",
-        *fast,
-    )
+
+    def hemnma(modes: list, out: str) -> subprocess.CompletedProcess:
+        models = ["--model", files / "model.npz", "c.npz"]
+        return run(
+            "hemnma", "--particles", "p.star", *models, "--modes", *modes, "--out", out, *fast
+        )
+
+    r = hemnma([files / "modes.npz", "cm.npz"], "two.star")
     assert r.returncode == 0, r.stderr[-2000:]
     out = starfile.read(tmp_path / "two.star")["particles"]
     assert set(out["dhReference"]) <= {1, 2} and "dhRefAmplitudeMode9" in out
-    r = run(
-        "hemnma",
-        "--particles",
-        "p.star",
-        "--model",
-        files / "model.npz",
-        "c.npz",
-        "--modes",
-        "cm.npz",
-        "--out",
-        "x.star",
-        *fast,
-    )
+    r = hemnma(["cm.npz"], "x.star")
     assert r.returncode == 2 and "2 model files but 1 modes files" in r.stderr
