@@ -43,6 +43,7 @@ from .io import (
     require_file,
     save_figure,
 )
+from .quality import labels_of
 
 log = logging.getLogger(__name__)
 
@@ -260,12 +261,7 @@ def main(args: argparse.Namespace) -> None:
         images.flush()
         del images
     with atomic_path(out / "labels.npz") as tmp:
-        np.savez(
-            tmp,
-            euler=params[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(),
-            shifts=-params[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / ps.pixel_size,
-            amplitudes=params[[amplitude_column(k) for k in prior.mode_numbers]].to_numpy(),
-        )
+        np.savez(tmp, **labels_of(params, ps.pixel_size, prior.mode_numbers))
     meta = {
         "n_images": args.n_images,
         "box": box,
