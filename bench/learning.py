@@ -25,9 +25,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 
-from deephemnma import model, nma, quality, simulate, train  # noqa: E402
+from deephemnma import geometry, model, nma, quality, simulate, train  # noqa: E402
 from deephemnma.cli import build_parser  # noqa: E402
-from deephemnma.nets import ResNet, bf16_supported, preprocess  # noqa: E402
+from deephemnma.nets import (  # noqa: E402
+    ANGLE_OUTPUTS,
+    ARCHS,
+    bf16_supported,
+    build_network,
+    decode_angles,
+    n_outputs,
+    preprocess,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [
@@ -80,17 +88,19 @@ def render_row(flex, n: int, row: dict, seed: int) -> tuple[torch.Tensor, torch.
     return images, sigma, labels
 
 
-def fit(images, sigma, labels, param: str, box: int, epochs: int, augment: bool) -> float:
+def fit(images, sigma, labels, param: str, a: argparse.Namespace, augment: bool) -> float:
     """Train one network on the first 80 % of the images; mean error on the rest."""
     torch.manual_seed(0)
     n = len(images)
     n_train = n * 4 // 5
     lab = {k: torch.tensor(v).float() for k, v in labels.items()}
-    y_all = train.target_values(param, "6d", lab["euler"], lab["shifts"], lab["amplitudes"])
+    box, epochs, rep = a.box, a.epochs, a.angle_repr
+    y_all = train.target_values(param, rep, lab["euler"], lab["shifts"], lab["amplitudes"])
     mean, std = y_all[:n_train].mean(0), y_all[:n_train].std(0).clamp_min(1e-6)
+    n_out = n_outputs(param, rep, 3)
     if param == "angles":
-        mean, std = torch.zeros_like(mean), torch.ones_like(std)
-    net = ResNet("resnet18", train.n_outputs(param, "6d", 3)).to(memory_format=torch.channels_last)
+        mean, std = torch.zeros(n_out), torch.ones(n_out)
+    net = build_network(a.arch, n_out).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = epochs * (n_train // 64)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, train.warmup_cosine(steps))
@@ -105,10 +115,10 @@ def fit(images, sigma, labels, param: str, box: int, epochs: int, augment: bool)
                 turns = torch.randint(0, 4, (len(idx),))
                 x = train.transform_images(x, turns, torch.zeros(len(idx), 2))
                 e, s = train.transform_labels(e, s, 90.0 * turns.float(), torch.zeros(len(idx), 2))
-            y = train.target_values(param, "6d", e, s, lab["amplitudes"][idx])
+            y = train.target_values(param, rep, e, s, lab["amplitudes"][idx])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 pred = net(preprocess(x, box).contiguous(memory_format=torch.channels_last))
-            loss, _ = train.loss_and_metric(param, "6d", pred, y, mean, std)
+            loss, _ = train.loss_and_metric(param, rep, pred, y, mean, std)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -120,13 +130,13 @@ def fit(images, sigma, labels, param: str, box: int, epochs: int, augment: bool)
     )
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = net(preprocess(test, box).contiguous(memory_format=torch.channels_last)).float()
-    out = (out * std + mean).numpy()
+    out = out * std + mean
     ref = {k: v[n_train:] for k, v in labels.items()}
     est = dict(ref)
     if param == "angles":
-        est["euler"] = train.outputs_to_euler(out, "6d")
+        est["euler"] = geometry.matrix_to_euler(decode_angles(out, rep)[0].double()).numpy()
     else:
-        est[param] = out
+        est[param] = out.numpy()
     return float(quality.errors(param, est, ref).mean())
 
 
@@ -135,6 +145,8 @@ def main() -> None:
     p.add_argument("--n-images", type=int, default=4000)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--box", type=int, default=32, help="working box (images are 64 px)")
+    p.add_argument("--arch", default="convnet16", choices=ARCHS)
+    p.add_argument("--angle-repr", default="so3grid", choices=list(ANGLE_OUTPUTS))
     p.add_argument(
         "--rows", type=int, nargs="+", default=range(1, len(ROWS) + 1), help="rows to run (1-based)"
     )
@@ -142,7 +154,7 @@ def main() -> None:
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; {a.n_images} images of 64 px (80 % training), "
-        f"working box {a.box}, ResNet-18, {a.epochs} epochs, trained on truth, 6D angles"
+        f"working box {a.box}, {a.arch}, {a.epochs} epochs, trained on truth, {a.angle_repr} angles"
     )
     with tempfile.TemporaryDirectory() as tmp:
         flex = flexible_model(Path(tmp))
@@ -160,7 +172,7 @@ def main() -> None:
             if not varies:
                 cells.append("— (fixed)")
                 continue
-            err = fit(images, sigma, labels, param, a.box, a.epochs, augment=row["psi"])
+            err = fit(images, sigma, labels, param, a, augment=row["psi"])
             b = float(quality.errors(param, base, ref).mean())
             cells.append(f"{err:.3g} (baseline {b:.3g})")
         print(f"| {name} | {' | '.join(cells)} | {time.perf_counter() - t0:.0f} |", flush=True)

@@ -11,7 +11,14 @@ from deephemnma import geometry, infer, quality, simulate, synthetic, train
 from deephemnma.cli import main as cli
 from deephemnma.imaging import fourier_crop
 from deephemnma.io import ParticleSet, load_model, load_modes
-from deephemnma.nets import ResNet, n_parameters, preprocess
+from deephemnma.nets import (
+    ResNet,
+    decode_angles,
+    grid_targets,
+    n_parameters,
+    preprocess,
+    rotation_grid,
+)
 from deephemnma.split import split_sets
 
 from .conftest import sim_config
@@ -283,7 +290,7 @@ def test_sixd_output_follows_the_relion_convention():
     rng = np.random.default_rng(1)
     euler = geometry.random_euler(200, rng)
     six = train.target_values("angles", "6d", torch.tensor(euler), None, None)
-    back = train.outputs_to_euler(six.numpy(), "6d")
+    back = geometry.matrix_to_euler(decode_angles(six, "6d")[0]).numpy()
     assert geometry.euler_distance_deg(back, euler).max() < 1e-4
     mats = geometry.euler_to_matrix(torch.tensor(euler))
     np.testing.assert_allclose(six.reshape(-1, 2, 3).numpy(), mats[:, :2].numpy(), atol=1e-12)
@@ -297,6 +304,27 @@ def test_sixd_output_follows_the_relion_convention():
         geometry.euler_distance_deg(euler, other),
         atol=1e-5,
     )
+
+
+def test_so3grid_output_follows_the_relion_convention():
+    """so3grid: the grid covers SO(3) evenly; the soft target of a rotation given as RELION Euler
+    angles decodes back to the same angles; a flat score says "unsure" (large spread)."""
+    grid = rotation_grid().double()
+    gaps = torch.rad2deg(geometry.grid_angles(grid[:600], grid))
+    gaps[torch.arange(600), torch.arange(600)] = 180.0
+    nearest = gaps.min(1).values
+    assert 10.0 < nearest.mean() < 15.0 and nearest.max() < 20.0
+    rng = np.random.default_rng(2)
+    euler = geometry.random_euler(300, rng)
+    mats = geometry.euler_to_matrix(torch.tensor(euler))
+    target = train.target_values("angles", "so3grid", torch.tensor(euler), None, None)
+    scores = torch.log(grid_targets(geometry.sixd_to_matrix(target)))
+    rot, spread = decode_angles(scores, "so3grid")
+    back = geometry.matrix_to_euler(rot.double()).numpy()
+    assert geometry.euler_distance_deg(back, euler).max() < 3.0
+    assert geometry.matrix_distance_deg(rot.double(), mats).mean() < 1.5
+    _, flat = decode_angles(torch.zeros(1, scores.shape[1]), "so3grid")
+    assert spread.max() < 25.0 and flat.item() > 90.0
 
 
 def test_pretraining_images_match_particles(adk_model_files, tmp_path, monkeypatch):
