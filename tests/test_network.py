@@ -10,7 +10,7 @@ import torch
 from deephemnma import geometry, infer, quality, simulate, synthetic, train
 from deephemnma.cli import main as cli
 from deephemnma.imaging import fourier_crop
-from deephemnma.io import ParticleSet, load_model, load_modes
+from deephemnma.io import ParticleSet, load_model, load_modes, write_star
 from deephemnma.nets import (
     ResNet,
     decode_angles,
@@ -436,7 +436,9 @@ def test_quality_verdict_flags_shuffled_labels_and_merge_falls_back(
                 "--workers", "0", "--out", str(inferred)]) == 0  # fmt: skip
     q = ["quality", "--labels", str(labelled / "shuffled.star"), "--split", "split.csv"]
     q += ["--inferred", str(inferred), "--out-json", str(tmp_path / "q.json")]
-    assert cli([*q, "--out-md", str(tmp_path / "q.md")]) == 0
+    assert (
+        cli([*q, "--out-md", str(tmp_path / "q.md"), "--out-figure", str(tmp_path / "c.png")]) == 0
+    )
     verdict = json.loads((tmp_path / "q.json").read_text())["networks"][0]
     print(verdict["text"])
     assert verdict["param"] == "amplitudes" and not verdict["trusted"]
@@ -462,6 +464,35 @@ def test_quality_verdict_flags_shuffled_labels_and_merge_falls_back(
                 "--out", str(out)]) == 0  # fmt: skip
     merged = starfile.read(out)["particles"]
     assert merged["dhTrusted"].all() and (merged["dhSourceAmplitudes"].iloc[:40] == "hemnma").all()
+
+
+def test_quality_measures_uncertainty_calibration(labelled, monkeypatch, tmp_path):
+    """An angle uncertainty that ranks the true errors exactly gets Spearman 1; the verdict page
+    says so and the calibration figure is written."""
+    monkeypatch.chdir(labelled)
+    ps = ParticleSet(labelled / "p.star")
+    t = ps.particles[["rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].copy()
+    dpsi = np.random.default_rng(3).uniform(0.0, 40.0, len(t))
+    t["rlnAnglePsi"] = t["rlnAnglePsi"] + dpsi  # a turn about the beam: angle error = dpsi
+    t["dhUncertaintyAngles"] = np.sqrt(dpsi)
+    write_star(tmp_path / "angles.star", ps.optics, t)
+    q = ["quality", "--labels", "p.star", "--split", "split.csv"]
+    q += ["--inferred", str(tmp_path / "angles.star"), "--out-json", str(tmp_path / "q.json")]
+    assert (
+        cli([*q, "--out-md", str(tmp_path / "q.md"), "--out-figure", str(tmp_path / "c.png")]) == 0
+    )
+    row = json.loads((tmp_path / "q.json").read_text())["networks"][0]
+    assert row["spearman"] == pytest.approx(1.0)
+    assert abs(row["error"] - dpsi[ps.particles.index[split_test(labelled)]].mean()) < 1e-3
+    assert "Spearman ρ = 1.00" in (tmp_path / "q.md").read_text()
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def split_test(d) -> np.ndarray:
+    """Boolean mask of the test images of the fixture's split, in particle order."""
+    split = pd.read_csv(d / "split.csv").set_index("rlnImageName")
+    names = ParticleSet(d / "p.star").particles["rlnImageName"]
+    return (split.loc[names, "set"] == "test").to_numpy()
 
 
 def test_quality_baselines_match_independent_formulas():
