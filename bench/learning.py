@@ -6,8 +6,10 @@ Networks are trained on the ground truth of simulated images of open adenylate k
 once, noise-free; noisy rows draw fresh noise for every batch (as synthetic pretraining does).
 Errors are on held-out images, next to the trivial baseline (the training mean; for angles the
 rotation nearest the mean). Prints one table; ≤ 30 min on 2 cores at the defaults.
+`--ablation` instead trains the orientation network of the last row with each network and angle
+output (the recipe's ablation: error and training time per change).
 
-    python bench/learning.py [--n-images 4000] [--epochs 8] [--box 32]
+    python bench/learning.py [--n-images 4000] [--epochs 8] [--box 32] [--ablation]
 """
 
 from __future__ import annotations
@@ -140,6 +142,24 @@ def fit(images, sigma, labels, param: str, a: argparse.Namespace, augment: bool)
     return float(quality.errors(param, est, ref).mean())
 
 
+def ablation(flex, a: argparse.Namespace) -> None:
+    """Orientation error and training time of the last ladder row per network and output."""
+    images, sigma, labels = render_row(flex, a.n_images, ROWS[-1][1], seed=3)
+    n_train = a.n_images * 4 // 5
+    base = quality.baseline({k: v[:n_train] for k, v in labels.items()}, a.n_images - n_train)
+    ref = {k: v[n_train:] for k, v in labels.items()}
+    b = float(quality.errors("angles", base, ref).mean())
+    print(f"angles, {ROWS[-1][0]}; baseline {b:.3g}°")
+    print("| network | angle output | angles (deg) | training seconds |")
+    print("|---|---|---|---|")
+    for arch, rep in [("resnet18", "6d"), ("resnet18", "so3grid"), ("convnet16", "6d"),
+                      ("convnet16", "so3grid")]:  # fmt: skip
+        t0 = time.perf_counter()
+        err = fit(images, sigma, labels, "angles", argparse.Namespace(**{**vars(a), "arch": arch,
+                  "angle_repr": rep}), augment=True)  # fmt: skip
+        print(f"| {arch} | {rep} | {err:.3g} | {time.perf_counter() - t0:.0f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n-images", type=int, default=4000)
@@ -150,6 +170,7 @@ def main() -> None:
     p.add_argument(
         "--rows", type=int, nargs="+", default=range(1, len(ROWS) + 1), help="rows to run (1-based)"
     )
+    p.add_argument("--ablation", action="store_true", help="angles of the last row, each recipe")
     a = p.parse_args()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -158,6 +179,9 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         flex = flexible_model(Path(tmp))
+    if a.ablation:
+        ablation(flex, a)
+        return
     print("| task | amplitudes | angles (deg) | shifts (px) | seconds |")
     print("|---|---|---|---|---|")
     for name, row in (ROWS[i - 1] for i in a.rows):
