@@ -6,8 +6,9 @@ and printed as it finishes:
   2. simulate the reference set (docs/protocol.md: 20,000 images at 128², SNR 0.1, CTF) on the GPU;
   3. HEMNMA on a subset: images/s and accuracy against ground truth;
   4. split 14,055 train / rest val / 2,000 test; render synthetic pretraining images; train
-     ResNet-34 (working box 64, 6D angles) on the truth for amplitudes, angles and shifts —
-     pretraining, then fine-tuning — and evaluate on the test images next to the baselines;
+     ResNet-34 (working box 64, angles over the SO(3) grid) on the truth for amplitudes, angles
+     and shifts — pretraining, then fine-tuning — and evaluate on the test images next to the
+     baselines;
   5. inference throughput (ResNet-34, bf16) end to end from the memory-mapped stacks;
   6. the same networks trained on HEMNMA's labels of part of the training/validation images.
 
@@ -236,7 +237,7 @@ def main() -> None:
             if a.pretrain_images:
                 argv += ["--pretrain", str(syn_dir), "--pretrain-epochs", str(a.pretrain_epochs)]
             t = time.perf_counter()
-            train.train(cli_args("train", argv))
+            train.main(cli_args("train", argv))
             dt = time.perf_counter() - t
             hist = pd.read_csv(folder / "history.csv")
             net, meta = infer.load_network(str(folder / "model.pt"), dev)

@@ -192,6 +192,14 @@ def train_args(d, param, epochs, **kw):
     return args
 
 
+def trainer(d, param, epochs, labels=None, out=None) -> train.Trainer:
+    """The Trainer `train_args` would run, for tests that stop it early."""
+    settings = train.TrainSettings(
+        param=param, arch="resnet18", epochs=epochs, batch_size=16, lr=2e-3, workers=0
+    )
+    return train.Trainer(settings, labels or d / "p.star", d / "split.csv", out or d / param)
+
+
 def test_tiny_training_lowers_validation_loss(labelled, monkeypatch):
     monkeypatch.chdir(labelled)
     torch.manual_seed(0)
@@ -207,14 +215,14 @@ def test_tiny_training_lowers_validation_loss(labelled, monkeypatch):
 def test_resume_after_kill(labelled, monkeypatch):
     monkeypatch.chdir(labelled)
     out = labelled / "amplitudes"
-    assert cli(train_args(labelled, "amplitudes", 3, stop_after_epoch=2)) == 0
+    assert not trainer(labelled, "amplitudes", 3).fit(max_epochs=2)  # as if killed after 2
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and not (out / "model.pt").exists()
     assert cli(train_args(labelled, "amplitudes", 3)) == 0
     hist = pd.read_csv(out / "history.csv")
     assert hist["epoch"].tolist() == [1, 2, 3]  # epochs 1-2 from the checkpoint, 3 resumed
     # a run with other settings does not resume from a stale checkpoint
-    assert cli(train_args(labelled, "amplitudes", 2, stop_after_epoch=1)) == 0
+    assert not trainer(labelled, "amplitudes", 2).fit(max_epochs=1)
     assert cli(train_args(labelled, "amplitudes", 2, lr=1e-3)) == 0
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
 
@@ -525,7 +533,8 @@ def test_changed_labels_do_not_resume_a_checkpoint(labelled, monkeypatch, tmp_pa
     args = train_args(labelled, "shifts", 3)
     args[args.index("--labels") + 1] = str(tmp_path / "labels.star")
     args[args.index("--out-dir") + 1] = str(tmp_path / "net")
-    assert cli([*args, "--stop-after-epoch", "2"]) == 0
+    job = trainer(labelled, "shifts", 3, labels=tmp_path / "labels.star", out=tmp_path / "net")
+    assert not job.fit(max_epochs=2)  # as if killed after epoch 2
     killed = torch.load(tmp_path / "net" / "checkpoint.pt", weights_only=True)["history"]
     star["particles"]["rlnOriginXAngst"] += 4.4  # same file, new labels (a rerun of HEMNMA)
     starfile.write(star, tmp_path / "labels.star", overwrite=True)

@@ -23,7 +23,7 @@ VERBS = {
         "synthetic",
         "pretraining images rendered from the model with the data's CTF and noise",
     ),
-    "train": ("train", "train one ResNet per parameter type (amplitudes, angles, shifts)"),
+    "train": ("train", "train one network per parameter type (amplitudes, angles, shifts)"),
     "infer": ("infer", "infer one parameter type for every image with a trained network"),
     "quality": (
         "quality",

@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -292,266 +292,362 @@ def warmup_cosine(total_steps: int, warmup_fraction: float = 0.05):
     return factor
 
 
-def train(args: argparse.Namespace) -> None:
-    device, rank, world = setup_device()
-    torch.manual_seed(args.seed + rank)
-    ps = ParticleSet(require_file(args.labels, "label STAR"))
-    modes = amplitude_modes(ps.particles)
-    if args.param == "amplitudes" and not modes:
-        raise InputError(f"{args.labels}: no _dhAmplitudeMode<k> columns to learn")
-    split = pd.read_csv(require_file(args.split, "split CSV"))
-    sets = ps.particles[["rlnImageName"]].merge(split, on="rlnImageName", how="left")["set"]
-    if sets.isna().any():
-        raise InputError(f"{args.split}: does not cover every image of {args.labels}")
-    train_rows = np.nonzero((sets == "train").to_numpy())[0]
-    val_rows = np.nonzero((sets == "val").to_numpy())[0]
-    labels = raw_labels(ps, modes)
-    box = args.box or ps.box
-    if box > ps.box:
-        raise InputError(f"working box {box} is larger than the particles' box {ps.box}")
-    synthetic = (
-        Synthetic.load(args.pretrain, device) if args.pretrain and args.pretrain_epochs else None
-    )
-    if synthetic is not None and synthetic.box != box:
-        raise InputError(f"{args.pretrain}: rendered at {synthetic.box} px, networks work at {box}")
-    pretrain_epochs = args.pretrain_epochs if synthetic is not None else 0
-    tgt = target_values(
-        args.param,
-        args.angle_repr,
-        *(torch.tensor(labels[k][train_rows]) for k in ("euler", "shifts", "amplitudes")),
-    )
-    n_out = n_outputs(args.param, args.angle_repr, len(modes))
-    mean, std = tgt.mean(0).float(), tgt.std(0).float().clamp_min(1e-6)
-    if args.param == "angles" and args.angle_repr != "euler":
-        mean, std = torch.zeros(n_out), torch.ones(n_out)
-    val_labels = {k: v[val_rows] for k, v in labels.items()}
-    base_val = quality.baseline({k: v[train_rows] for k, v in labels.items()}, len(val_rows))
-    baseline_error = float(quality.errors(args.param, base_val, val_labels).mean())
-    model = build_network(args.arch, n_out).to(device).to(memory_format=torch.channels_last)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+@dataclass
+class TrainSettings:
+    """How one network is trained; the CLI's defaults are these."""
 
-    loader_kw = {
-        "num_workers": args.workers,
-        "pin_memory": device.type == "cuda",
-        "persistent_workers": args.workers > 0,
-    }
+    param: str
+    arch: str = "resnet34"
+    angle_repr: str = "so3grid"
+    box: int | None = None  # working box; None: the particles'
+    pretrain_epochs: int = 0
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 8
+    augment: bool = True
+    augment_shift_px: int = 2
+    workers: int = 2  # data-loading processes (not part of the checkpoint fingerprint)
+    seed: int = 0
 
-    def loader(ds: Dataset, shuffle: bool) -> tuple[DataLoader, DistributedSampler | None]:
-        sampler = DistributedSampler(ds, shuffle=shuffle, seed=args.seed) if world > 1 else None
-        return DataLoader(
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainSettings:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+class Trainer:
+    """One network: data, model, optimiser, checkpoints, the training loop and the export.
+
+    `fit` resumes from `out_dir/checkpoint.pt` when it was written with the same settings and
+    the same labels, split and synthetic set (its fingerprint), and starts afresh otherwise.
+    """
+
+    def __init__(
+        self,
+        settings: TrainSettings,
+        labels: str | Path,
+        split: str | Path,
+        out_dir: str | Path,
+        pretrain: str | Path | None = None,
+    ):
+        s = self.s = settings
+        self.device, self.rank, self.world = setup_device()
+        torch.manual_seed(s.seed + self.rank)
+        ps = self.ps = ParticleSet(require_file(labels, "label STAR"))
+        self.modes = amplitude_modes(ps.particles)
+        if s.param == "amplitudes" and not self.modes:
+            raise InputError(f"{labels}: no _dhAmplitudeMode<k> columns to learn")
+        table = pd.read_csv(require_file(split, "split CSV"))
+        sets = ps.particles[["rlnImageName"]].merge(table, on="rlnImageName", how="left")["set"]
+        if sets.isna().any():
+            raise InputError(f"{split}: does not cover every image of {labels}")
+        train_rows = np.nonzero((sets == "train").to_numpy())[0]
+        val_rows = np.nonzero((sets == "val").to_numpy())[0]
+        self.labels = raw_labels(ps, self.modes)
+        self.box = s.box or ps.box
+        if self.box > ps.box:
+            raise InputError(f"working box {self.box} is larger than the particles' box {ps.box}")
+        syn = self.synthetic = (
+            Synthetic.load(pretrain, self.device) if pretrain and s.pretrain_epochs else None
+        )
+        if syn is not None and syn.box != self.box:
+            raise InputError(f"{pretrain}: rendered at {syn.box} px, networks work at {self.box}")
+        self.pretrain_epochs = s.pretrain_epochs if syn is not None else 0
+        self.n_train, self.n_val = len(train_rows), len(val_rows)
+        self._targets_and_baseline(train_rows, val_rows)
+        self.model = build_network(s.arch, self.n_out).to(self.device)
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.net = (
+            torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        )
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        self.train_loader, self.train_sampler = self._loader(train_rows, shuffle=True)
+        self.val_loader, _ = self._loader(val_rows, shuffle=False)
+        syn_steps = syn.n_batches(s.batch_size, self.world) if syn else 0
+        steps = self.pretrain_epochs * syn_steps + s.epochs * len(self.train_loader)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(steps))
+        self.out = Path(out_dir)
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.state = {"epoch": 0, "best_val": math.inf, "best_state": None, "bad_epochs": 0}
+        self.state["history"] = []
+        fixed = {k: v for k, v in sorted(asdict(s).items()) if k != "workers"}
+        self.fingerprint = content_hash(
+            repr(fixed),
+            f"world={self.world}",
+            ps.particles["rlnImageName"].to_numpy(str),
+            sets.to_numpy(str),
+            *(self.labels[k] for k in LABEL_KEYS),
+            syn.meta_text if syn else "",
+        )
+        self.bf16 = bf16_supported(self.device)
+        self.gen = torch.Generator(device=self.device).manual_seed(s.seed + 1000 * self.rank)
+        self.load_checkpoint()
+
+    def _targets_and_baseline(self, train_rows: np.ndarray, val_rows: np.ndarray) -> None:
+        """Target standardisation from the training rows; the trivial baseline's val error."""
+        s, lab = self.s, self.labels
+        tgt = target_values(
+            s.param, s.angle_repr, *(torch.tensor(lab[k][train_rows]) for k in LABEL_KEYS)
+        )
+        self.n_out = n_outputs(s.param, s.angle_repr, len(self.modes))
+        mean, std = tgt.mean(0).float(), tgt.std(0).float().clamp_min(1e-6)
+        if s.param == "angles" and s.angle_repr != "euler":
+            mean, std = torch.zeros(self.n_out), torch.ones(self.n_out)
+        self.mean, self.std = mean.to(self.device), std.to(self.device)
+        base = quality.baseline({k: v[train_rows] for k, v in lab.items()}, len(val_rows))
+        val_labels = {k: v[val_rows] for k, v in lab.items()}
+        self.baseline_error = float(quality.errors(s.param, base, val_labels).mean())
+
+    def _loader(self, rows: np.ndarray, shuffle: bool):
+        ds = ImageRows(self.ps.images, rows, self.labels)
+        s = self.s
+        sampler = DistributedSampler(ds, shuffle=shuffle, seed=s.seed) if self.world > 1 else None
+        loader = DataLoader(
             ds,
-            batch_size=args.batch_size,
+            batch_size=s.batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
-            drop_last=shuffle and len(ds) > args.batch_size,
-            **loader_kw,
-        ), sampler
+            drop_last=shuffle and len(ds) > s.batch_size,
+            num_workers=s.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=s.workers > 0,
+        )
+        return loader, sampler
 
-    tr, tr_sampler = loader(ImageRows(ps.images, train_rows, labels), True)
-    va, _ = loader(ImageRows(ps.images, val_rows, labels), False)
-    syn_steps = synthetic.n_batches(args.batch_size, world) if synthetic else 0
-    total_steps = pretrain_epochs * syn_steps + args.epochs * len(tr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps))
-
-    out = Path(args.out_dir)
-    ckpt_path = out / "checkpoint.pt"
-    state = {"epoch": 0, "best_val": math.inf, "best_state": None, "bad_epochs": 0, "history": []}
-    settings = {
-        k: v
-        for k, v in sorted(vars(args).items())
-        if k not in ("module", "verbose", "workers", "stop_after_epoch", "labels", "split")
-    }
-    fingerprint = content_hash(
-        repr(settings),
-        f"world={world}",
-        ps.particles["rlnImageName"].to_numpy(str),
-        sets.to_numpy(str),
-        *(labels[k] for k in ("euler", "shifts", "amplitudes")),
-        synthetic.meta_text if synthetic else "",
-    )
-    ckpt = (
-        torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt_path.exists()
-        else None
-    )
-    if ckpt is not None and ckpt.get("fingerprint") != fingerprint:
-        log.info("ignoring %s: written by a run with other settings or labels", ckpt_path)
-        ckpt = None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optim"])
-        sched.load_state_dict(ckpt["sched"])
-        state = {k: ckpt[k] for k in state}
-        log.info("resuming from %s after epoch %d", ckpt_path, state["epoch"])
-    mean, std = mean.to(device), std.to(device)
-    bf16 = bf16_supported(device)
-    gen = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)
-
-    def batches(items, augment: bool, noise_sigma: float = 0.0):
+    def _inputs(self, items, augment: bool, noise_sigma: float = 0.0):
+        """(network input, target) batches: fresh noise, label-consistent augmentation."""
+        s, dev = self.s, self.device
         for img, eul, sh, amp in items:
-            img, eul, sh, amp = (x.to(device, non_blocking=True) for x in (img, eul, sh, amp))
+            img, eul, sh, amp = (x.to(dev, non_blocking=True) for x in (img, eul, sh, amp))
             if noise_sigma:
-                img = img + noise_sigma * torch.randn(
-                    img.shape, generator=gen, device=device, dtype=img.dtype
-                )
+                noise = torch.randn(img.shape, generator=self.gen, device=dev, dtype=img.dtype)
+                img = img + noise_sigma * noise
             if augment:
-                turns = torch.randint(0, 4, (len(img),), device=device)
-                r = int(args.augment_shift_px)
-                t = torch.randint(-r, r + 1, (len(img), 2), device=device).float()
+                turns = torch.randint(0, 4, (len(img),), device=dev)
+                r = s.augment_shift_px
+                t = torch.randint(-r, r + 1, (len(img), 2), device=dev).float()
                 img = transform_images(img, turns, t)
                 eul, sh = transform_labels(eul, sh, 90.0 * turns.float(), t)
-            x = preprocess(img, box).contiguous(memory_format=torch.channels_last)
-            yield x, target_values(args.param, args.angle_repr, eul, sh, amp).float()
+            x = preprocess(img, self.box).contiguous(memory_format=torch.channels_last)
+            yield x, target_values(s.param, s.angle_repr, eul, sh, amp).float()
 
-    log.info(
-        "%s %s at %d px: %d training, %d validation images; %d synthetic pretraining epochs; "
-        "trivial baseline %.3g",
-        args.param, args.arch, box, len(train_rows), len(val_rows), pretrain_epochs,
-        baseline_error,
-    )  # fmt: skip
-    for epoch in range(state["epoch"] + 1, pretrain_epochs + args.epochs + 1):
-        t0 = time.perf_counter()
-        pretraining = epoch <= pretrain_epochs
-        if pretraining:
-            data = synthetic.batches(args.batch_size, epoch, rank, world, args.seed)
+    def _loss(self, pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return loss_and_metric(self.s.param, self.s.angle_repr, pred, y, self.mean, self.std)
+
+    def train_epoch(self, epoch: int) -> float:
+        """One epoch (synthetic images while pretraining, then the labelled ones); mean loss."""
+        s, dev = self.s, self.device
+        if epoch <= self.pretrain_epochs:
+            data = self.synthetic.batches(s.batch_size, epoch, self.rank, self.world, s.seed)
+            noise = self.synthetic.noise_sigma
         else:
-            data = tr
-            if tr_sampler is not None:
-                tr_sampler.set_epoch(epoch)
-        net.train()
-        tot = torch.zeros(2, device=device)
-        noise = synthetic.noise_sigma if pretraining else 0.0
-        for x, y in batches(data, args.augment, noise):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                pred = net(x)
-            loss, _ = loss_and_metric(args.param, args.angle_repr, pred, y, mean, std)
-            opt.zero_grad(set_to_none=True)
+            data, noise = self.train_loader, 0.0
+            if self.train_sampler is not None:
+                self.train_sampler.set_epoch(epoch)
+        self.net.train()
+        tot = torch.zeros(2, device=dev)
+        for x, y in self._inputs(data, s.augment, noise):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+                pred = self.net(x)
+            loss, _ = self._loss(pred, y)
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
-            tot += torch.stack([loss.detach() * len(x), torch.tensor(len(x), device=device)])
-        net.eval()
-        val = torch.zeros(3, device=device)
-        with torch.no_grad():
-            for x, y in batches(va, False):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    pred = net(x)
-                loss, metric = loss_and_metric(args.param, args.angle_repr, pred, y, mean, std)
-                val += torch.stack([loss * len(x), metric, torch.tensor(len(x), device=device)])
-        if world > 1:
+            self.opt.step()
+            self.sched.step()
+            tot += torch.stack([loss.detach() * len(x), torch.tensor(len(x), device=dev)])
+        if self.world > 1:
             dist.all_reduce(tot)
+        return float(tot[0] / tot[1])
+
+    def validate(self) -> tuple[float, float]:
+        """Mean loss and mean error (degrees, amplitude units or pixels) on validation images."""
+        self.net.eval()
+        val = torch.zeros(3, device=self.device)
+        with torch.no_grad():
+            for x, y in self._inputs(self.val_loader, False):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    pred = self.net(x)
+                loss, metric = self._loss(pred, y)
+                val += torch.stack([loss * len(x), metric, torch.tensor(len(x), device=val.device)])
+        if self.world > 1:
             dist.all_reduce(val)
-        row = {
-            "epoch": epoch,
-            "phase": "pretrain" if pretraining else "finetune",
-            "train_loss": float(tot[0] / tot[1]),
-            "val_loss": float(val[0] / val[2]),
-            "val_metric": float(val[1] / val[2]),
-            "lr": sched.get_last_lr()[0],
-            "seconds": time.perf_counter() - t0,
-        }
-        state["history"].append(row)
-        state["epoch"] = epoch
-        if row["val_loss"] < state["best_val"]:
-            state["best_val"], state["bad_epochs"] = row["val_loss"], 0
-            state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return float(val[0] / val[2]), float(val[1] / val[2])
+
+    def fit(self, max_epochs: int | None = None) -> bool:
+        """Train up to epoch `max_epochs` (default: to the end), a checkpoint after every epoch;
+        export the best epoch when training ends (all epochs run, or early stop). Returns
+        whether it ended."""
+        s, state = self.s, self.state
+        total = self.pretrain_epochs + s.epochs
+        last = total if max_epochs is None else min(max_epochs, total)
+        log.info(
+            "%s %s at %d px: %d training, %d validation images; %d synthetic pretraining epochs; "
+            "trivial baseline %.3g",
+            s.param, s.arch, self.box, self.n_train, self.n_val, self.pretrain_epochs,
+            self.baseline_error,
+        )  # fmt: skip
+        for epoch in range(state["epoch"] + 1, last + 1):
+            t0 = time.perf_counter()
+            train_loss = self.train_epoch(epoch)
+            val_loss, val_metric = self.validate()
+            row = {
+                "epoch": epoch,
+                "phase": "pretrain" if epoch <= self.pretrain_epochs else "finetune",
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_metric": val_metric,
+                "lr": self.sched.get_last_lr()[0],
+                "seconds": time.perf_counter() - t0,
+            }
+            state["history"].append(row)
+            state["epoch"] = epoch
+            if val_loss < state["best_val"]:
+                state["best_val"], state["bad_epochs"] = val_loss, 0
+                state["best_state"] = {
+                    k: v.detach().clone() for k, v in self.model.state_dict().items()
+                }
+            else:
+                state["bad_epochs"] += 1
+            if self.rank == 0:
+                log.info(
+                    "epoch %d (%s): train %.4f, val %.4f, error %.3f (baseline %.3g) (%.1f s)",
+                    epoch, row["phase"], train_loss, val_loss, val_metric, self.baseline_error,
+                    row["seconds"],
+                )  # fmt: skip
+                self.save_checkpoint()
+            if state["bad_epochs"] >= s.patience and row["phase"] == "finetune":
+                log.info("early stop: no validation improvement for %d epochs", s.patience)
+                break
         else:
-            state["bad_epochs"] += 1
-        if rank == 0:
-            log.info(
-                "epoch %d (%s): train %.4f, val %.4f, error %.3f (baseline %.3g) (%.1f s)",
-                epoch, row["phase"], row["train_loss"], row["val_loss"], row["val_metric"],
-                baseline_error, row["seconds"],
-            )  # fmt: skip
-            with atomic_path(ckpt_path) as tmp:
-                torch.save(
-                    {
-                        "model": model.state_dict(),
-                        "optim": opt.state_dict(),
-                        "sched": sched.state_dict(),
-                        "fingerprint": fingerprint,
-                        **state,
-                    },
-                    tmp,
-                )
-        if args.stop_after_epoch and epoch == args.stop_after_epoch:
-            return  # testing hook: behave like a job killed after this epoch's checkpoint
-        if state["bad_epochs"] >= args.patience and not pretraining:
-            log.info("early stop: no validation improvement for %d epochs", args.patience)
-            break
-    if rank == 0:
-        history = pd.DataFrame(state["history"])
+            if last < total:
+                return False
+        if self.rank == 0:
+            self.export()
+        return True
+
+    def save_checkpoint(self) -> None:
+        with atomic_path(self.ckpt_path) as tmp:
+            torch.save(
+                {
+                    "model": self.model.state_dict(),
+                    "optim": self.opt.state_dict(),
+                    "sched": self.sched.state_dict(),
+                    "fingerprint": self.fingerprint,
+                    **self.state,
+                },
+                tmp,
+            )
+
+    def load_checkpoint(self) -> bool:
+        """Resume from the checkpoint if it has this run's fingerprint; whether it did."""
+        if not self.ckpt_path.exists():
+            return False
+        ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        if ckpt.get("fingerprint") != self.fingerprint:
+            log.info("ignoring %s: written by a run with other settings or labels", self.ckpt_path)
+            return False
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optim"])
+        self.sched.load_state_dict(ckpt["sched"])
+        self.state = {k: ckpt[k] for k in self.state}
+        log.info("resuming from %s after epoch %d", self.ckpt_path, self.state["epoch"])
+        return True
+
+    def export(self) -> None:
+        """model.pt (the best epoch and what inference needs), history.csv, loss.png."""
+        s, out = self.s, self.out
+        history = pd.DataFrame(self.state["history"])
         best = history.loc[history["val_loss"].idxmin()]
         final = {
-            "state_dict": state["best_state"],
-            "arch": args.arch,
-            "param": args.param,
-            "angle_repr": args.angle_repr,
-            "n_out": n_out,
-            "mean": mean.cpu(),
-            "std": std.cpu(),
-            "box": box,
-            "particle_box": ps.box,
-            "pixel_size": ps.pixel_size,
-            "mode_numbers": modes,
-            "best_val_loss": state["best_val"],
+            "state_dict": self.state["best_state"],
+            "arch": s.arch,
+            "param": s.param,
+            "angle_repr": s.angle_repr,
+            "n_out": self.n_out,
+            "mean": self.mean.cpu(),
+            "std": self.std.cpu(),
+            "box": self.box,
+            "particle_box": self.ps.box,
+            "pixel_size": self.ps.pixel_size,
+            "mode_numbers": self.modes,
+            "best_val_loss": self.state["best_val"],
             "val_error": float(best["val_metric"]),
-            "val_baseline": baseline_error,
+            "val_baseline": self.baseline_error,
         }
         with atomic_path(out / "model.pt") as tmp:
             torch.save(final, tmp)
         with atomic_path(out / "history.csv") as tmp:
             history.to_csv(tmp, index=False, float_format="%.6g")
-        loss_figure(history, args.param, baseline_error, out / "loss.png")
-        ckpt_path.unlink()  # finished: a later run with new settings starts afresh
+        loss_figure(history, s.param, self.baseline_error, out / "loss.png")
+        self.ckpt_path.unlink(missing_ok=True)  # finished: a later run starts afresh
         log.info(
             "%s %s: %.1f M parameters; best epoch %d: validation error %.3g, trivial baseline %.3g",
-            args.param, args.arch, n_parameters(model) / 1e6, int(best["epoch"]),
-            best["val_metric"], baseline_error,
+            s.param, s.arch, n_parameters(self.model) / 1e6, int(best["epoch"]),
+            best["val_metric"], self.baseline_error,
         )  # fmt: skip
-    if world > 1:
-        dist.destroy_process_group()
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     d = " (default: %(default)s)"
-    p.add_argument("--param", choices=PARAMS, required=True)
+    dflt = TrainSettings(param="amplitudes")
+    p.add_argument("--param", choices=PARAMS, required=True, help="parameter type to learn")
     p.add_argument("--labels", required=True, help="labelled particle STAR")
     p.add_argument("--split", required=True, help="split CSV")
-    p.add_argument("--arch", default="resnet34", choices=ARCHS, help=d)
+    p.add_argument("--arch", default=dflt.arch, choices=ARCHS, help="network" + d)
     p.add_argument(
-        "--angle-repr", default="so3grid", choices=list(ANGLE_OUTPUTS), help="angle output" + d
+        "--angle-repr",
+        default=dflt.angle_repr,
+        choices=list(ANGLE_OUTPUTS),
+        help="angle output" + d,
     )
     p.add_argument(
         "--box",
         type=int,
-        default=None,
+        default=dflt.box,
         help="working box: images are Fourier-cropped to it (default: the particles')",
     )
     p.add_argument("--pretrain", default=None, help="folder from `deephemnma synthesize`")
     p.add_argument(
-        "--pretrain-epochs", type=int, default=0, help="epochs over the synthetic images" + d
+        "--pretrain-epochs",
+        type=int,
+        default=dflt.pretrain_epochs,
+        help="epochs over the synthetic images" + d,
     )
-    p.add_argument("--epochs", type=int, default=30, help="epochs over the labelled images" + d)
-    p.add_argument("--batch-size", type=int, default=64, help=d)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate" + d)
-    p.add_argument("--weight-decay", type=float, default=1e-4, help=d)
+    p.add_argument(
+        "--epochs", type=int, default=dflt.epochs, help="epochs over the labelled images" + d
+    )
+    p.add_argument("--batch-size", type=int, default=dflt.batch_size, help="images per step" + d)
+    p.add_argument("--lr", type=float, default=dflt.lr, help="peak learning rate" + d)
+    p.add_argument("--weight-decay", type=float, default=dflt.weight_decay, help="AdamW's" + d)
     p.add_argument(
         "--patience",
         type=int,
-        default=8,
+        default=dflt.patience,
         help="early stop after this many epochs without improvement" + d,
     )
-    p.add_argument("--no-augment", dest="augment", action="store_false")
-    p.add_argument("--augment-shift-px", type=int, default=2, help=d)
-    p.add_argument("--workers", type=int, default=2, help=d)
-    p.add_argument("--seed", type=int, default=0, help=d)
-    p.add_argument("--stop-after-epoch", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="no quarter-turn and integer-shift augmentation",
+    )
+    p.add_argument(
+        "--augment-shift-px",
+        type=int,
+        default=dflt.augment_shift_px,
+        help="largest augmentation shift in pixels" + d,
+    )
+    p.add_argument("--workers", type=int, default=dflt.workers, help="data-loading processes" + d)
+    p.add_argument("--seed", type=int, default=dflt.seed, help="random seed" + d)
     p.add_argument(
         "--out-dir", required=True, help="model.pt, history.csv, loss.png, checkpoint.pt"
     )
 
 
 def main(args: argparse.Namespace) -> None:
-    train(args)
+    Trainer(
+        TrainSettings.from_args(args), args.labels, args.split, args.out_dir, args.pretrain
+    ).fit()
+    if dist.is_initialized():
+        dist.destroy_process_group()
