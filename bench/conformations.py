@@ -26,7 +26,6 @@ from sklearn.metrics import roc_auc_score
 from deephemnma import geometry, hemnma, simulate
 from deephemnma import model as model_mod
 from deephemnma import nma as nma_mod
-from deephemnma.cli import build_parser
 from deephemnma.gather import robust_z
 from deephemnma.io import amplitude_column
 
@@ -68,10 +67,7 @@ def main() -> None:
     assert (open_ref.atom_ids == closed_ref.atom_ids).all()
 
     # ground truth: closed (1) or a mixture; amplitudes along each structure's own modes
-    cfg = build_parser("simulate").parse_args(
-        ["simulate", "--model", "-", "--modes", "-", "--n-images", "1", "--out-star", "-"]
-        + ["--out-stacks", "-", "--snr", "0.1", "--seed", str(a.seed)]
-    )
+    cfg = simulate.SimulationSettings(snr=0.1, seed=a.seed)
     numbers = np.arange(7, 7 + a.modes)
     params = simulate.draw_parameters(a.n_images, numbers, cfg)
     rng = np.random.default_rng(a.seed + 10)

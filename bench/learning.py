@@ -28,7 +28,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 
 from deephemnma import geometry, model, nma, quality, simulate, train  # noqa: E402
-from deephemnma.cli import build_parser  # noqa: E402
 from deephemnma.nets import (  # noqa: E402
     ANGLE_OUTPUTS,
     ARCHS,
@@ -62,9 +61,7 @@ def flexible_model(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 def render_row(flex, n: int, row: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Noise-free images (n, 64, 64) (with CTF on noisy rows), per-image noise sigma, labels."""
     coords, modes, weights, numbers = flex
-    argv = ["simulate", "--model", "-", "--modes", "-", "--n-images", str(n)]
-    cfg = build_parser("simulate").parse_args([*argv, "--out-star", "-", "--out-stacks", "-"])
-    cfg.seed, cfg.ctf, cfg.snr = seed, row["noisy"], None
+    cfg = simulate.SimulationSettings(seed=seed, ctf=row["noisy"])
     params = simulate.draw_parameters(n, numbers, cfg)
     if not row["so3"]:
         params[["rlnAngleRot", "rlnAngleTilt"]] = [30.0, 60.0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -10,33 +9,16 @@ import pytest
 
 from deephemnma import model as model_mod
 from deephemnma import nma as nma_mod
+from deephemnma.simulate import SimulationSettings
 
 REPO = Path(__file__).resolve().parents[1]
 OPEN_PDB = REPO / "resources" / "adk_open.pdb"
 CLOSED_PDB = REPO / "resources" / "adk_closed.pdb"
 
 
-def sim_config(**overrides) -> argparse.Namespace:
-    """The simulator's CLI defaults, with overrides, for tests that call its functions directly."""
-    from deephemnma.cli import build_parser
-
-    args = build_parser("simulate").parse_args(
-        [
-            "simulate",
-            "--model",
-            "-",
-            "--modes",
-            "-",
-            "--n-images",
-            "1",
-            "--out-star",
-            "-",
-            "--out-stacks",
-            "-",
-        ]
-    )
-    vars(args).update(overrides)
-    return args
+def sim_config(**overrides) -> SimulationSettings:
+    """The simulator's defaults, with overrides, for tests that call its functions directly."""
+    return SimulationSettings(**overrides)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,32 @@ from .io import (
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class SimulationSettings:
+    """Sampling and imaging of simulated particles; the CLI's defaults are these."""
+
+    box: int = 64
+    pixel_size: float = 2.2  # Å
+    oversample: int = 2  # projected at oversample × box, then Fourier-cropped
+    sigma_angstrom: float = 1.0  # Gaussian atom width
+    snr: float | None = None  # None: noise-free
+    ctf: bool = True
+    max_shift_px: float = 2.5
+    amplitude_distribution: str = "uniform"  # uniform | normal | clusters | line
+    amplitude_scale: float = 150.0
+    n_clusters: int = 3
+    defocus: tuple[float, float] = (5000.0, 5000.0)  # Å, uniform in [min, max]
+    voltage_kv: float = 200.0
+    cs_mm: float = 2.0
+    amplitude_contrast: float = 0.1
+    bfactor: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SimulationSettings:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
 def draw_amplitudes(
     n: int, k: int, distribution: str, scale: float, n_clusters: int, rng: np.random.Generator
 ) -> np.ndarray:
@@ -51,7 +78,7 @@ def draw_amplitudes(
     raise ValueError(f"unknown amplitude distribution '{distribution}'")
 
 
-def draw_parameters(n: int, mode_numbers: np.ndarray, cfg: argparse.Namespace) -> pd.DataFrame:
+def draw_parameters(n: int, mode_numbers: np.ndarray, cfg: SimulationSettings) -> pd.DataFrame:
     """Ground-truth table (RELION columns + dhAmplitudeMode<k>) for n images, seeded."""
     rng = np.random.default_rng(cfg.seed)
     amps = draw_amplitudes(
@@ -86,8 +113,8 @@ def render(
     weights: torch.Tensor,
     params: pd.DataFrame,
     mode_numbers: np.ndarray,
-    cfg: argparse.Namespace,
-    generator: torch.Generator,
+    cfg: SimulationSettings,
+    generator: torch.Generator | None,
 ) -> dict[str, torch.Tensor]:
     """Images of one batch of parameter rows: 'clean', 'ctf' and 'final' (noisy, normalised)."""
     dt, dev = coords.dtype, coords.device
@@ -144,36 +171,53 @@ def montage(images: dict[str, np.ndarray], path: str | Path) -> None:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    d, s = " (default: %(default)s)", SimulationSettings()
     p.add_argument("--model", required=True, help="model.npz (weights)")
     p.add_argument("--modes", required=True, help="modes.npz")
-    p.add_argument("--n-images", type=int, required=True)
-    p.add_argument("--box", type=int, default=64)
-    p.add_argument("--pixel-size", type=float, default=2.2)
-    p.add_argument("--oversample", type=int, default=2)
-    p.add_argument("--sigma-angstrom", type=float, default=1.0)
-    p.add_argument("--snr", type=float, default=None, help="omit for noise-free images")
-    p.add_argument("--no-ctf", dest="ctf", action="store_false")
-    p.add_argument("--max-shift-px", type=float, default=2.5)
+    p.add_argument("--n-images", type=int, required=True, help="number of particles")
+    p.add_argument("--box", type=int, default=s.box, help="image size in pixels" + d)
+    p.add_argument("--pixel-size", type=float, default=s.pixel_size, help="Å per pixel" + d)
+    p.add_argument(
+        "--oversample", type=int, default=s.oversample, help="projection oversampling" + d
+    )
+    p.add_argument(
+        "--sigma-angstrom", type=float, default=s.sigma_angstrom, help="Gaussian atom width" + d
+    )
+    p.add_argument("--snr", type=float, default=s.snr, help="omit for noise-free images")
+    p.add_argument("--no-ctf", dest="ctf", action="store_false", help="images without CTF")
+    p.add_argument(
+        "--max-shift-px", type=float, default=s.max_shift_px, help="shifts uniform in ±this" + d
+    )
     p.add_argument(
         "--amplitude-distribution",
-        default="uniform",
+        default=s.amplitude_distribution,
         choices=["uniform", "normal", "clusters", "line"],
+        help="distribution of the mode amplitudes" + d,
     )
-    p.add_argument("--amplitude-scale", type=float, default=150.0)
-    p.add_argument("--n-clusters", type=int, default=3)
     p.add_argument(
-        "--defocus", type=float, nargs=2, default=[5000.0, 5000.0], metavar=("MIN", "MAX")
+        "--amplitude-scale", type=float, default=s.amplitude_scale, help="amplitude range" + d
     )
-    p.add_argument("--voltage-kv", type=float, default=200.0)
-    p.add_argument("--cs-mm", type=float, default=2.0)
-    p.add_argument("--amplitude-contrast", type=float, default=0.1)
-    p.add_argument("--bfactor", type=float, default=0.0)
-    p.add_argument("--images-per-stack", type=int, default=10000)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-star", required=True)
+    p.add_argument(
+        "--n-clusters", type=int, default=s.n_clusters, help="clusters (distribution clusters)" + d
+    )
+    p.add_argument(
+        "--defocus",
+        type=float,
+        nargs=2,
+        default=list(s.defocus),
+        metavar=("MIN", "MAX"),
+        help="defocus range in Å" + d,
+    )
+    p.add_argument("--voltage-kv", type=float, default=s.voltage_kv, help=d.strip())
+    p.add_argument("--cs-mm", type=float, default=s.cs_mm, help="spherical aberration" + d)
+    p.add_argument("--amplitude-contrast", type=float, default=s.amplitude_contrast, help=d.strip())
+    p.add_argument("--bfactor", type=float, default=s.bfactor, help="CTF B-factor (Å²)" + d)
+    p.add_argument("--images-per-stack", type=int, default=10000, help="MRCS stack size" + d)
+    p.add_argument("--batch", type=int, default=16, help="images rendered at once" + d)
+    p.add_argument("--seed", type=int, default=s.seed, help="random seed" + d)
+    p.add_argument("--out-star", required=True, help="particle STAR with the ground truth")
     p.add_argument("--out-stacks", required=True, help="folder for the MRCS stacks")
-    p.add_argument("--out-montage", default=None)
+    p.add_argument("--out-montage", default=None, help="figure of example particles")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -182,7 +226,8 @@ def main(args: argparse.Namespace) -> None:
     numbers = modes_npz["mode_numbers"]
     t = lambda a: torch.tensor(a, dtype=torch.float32, device=device)
     coords, modes, weights = t(model["coords"]), t(modes_npz["modes"]), t(model["weights"])
-    params = draw_parameters(args.n_images, numbers, args)
+    cfg = SimulationSettings.from_args(args)
+    params = draw_parameters(args.n_images, numbers, cfg)
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     writer = StackWriter(
         args.out_stacks, args.n_images, args.box, args.pixel_size, args.images_per_stack
@@ -192,7 +237,7 @@ def main(args: argparse.Namespace) -> None:
             range(0, args.n_images, args.batch), desc="simulate", unit="batch", mininterval=5
         ):
             rows = params.iloc[start : start + args.batch]
-            out = render(coords, modes, weights, rows, numbers, args, gen)
+            out = render(coords, modes, weights, rows, numbers, cfg, gen)
             writer.write(out["final"].cpu().numpy())
             if start == 0 and args.out_montage:
                 montage({k: v[:6].cpu().numpy() for k, v in out.items()}, args.out_montage)

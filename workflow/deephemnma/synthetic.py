@@ -23,7 +23,6 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -114,7 +113,7 @@ class FlexibleRenderer:
         """(B, box, box) images of a parameter table from `Prior.draw`."""
         # no coarser than the simulator's default sampling (1.1 Å for atoms of 1 Å)
         oversample = max(1, math.ceil(self.pixel_size / (1.1 * self.sigma_angstrom)))
-        cfg = SimpleNamespace(
+        cfg = simulate.SimulationSettings(
             box=self.box,
             oversample=oversample,
             pixel_size=self.pixel_size,
