@@ -17,6 +17,8 @@ import pandas as pd
 
 from . import geometry
 from .io import (
+    EULER_COLUMNS,
+    POSE_COLUMNS,
     InputError,
     amplitude_column,
     amplitude_modes,
@@ -25,17 +27,17 @@ from .io import (
     read_star,
     require_file,
     save_figure,
+    table_euler,
+    table_shifts_px,
 )
 
 log = logging.getLogger(__name__)
-EULER = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
-ORIGIN = ["rlnOriginXAngst", "rlnOriginYAngst"]
 
 
 def compare(a: pd.DataFrame, b: pd.DataFrame, modes: list[int], pixel_size: float) -> dict:
     """Mean and std of the differences between two estimate tables aligned row by row."""
     row = {}
-    ang = geometry.euler_distance_deg(a[EULER].to_numpy(float), b[EULER].to_numpy(float))
+    ang = geometry.euler_distance_deg(table_euler(a), table_euler(b))
     row["angle_mean_deg"], row["angle_std_deg"] = ang.mean(), ang.std()
     for k in modes:
         err = np.abs(
@@ -43,7 +45,8 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, modes: list[int], pixel_size: floa
         )
         row[f"mode{k}_mean"], row[f"mode{k}_std"] = err.mean(), err.std()
     row["amplitude_mean_over_modes"] = np.mean([row[f"mode{k}_mean"] for k in modes])
-    sh = np.linalg.norm(a[ORIGIN].to_numpy(float) - b[ORIGIN].to_numpy(float), axis=1) / pixel_size
+    d = table_shifts_px(a, pixel_size) - table_shifts_px(b, pixel_size)
+    sh = np.linalg.norm(d, axis=1)
     row["shift_mean_px"], row["shift_std_px"] = sh.mean(), sh.std()
     return row
 
@@ -131,7 +134,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    truth_b = read_star(require_file(args.truth, "truth STAR"), ["rlnImageName", *EULER])
+    truth_b = read_star(require_file(args.truth, "truth STAR"), ["rlnImageName", *EULER_COLUMNS])
     truth = truth_b["particles"]
     if not amplitude_modes(truth):
         raise InputError(f"{args.truth}: no _dhAmplitudeMode<k> ground-truth columns")
@@ -141,7 +144,7 @@ def main(args: argparse.Namespace) -> None:
         inferred = read_star(require_file(path, "inferred STAR"), ["rlnImageName"])["particles"]
         network = network.merge(inferred, on="rlnImageName", how="left")
     amp_cols = [amplitude_column(k) for k in amplitude_modes(truth)]
-    network = network.reindex(columns=["rlnImageName", *EULER, *ORIGIN, *amp_cols])  # NaN: no net
+    network = network.reindex(columns=["rlnImageName", *POSE_COLUMNS, *amp_cols])  # NaN: no net
     final = read_star(args.final, ["rlnImageName"])["particles"] if args.final else None
     hemnma = read_star(args.hemnma, ["rlnImageName"])["particles"] if args.hemnma else None
     split = pd.read_csv(require_file(args.split, "split CSV"))

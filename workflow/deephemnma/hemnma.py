@@ -37,7 +37,15 @@ import torch
 from tqdm import tqdm
 
 from . import geometry, imaging
-from .io import InputError, ParticleSet, amplitude_column, load_model, load_modes, write_star
+from .io import (
+    InputError,
+    ParticleSet,
+    amplitude_column,
+    load_model,
+    load_modes,
+    pose_columns,
+    write_star,
+)
 
 log = logging.getLogger(__name__)
 
@@ -553,9 +561,8 @@ def result_table(
     reference's modes.
     """
     out = ps.particles.copy()
-    out["rlnAngleRot"], out["rlnAngleTilt"], out["rlnAnglePsi"] = result["euler"].T
-    out["rlnOriginXAngst"] = -result["shifts_px"][:, 0] * ps.pixel_size
-    out["rlnOriginYAngst"] = -result["shifts_px"][:, 1] * ps.pixel_size
+    for col, values in pose_columns(result["euler"], result["shifts_px"], ps.pixel_size).items():
+        out[col] = values
     amps = result["amplitudes"]
     if references is not None and len(references) > 1:
         amps = common_amplitudes(references, result["reference"], result["amplitudes"])

@@ -19,7 +19,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import geometry
-from .io import InputError, ParticleSet, amplitude_column, require_file, write_star
+from .io import (
+    InputError,
+    ParticleSet,
+    amplitude_column,
+    pose_columns,
+    require_file,
+    write_star,
+)
 from .nets import bf16_supported, build_network, decode_angles, preprocess
 
 log = logging.getLogger(__name__)
@@ -111,10 +118,9 @@ def prediction_table(
         for j, k in enumerate(meta["mode_numbers"]):
             t[amplitude_column(int(k))] = values[:, j]
     elif meta["param"] == "shifts":
-        t["rlnOriginXAngst"] = -values[:, 0] * pixel_size
-        t["rlnOriginYAngst"] = -values[:, 1] * pixel_size
+        t = t.assign(**pose_columns(shifts_px=values[:, :2], pixel_size=pixel_size))
     else:
-        t["rlnAngleRot"], t["rlnAngleTilt"], t["rlnAnglePsi"] = values[:, :3].T
+        t = t.assign(**pose_columns(euler=values[:, :3]))
         if not np.isnan(values[:, 3]).all():
             t["dhUncertaintyAngles"] = values[:, 3]
     return t

@@ -346,8 +346,34 @@ def particle_images(star_path: str | os.PathLike, particles: pd.DataFrame) -> Pa
 
 # ----------------------------------------------------------------------------- particle sets
 
-POSE_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
+EULER_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+ORIGIN_COLUMNS = ["rlnOriginXAngst", "rlnOriginYAngst"]
+POSE_COLUMNS = [*EULER_COLUMNS, *ORIGIN_COLUMNS]
 CTF_COLUMNS = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift"]
+
+
+def pose_columns(
+    euler: np.ndarray | None = None, shifts_px: np.ndarray | None = None, pixel_size: float = 1.0
+) -> dict[str, np.ndarray]:
+    """STAR pose columns of Euler angles (n, 3) in degrees and particle displacements d (n, 2) in
+    pixels; RELION's origin is the offset that re-centres the particle: origin Å = −d · pixel size.
+    """
+    out = {}
+    if euler is not None:
+        out.update(zip(EULER_COLUMNS, np.asarray(euler).T, strict=True))
+    if shifts_px is not None:
+        out.update(zip(ORIGIN_COLUMNS, -np.asarray(shifts_px).T * pixel_size, strict=True))
+    return out
+
+
+def table_euler(table: pd.DataFrame) -> np.ndarray:
+    """(n, 3) Euler angles in degrees of a STAR table."""
+    return table[EULER_COLUMNS].to_numpy(np.float64)
+
+
+def table_shifts_px(table: pd.DataFrame, pixel_size: float) -> np.ndarray:
+    """(n, 2) particle displacements d in pixels of a STAR table (inverse of `pose_columns`)."""
+    return -table[ORIGIN_COLUMNS].to_numpy(np.float64) / pixel_size
 
 
 class ParticleSet:
@@ -391,11 +417,11 @@ class ParticleSet:
 
     def euler(self, rows=slice(None)) -> np.ndarray:
         """(n, 3) Euler angles in degrees."""
-        return self.table[POSE_COLUMNS[:3]].to_numpy(np.float64)[rows]
+        return table_euler(self.table)[rows]
 
     def shifts_px(self, rows=slice(None)) -> np.ndarray:
         """(n, 2) particle displacements d in pixels (origin = -d · pixel size)."""
-        return -self.table[POSE_COLUMNS[3:]].to_numpy(np.float64)[rows] / self.pixel_size
+        return table_shifts_px(self.table, self.pixel_size)[rows]
 
     def amplitudes(self, modes: list[int], rows=slice(None)) -> np.ndarray:
         """(n, K) normal-mode amplitudes from the dhAmplitudeMode<k> columns."""

@@ -23,7 +23,8 @@ from scipy.stats import spearmanr
 
 from . import geometry
 from .io import (
-    POSE_COLUMNS,
+    EULER_COLUMNS,
+    ORIGIN_COLUMNS,
     InputError,
     ParticleSet,
     amplitude_column,
@@ -33,6 +34,8 @@ from .io import (
     read_star,
     require_file,
     save_figure,
+    table_euler,
+    table_shifts_px,
 )
 
 log = logging.getLogger(__name__)
@@ -90,21 +93,21 @@ def verdict(param: str, error: float, base: float, max_ratio: float, reference: 
 
 def param_of(table: pd.DataFrame) -> str:
     """The parameter type whose columns an inferred table holds."""
-    if "rlnAngleRot" in table:
+    if EULER_COLUMNS[0] in table:
         return "angles"
-    return "shifts" if "rlnOriginXAngst" in table else "amplitudes"
+    return "shifts" if ORIGIN_COLUMNS[0] in table else "amplitudes"
 
 
 def labels_of(table: pd.DataFrame, pixel_size: float, modes: list[int]) -> dict[str, np.ndarray]:
-    """The label arrays a particle table holds (shifts in pixels: origin = -shift · pixel size)."""
-    columns = {
-        "euler": POSE_COLUMNS[:3],
-        "shifts": POSE_COLUMNS[3:],
-        "amplitudes": [amplitude_column(k) for k in modes],
-    }
-    out = {k: table[c].to_numpy(float) for k, c in columns.items() if set(c) <= set(table.columns)}
-    if "shifts" in out:
-        out["shifts"] = -out["shifts"] / pixel_size
+    """The label arrays a particle table holds (Euler degrees, shifts pixels, amplitudes)."""
+    out = {}
+    if set(EULER_COLUMNS) <= set(table.columns):
+        out["euler"] = table_euler(table)
+    if set(ORIGIN_COLUMNS) <= set(table.columns):
+        out["shifts"] = table_shifts_px(table, pixel_size)
+    amp_cols = [amplitude_column(k) for k in modes]
+    if set(amp_cols) <= set(table.columns):
+        out["amplitudes"] = table[amp_cols].to_numpy(float)
     return out
 
 

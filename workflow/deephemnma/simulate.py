@@ -25,8 +25,11 @@ from .io import (
     load_model,
     load_modes,
     optics_table,
+    pose_columns,
     pyplot,
     save_figure,
+    table_euler,
+    table_shifts_px,
     write_star,
 )
 
@@ -89,11 +92,7 @@ def draw_parameters(n: int, mode_numbers: np.ndarray, cfg: SimulationSettings) -
     defocus = rng.uniform(cfg.defocus[0], cfg.defocus[1], size=n)
     table = pd.DataFrame(
         {
-            "rlnAngleRot": euler[:, 0],
-            "rlnAngleTilt": euler[:, 1],
-            "rlnAnglePsi": euler[:, 2],
-            "rlnOriginXAngst": -shifts[:, 0] * cfg.pixel_size,
-            "rlnOriginYAngst": -shifts[:, 1] * cfg.pixel_size,
+            **pose_columns(euler, shifts, cfg.pixel_size),
             "rlnDefocusU": defocus,
             "rlnDefocusV": defocus,
             "rlnDefocusAngle": np.zeros(n),
@@ -121,10 +120,11 @@ def render(
     col = lambda names: torch.tensor(params[names].to_numpy(), dtype=dt, device=dev)
     amps = col([amplitude_column(int(k)) for k in mode_numbers])
     deformed = coords + torch.einsum("bk,knc->bnc", amps, modes)
-    rot = geometry.euler_to_matrix(col(["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]))
-    shift = -col(["rlnOriginXAngst", "rlnOriginYAngst"])
+    rot = geometry.euler_to_matrix(torch.tensor(table_euler(params), dtype=dt, device=dev))
+    shift = torch.tensor(table_shifts_px(params, cfg.pixel_size), dtype=dt, device=dev)
     big, px_big = cfg.box * cfg.oversample, cfg.pixel_size / cfg.oversample
-    proj = imaging.project(deformed, rot, shift / px_big, weights, big, px_big, cfg.sigma_angstrom)
+    shift = shift * cfg.oversample  # in pixels of the oversampled box
+    proj = imaging.project(deformed, rot, shift, weights, big, px_big, cfg.sigma_angstrom)
     clean = imaging.fourier_crop(proj, cfg.box)
     out = {"clean": clean}
     if cfg.ctf:

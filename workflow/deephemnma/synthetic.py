@@ -38,6 +38,7 @@ from .io import (
     atomic_path,
     load_model,
     load_modes,
+    pose_columns,
     pyplot,
     require_file,
     save_figure,
@@ -81,11 +82,7 @@ class Prior:
         table = pd.DataFrame(
             {
                 "row": rows,
-                "rlnAngleRot": euler[:, 0],
-                "rlnAngleTilt": euler[:, 1],
-                "rlnAnglePsi": euler[:, 2],
-                "rlnOriginXAngst": -shifts[:, 0] * pixel_size,
-                "rlnOriginYAngst": -shifts[:, 1] * pixel_size,
+                **pose_columns(euler, shifts, pixel_size),
             }
         )
         for j, k in enumerate(self.mode_numbers):
