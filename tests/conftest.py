@@ -42,7 +42,7 @@ def sim_config(**overrides) -> argparse.Namespace:
 @pytest.fixture(scope="session")
 def adk_atoms():
     """Heavy atoms of open AK, centred (ProDy AtomGroup)."""
-    return model_mod.prepare_model(OPEN_PDB, "heavy", None, None, 500)
+    return model_mod.prepare_model(OPEN_PDB, "heavy", None)
 
 
 @pytest.fixture(scope="session")

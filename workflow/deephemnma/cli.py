@@ -12,7 +12,8 @@ from .io import InputError
 
 # verb -> (module, one-line help)
 VERBS = {
-    "prepare-model": ("model", "atomic model (PDB/mmCIF/EM map) -> centred model.npz + PDB"),
+    "pseudo-atoms": ("pseudoatoms", "EM map -> Gaussian pseudo-atoms (PDB) to a stated accuracy"),
+    "prepare-model": ("model", "atomic model or pseudo-atoms (PDB/mmCIF) -> centred model.npz + PDB"),
     "nma": ("nma", "ANM normal modes in HEMNMA units (modes.npz, .nmd, table, animations)"),
     "import": ("relion", "import a RELION 3.0/3.1 particle STAR + stacks (validated, normalised)"),
     "shard": ("shard", "choose the HEMNMA (sub)set and split it into shard STARs"),
