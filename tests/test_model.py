@@ -251,16 +251,18 @@ def test_choose_modes():
     assert nma.modes_to_compute(3, None, 0.0, 20) == 3
 
 
-def test_nma_cli_explicit_modes_and_overlap(adk_model_files, adk_atoms, tmp_path):
-    d = adk_model_files
-    args = ["nma", "--model", d / "model.npz", "--pdb", d / "model.pdb", "--modes", 7, 9, 12]
+def test_nma_cli_explicit_modes_and_overlap(tmp_path):
+    ca = m.prepare_model(OPEN_PDB, "ca", None)
+    m.save_model(ca, tmp_path / "model.npz", tmp_path / "model.pdb")
+    args = ["nma", "--model", tmp_path / "model.npz", "--pdb", tmp_path / "model.pdb"]
+    args += ["--modes", 7, 9, 12]
     args += ["--compare-to", CLOSED_PDB]
     for opt in ("npz", "nmd", "table", "anim-dir"):
         args += [f"--out-{opt}", tmp_path / opt]
     assert cli_main([str(a) for a in args]) == 0
     out = np.load(tmp_path / "npz")
     assert out["mode_numbers"].tolist() == [7, 9, 12]
-    _, evals, modes = nma.compute_modes(adk_atoms, 6, 15.0, 1.0, 5000)
+    _, evals, modes = nma.compute_modes(ca, 6, 15.0, 1.0, 5000)
     np.testing.assert_allclose(out["eigenvalues"], evals[[0, 2, 5]])
     for k, j in enumerate((0, 2, 5)):  # same vectors up to sign
         assert abs((out["modes"][k] * modes[j]).sum()) == pytest.approx(1.0, abs=1e-6)
