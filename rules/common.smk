@@ -266,10 +266,41 @@ def output_dir(wildcards, output):
 
 
 def space_input():
-    """Amplitudes of all images: the network's (default) or HEMNMA's."""
+    """Amplitudes of all images: merged (HEMNMA's where it aligned, the networks' elsewhere)
+    or HEMNMA's alone."""
     if config["analysis"]["source"] == "hemnma":
         return res("hemnma/hemnma.star")
     return res("network/deephemnma.star")
+
+
+def path_outputs():
+    """The trajectory between two groups, when analysis.path.groups names them."""
+    if config["analysis"]["path"]["groups"] is None:
+        return []
+    return [res("space/trajectory_path.pdb"), res("space/trajectory_path.csv")]
+
+
+def exported():
+    """Whether groups are exported back to the original RELION particles (imported data)."""
+    return config["particles"]["source"] == "import"
+
+
+def reconstruct_star(wildcards):
+    """The STAR a group is reconstructed from: the working images, or the original particles
+    (analysis.reconstruct.box: original) through the exported STAR."""
+    if exported() and config["analysis"]["reconstruct"]["box"] == "original":
+        return res(f"export/group_{wildcards.g}.star")
+    return res(f"space/group_{wildcards.g}.star")
+
+
+def stack_roots():
+    """Folders the original particles' stack paths resolve against (besides the working dir)."""
+    if not exported():
+        return []
+    c = config["particles"]["import"]
+    return [str(Path(c["star"]).resolve().parent)] + (
+        [] if c["datadir"] is None else [c["datadir"]]
+    )
 
 
 def group_ids():
@@ -292,6 +323,10 @@ def space_args():
         "--boxes",
         json.dumps(g["boxes"]),
     ]
+    args += ["--bins", a["free_energy_bins"], "--path-method", a["path"]["method"]]
+    args += (
+        [] if a["path"]["groups"] is None else ["--path-groups", *a["path"]["groups"]]
+    )
     return args + [
         "--frames",
         a["trajectory_frames"],
@@ -304,16 +339,20 @@ def space_args():
 
 def all_outputs():
     """Final targets of the workflow."""
-    return [
-        res("model/modes.npz"),
-        res("model/modes.nmd"),
-        res("model/anim"),
-        res("particles/particles.star"),
-        res("hemnma/hemnma.star"),
-        res("network/deephemnma.star"),
-        res("space/pca.npz"),
-        expand(res("fsc/group_{g}.json"), g=group_ids()),
-    ] + ([res("evaluate/accuracy.md")] if simulated() else [])
+    return (
+        [
+            res("model/modes.npz"),
+            res("model/modes.nmd"),
+            res("model/anim"),
+            res("particles/particles.star"),
+            res("hemnma/hemnma.star"),
+            res("network/deephemnma.star"),
+            res("space/pca.npz"),
+            expand(res("fsc/group_{g}.json"), g=group_ids()),
+        ]
+        + ([res("evaluate/accuracy.md")] if simulated() else [])
+        + (expand(res("export/group_{g}.star"), g=group_ids()) if exported() else [])
+    )
 
 
 def simulated():
