@@ -126,7 +126,7 @@ def test_free_energy_of_a_gaussian_is_quadratic():
     """Images drawn from a 2D normal: -ln(p/p_max) = r²/2σ² (kT) where the bins are populated."""
     rng = np.random.default_rng(4)
     c = rng.normal(scale=[10.0, 5.0], size=(400_000, 2))
-    fe = space.free_energy(c, (0, 1), bins=30)
+    fe = space.free_energy(c, (0, 1), bins=30, smooth=0)
     (cx, cy) = fe.centres
     x, y = np.meshgrid(cx, cy, indexing="ij")
     expected = x**2 / 200 + y**2 / 50
@@ -135,6 +135,9 @@ def test_free_energy_of_a_gaussian_is_quadratic():
     assert ok.sum() > 100
     np.testing.assert_allclose(fe.energy[ok], expected[ok], atol=0.25)
     assert np.isnan(fe.energy[fe.counts == 0]).all() and np.nanmin(fe.energy) == 0
+    smoothed = space.free_energy(c, (0, 1), bins=30)  # one bin of smoothing: a little wider
+    np.testing.assert_allclose(smoothed.energy[ok], expected[ok], atol=0.5)
+    assert space.free_energy(c[:100], (0, 1)).counts.shape == (8, 8)  # few images, few bins
 
 
 def test_path_between_groups_follows_the_low_free_energy_valley():

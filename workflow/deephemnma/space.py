@@ -119,13 +119,22 @@ class FreeEnergy:
         return tuple(0.5 * (e[1:] + e[:-1]) for e in self.edges)
 
 
-def free_energy(coords: np.ndarray, axes: tuple[int, int], bins: int = 40) -> FreeEnergy:
-    """Free-energy landscape -kT ln(p) of the images on PC axes `axes` (histogram density)."""
-    x, y = coords[:, axes[0]], coords[:, axes[1]]
-    counts, ex, ey = np.histogram2d(x, y, bins=bins)
+def free_energy(
+    coords: np.ndarray, axes: tuple[int, int], bins: int = 40, smooth: float = 1.0
+) -> FreeEnergy:
+    """Free-energy landscape -kT ln(p) of the images on PC axes `axes`.
+
+    p is the 2D histogram (at most `bins` per axis, fewer for few images: √(n/4), at least 8)
+    smoothed by a Gaussian of `smooth` bins; F is NaN where p < 10⁻³ of its maximum.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    bins = min(bins, max(8, int(np.sqrt(len(coords) / 4))))
+    counts, ex, ey = np.histogram2d(coords[:, axes[0]], coords[:, axes[1]], bins=bins)
+    density = gaussian_filter(counts, smooth, mode="constant") if smooth > 0 else counts
     with np.errstate(divide="ignore"):
-        energy = -np.log(counts / counts.max())
-    energy[counts == 0] = np.nan
+        energy = -np.log(density / density.max())
+    energy[density < 1e-3 * density.max()] = np.nan
     return FreeEnergy(axes, (ex, ey), counts, energy)
 
 
@@ -290,11 +299,11 @@ def free_energy_figure(
 
 
 def free_energy_table(landscapes: list[FreeEnergy]) -> pd.DataFrame:
-    """One row per populated bin of each landscape: plane, bin centre, images, free energy."""
+    """One row per bin with images or a free energy: plane, bin centre, images, free energy."""
     rows = []
     for fe in landscapes:
         (cx, cy), (i, j) = fe.centres, fe.axes
-        ii, jj = np.nonzero(fe.counts)
+        ii, jj = np.nonzero((fe.counts > 0) | np.isfinite(fe.energy))
         rows.append(
             pd.DataFrame(
                 {
