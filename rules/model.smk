@@ -1,32 +1,34 @@
-rule pseudo_atoms:
-    input:
-        map=structures()[0],
-    output:
-        pdb=res("model/pseudo_atoms.pdb"),
-        map=res("model/pseudo_atoms.mrc"),
-        table=report(
-            res("model/pseudo_atoms.csv"),
-            caption="../report/pseudo_atoms.rst",
-            category="1. Model and normal modes",
-        ),
-        json=res("model/pseudo_atoms.json"),
-        figure=report(
-            res("model/pseudo_atoms.png"),
-            caption="../report/pseudo_atoms.rst",
-            category="1. Model and normal modes",
-        ),
-    log:
-        res("logs/pseudo_atoms.log"),
-    benchmark:
-        res("benchmarks/pseudo_atoms.tsv")
-    conda:
-        "../envs/deephemnma.yaml"
-    params:
-        args=quoted(pseudo_atom_args()),
-    shell:
-        "deephemnma pseudo-atoms --map {input.map:q} {params.args} --out-pdb {output.pdb:q} "
-        "--out-map {output.map:q} --out-table {output.table:q} --out-json {output.json:q} "
-        "--out-figure {output.figure:q} > {log:q} 2>&1"
+if is_map(structures()[0]):
+
+    rule pseudo_atoms:
+        input:
+            map=structures()[0],
+        output:
+            pdb=res("model/pseudo_atoms.pdb"),
+            map=res("model/pseudo_atoms.mrc"),
+            table=report(
+                res("model/pseudo_atoms.csv"),
+                caption="../report/pseudo_atoms.rst",
+                category="1. Model and normal modes",
+            ),
+            json=res("model/pseudo_atoms.json"),
+            figure=report(
+                res("model/pseudo_atoms.png"),
+                caption="../report/pseudo_atoms.rst",
+                category="1. Model and normal modes",
+            ),
+        log:
+            res("logs/pseudo_atoms.log"),
+        benchmark:
+            res("benchmarks/pseudo_atoms.tsv")
+        conda:
+            "../envs/deephemnma.yaml"
+        params:
+            args=quoted(pseudo_atom_args()),
+        shell:
+            "deephemnma pseudo-atoms --map {input.map:q} {params.args} --out-pdb {output.pdb:q} "
+            "--out-map {output.map:q} --out-table {output.table:q} --out-json {output.json:q} "
+            "--out-figure {output.figure:q} > {log:q} 2>&1"
 
 
 rule prepare_model:
