@@ -123,4 +123,6 @@ def test_an_em_map_only_as_the_first_structure(tmp_path):
     cfg.write_text(f"structure: [resources/adk_open.pdb, {tmp_path / 'map.mrc'}]\n")
     r = snakemake("-n", "--configfile", str(cfg))
     assert r.returncode != 0
-    assert "config key 'structure': only the first structure may be an EM map" in r.stdout + r.stderr
+    assert (
+        "config key 'structure': only the first structure may be an EM map" in r.stdout + r.stderr
+    )
