@@ -27,12 +27,12 @@ from .relion import particle_table
 log = logging.getLogger(__name__)
 
 
-def original_optics(star: Path, box: int) -> tuple[pd.DataFrame, bool]:
-    """The original optics block and whether the file had one (RELION 3.1+); for a RELION 3.0
-    file, a one-group block from its per-particle pixel size, voltage, Cs and amplitude contrast."""
+def original_optics(star: Path, box: int) -> pd.DataFrame:
+    """The original optics block (RELION 3.1+); for a RELION 3.0 file, a one-group block from
+    its per-particle pixel size, voltage, Cs and amplitude contrast."""
     blocks = read_star(star, ["rlnImageName"])
     if blocks["optics"] is not None:
-        return blocks["optics"], True
+        return blocks["optics"]
     first = particle_table(star).iloc[0]
     optics = optics_table(
         float(first["rlnImagePixelSize"]),
@@ -41,7 +41,7 @@ def original_optics(star: Path, box: int) -> tuple[pd.DataFrame, bool]:
         float(first["rlnSphericalAberration"]),
         float(first["rlnAmplitudeContrast"]),
     ).drop(columns="dhCtf")
-    return optics, False
+    return optics
 
 
 def export_group(
@@ -77,7 +77,7 @@ def export_group(
     ours = [c for c in group.columns if c.startswith("dh") and c != "dhSourceImageName"]
     for col in ours:
         out[col] = group[col].to_numpy()
-    optics, _ = original_optics(original, box)
+    optics = original_optics(original, box)
     if "rlnOpticsGroup" not in out:
         out["rlnOpticsGroup"] = 1
     return optics, out
