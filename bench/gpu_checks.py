@@ -3,7 +3,7 @@
 Needs model.npz / modes.npz of open AK (prepare-model + nma, made on any machine). Steps, each timed
 and printed as it finishes:
   1. the projector gives the same images on CPU and GPU;
-  2. simulate the reference set (BENCHMARK.md: 20,000 images at 128², SNR 0.1, CTF) on the GPU;
+  2. simulate the reference set (docs/protocol.md: 20,000 images at 128², SNR 0.1, CTF) on the GPU;
   3. HEMNMA on a subset: images/s and accuracy against ground truth;
   4. split 14,055 train / rest val / 2,000 test; render synthetic pretraining images; train
      ResNet-34 (working box 64, 6D angles) on the truth for amplitudes, angles and shifts —

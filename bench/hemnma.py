@@ -1,7 +1,7 @@
-"""HEMNMA accuracy and speed on the reference protocol (BENCHMARK.md), reduced in size.
+"""HEMNMA accuracy and speed on the reference protocol (docs/protocol.md), reduced in size.
 
 Simulates open-AK particles (modes 7-9, uniform ±150, uniform SO(3), shifts ±5 px at 128 px,
-200 kV, Cs 2 mm, 5,000 Å defocus, SNR 0.1), aligns them and prints the seed's table: angular
+200 kV, Cs 2 mm, 5,000 Å defocus, SNR 0.1), aligns them and prints the paper's table: angular
 distance to ground truth (mean/std, degrees), |amplitude error| per mode, shift error, and the
 seconds per image per CPU core (wall × threads / images).
 

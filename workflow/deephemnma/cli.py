@@ -34,7 +34,7 @@ VERBS = {
         "verdicts: does each network beat its trivial baseline on held-out images?",
     ),
     "merge": ("merge", "merge the inferred parameter types into one RELION STAR"),
-    "evaluate": ("evaluate", "accuracy tables against ground truth (seed Tables 1, S1, S2)"),
+    "evaluate": ("evaluate", "accuracy tables against ground truth (paper Tables 1, S1, S2)"),
     "space": ("space", "PCA of the amplitudes, groups, centroid models and trajectories"),
     "export": ("export", "a group back to RELION: original images, box, pixel size and columns"),
     "reconstruct": ("reconstruct", "direct Fourier reconstruction of a group (half-maps, map)"),

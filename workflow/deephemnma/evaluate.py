@@ -1,8 +1,8 @@
-"""evaluate: the seed's accuracy tables on the test images when ground truth exists.
+"""evaluate: the paper's accuracy tables on the test images when ground truth exists.
 
 Rows: network vs ground truth, HEMNMA vs ground truth, network vs HEMNMA. Columns: angular
 distance (degrees), |amplitude error| per mode and shift error (pixels), mean and standard
-deviation. Also overlap scatter plots of inferred / HEMNMA amplitudes against the truth (seed
+deviation. Also overlap scatter plots of inferred / HEMNMA amplitudes against the truth (paper
 Figure S2). Tables are joined on rlnImageName, never on row order.
 """
 
@@ -84,7 +84,7 @@ def evaluation_table(
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """The table as Markdown, like the seed's Tables 1 and S1-S2."""
+    """The table as Markdown, like the paper's Tables 1 and S1-S2."""
     cols = list(table.columns)
     lines = ["| comparison | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in table.iterrows():
@@ -99,7 +99,7 @@ def overlap_figure(
     modes: list[int],
     path: Path,
 ) -> None:
-    """Scatter of estimated vs true amplitudes per mode (seed Figure S2); truth indexed by name."""
+    """Scatter of estimated vs true amplitudes per mode (paper Figure S2); truth indexed by name."""
     plt = pyplot()
 
     fig, axes = plt.subplots(

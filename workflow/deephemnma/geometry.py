@@ -1,4 +1,4 @@
-"""Rotations: RELION ZYZ Euler angles, rotation matrices, unit quaternions (seed convention).
+"""Rotations: RELION ZYZ Euler angles, rotation matrices, unit quaternions (the paper's convention).
 
 Euler angles are (rot, tilt, psi) = (phi, theta, psi) in degrees. The matrix A is RELION's
 ``Euler_angles2matrix``: it maps a model point r to the projection frame, A r, whose first two
@@ -68,7 +68,7 @@ def canonical_quaternion(q: Array) -> Array:
 
 
 def euler_to_quaternion(euler_deg: Array) -> Array:
-    """Seed quaternions (w, x, y, z) = q_psi * q_theta * q_phi (supplementary SA), canonical sign."""
+    """The paper's quaternions (w, x, y, z) = q_psi * q_theta * q_phi (supplementary SA), canonical sign."""
     xp = _lib(euler_deg)
     a = euler_deg * (np.pi / 360.0)  # half angles
     phi, theta, psi = a[..., 0], a[..., 1], a[..., 2]
@@ -86,7 +86,7 @@ def euler_to_quaternion(euler_deg: Array) -> Array:
 
 
 def quaternion_to_matrix(q: Array) -> Array:
-    """RELION matrices A (..., 3, 3) from seed quaternions (need not be normalised)."""
+    """RELION matrices A (..., 3, 3) from the paper's quaternions (need not be normalised)."""
     xp = _lib(q)
     q = q / (
         xp.linalg.norm(q, axis=-1, keepdims=True) if xp is np else q.norm(dim=-1, keepdim=True)
@@ -102,7 +102,7 @@ def quaternion_to_matrix(q: Array) -> Array:
 
 
 def quaternion_to_euler(q: Array) -> Array:
-    """ZYZ Euler angles in degrees from seed quaternions."""
+    """ZYZ Euler angles in degrees from the paper's quaternions."""
     return matrix_to_euler(quaternion_to_matrix(q))
 
 

@@ -1,7 +1,7 @@
 """hemnma: elastic 3D-to-2D alignment of particle images with a normal-mode-flexible atomic model.
 
-Per image it estimates normal-mode amplitudes, three Euler angles and two shifts, in two steps
-(DESIGN.md §4), batched over images, identical on CPU and GPU:
+Per image it estimates normal-mode amplitudes, three Euler angles and two shifts, in two steps,
+batched over images, identical on CPU and GPU:
 
 1. global search: every image (Fourier-cropped to a coarse box) is correlated with a gallery of
    CTF-affected projections, on a near-uniform SO(3) grid, of the undeformed model and of the model

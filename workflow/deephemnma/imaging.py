@@ -1,6 +1,6 @@
 """Imaging core: Gaussian projector of atomic models, RELION CTF, Fourier cropping, noise.
 
-Conventions (DESIGN.md §3): arrays are ``img[..., y, x]``; the box centre is index D // 2; a model
+Conventions (docs/protocol.md): arrays are ``img[..., y, x]``; the box centre is index D // 2; a model
 point r (Å, centred) seen with RELION matrix A lands at (A r)[:2] / pixel_size + shift (pixels from
 the centre). Particles are white on dark; the CTF is RELION's (positive at low frequency).
 All functions take torch tensors with leading batch dimensions and run on the tensors' device.

@@ -1,4 +1,4 @@
-"""simulate: particle images of a flexible atomic model with ground truth (seed protocol).
+"""simulate: particle images of a flexible atomic model with ground truth (the paper's protocol).
 
 Per image: amplitudes (uniform ±A, normal, clusters or a line), an orientation uniform on SO(3),
 a shift, a defocus; the model is deformed along its normal modes, projected at `oversample` × the
@@ -125,7 +125,7 @@ def render(
 
 
 def montage(images: dict[str, np.ndarray], path: str | Path) -> None:
-    """Figure: a few views clean, with CTF, and with CTF + noise (seed Figure S1)."""
+    """Figure: a few views clean, with CTF, and with CTF + noise (paper Figure S1)."""
     plt = pyplot()
 
     rows = [("clean", "projection"), ("ctf", "with CTF"), ("final", "with CTF and noise")]
