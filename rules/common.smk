@@ -167,6 +167,9 @@ def import_args():
     args = [] if c["datadir"] is None else ["--datadir", c["datadir"]]
     args += [] if c["box"] is None else ["--box", c["box"]]
     args += [] if c["normalize"] else ["--no-normalize"]
+    args += (
+        [] if c["mask_diameter"] is None else ["--mask-diameter", c["mask_diameter"]]
+    )
     return args
 
 

@@ -8,6 +8,7 @@ import starfile
 from deephemnma import export, reconstruct, relion
 from deephemnma.cli import main as cli
 from deephemnma.io import POSE_COLUMNS, InputError, ParticleSet, load_model, read_star
+from deephemnma.reconstruct import model_map
 
 BOX, PX, WORK = 48, 2.2, 32
 
@@ -92,18 +93,33 @@ def test_export_restores_original_images_poses_and_columns(
     assert ps.box == BOX and ps.pixel_size == pytest.approx(PX)
 
 
+def sign_correlations(star, optics, parts, model, box, pixel_size, tmp_path, roots=()):
+    """{+1, -1}: correlation with `model` of the map reconstructed from `parts` with the origins
+    as they are (+1) and with the opposite sign (-1)."""
+    corr = {}
+    for sign in (1, -1):
+        flipped = parts.copy()
+        flipped[["rlnOriginXAngst", "rlnOriginYAngst"]] *= sign
+        starfile.write({"optics": optics, "particles": flipped}, tmp_path / f"{star}{sign}.star")
+        ps = ParticleSet(tmp_path / f"{star}{sign}.star", list(roots))
+        assert ps.box == box and ps.pixel_size == pytest.approx(pixel_size)
+        rows = np.arange(len(ps))
+        _, _, vol = reconstruct.reconstruct_halves(ps, rows, rows % 2, 1.0)
+        corr[sign] = np.corrcoef(vol.ravel(), model.ravel())[0, 1]
+    return corr
+
+
+@pytest.mark.parametrize("version", ["r31", "r30"])
 def test_exported_origin_sign_reconstructs_the_model(
-    originals, adk_model_files, tmp_path, monkeypatch
+    originals, adk_model_files, tmp_path, monkeypatch, version
 ):
-    """At the original box, the exported poses rebuild the model; the opposite origin sign does not."""
+    """The same origins in Å rebuild the model from the working images (32 px, 3.3 Å) and, once
+    exported, from the original images (48 px, 2.2 Å); the opposite origin sign does not."""
     d, truth = originals
     monkeypatch.chdir(d)
-    group = working_group(d, "r31.star", tmp_path)
-    starfile.write(
-        {"optics": read_star(tmp_path / "w.star")["optics"], "particles": group},
-        tmp_path / "group.star",
-    )
-    optics, out = export.export_group(group, d / "r31.star", BOX)
+    group = working_group(d, f"{version}.star", tmp_path)
+    working_optics = read_star(tmp_path / "w.star")["optics"]
+    optics, out = export.export_group(group, d / f"{version}.star", BOX)
     m = load_model(adk_model_files / "model.npz")
     amps = truth.set_index("rlnImageName").loc[out["rlnImageName"]]
     mean_model = m["coords"] + np.tensordot(
@@ -111,18 +127,20 @@ def test_exported_origin_sign_reconstructs_the_model(
         np.load(adk_model_files / "modes.npz")["modes"],
         axes=1,
     )
-    ref = reconstruct.model_map(mean_model, m["weights"], BOX, PX, 1.0)
-    corr = {}
-    for sign in (1, -1):
-        flipped = out.copy()
-        flipped[["rlnOriginXAngst", "rlnOriginYAngst"]] *= sign
-        starfile.write({"optics": optics, "particles": flipped}, tmp_path / f"e{sign}.star")
-        ps = ParticleSet(tmp_path / f"e{sign}.star")
-        rows = np.arange(len(ps))
-        _, _, vol = reconstruct.reconstruct_halves(ps, rows, rows % 2, 1.0)
-        corr[sign] = np.corrcoef(vol.ravel(), ref.ravel())[0, 1]
-    print(f"map vs model correlation: exported origins {corr[1]:.3f}, flipped {corr[-1]:.3f}")
-    assert corr[1] > 0.5 and corr[1] > corr[-1] + 0.2
+    work_px = PX * BOX / WORK
+    corr_w = sign_correlations(
+        "w", working_optics, group, model_map(mean_model, m["weights"], WORK, work_px, 1.0),
+        WORK, work_px, tmp_path, [tmp_path],
+    )  # fmt: skip
+    corr_o = sign_correlations(
+        "o", optics, out, model_map(mean_model, m["weights"], BOX, PX, 1.0), BOX, PX, tmp_path
+    )
+    print(
+        f"{version}: map vs model correlation, origins as exported / flipped: working box "
+        f"{corr_w[1]:.3f} / {corr_w[-1]:.3f}, original box {corr_o[1]:.3f} / {corr_o[-1]:.3f}"
+    )
+    for corr in (corr_w, corr_o):
+        assert corr[1] > 0.5 and corr[1] > corr[-1] + 0.2
 
 
 def test_export_errors(originals, tmp_path):

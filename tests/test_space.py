@@ -158,3 +158,35 @@ def test_path_between_groups_follows_the_low_free_energy_valley():
     assert np.abs(line[:, 1]).max() < 0.5 and np.linalg.norm(line[12]) < 5  # through the middle
     steps = np.linalg.norm(np.diff(path, axis=0), axis=1)
     np.testing.assert_allclose(steps, steps.mean(), rtol=0.2)  # evenly spaced by arc length
+
+
+def test_space_with_one_mode_draws_a_landscape_and_a_path(adk_model_files, tmp_path):
+    """One mode: a single PC; the landscape is PC1 against zero and the path runs along PC1."""
+    import pandas as pd
+
+    from deephemnma.cli import main as cli
+    from deephemnma.io import optics_table, write_star
+
+    modes = dict(np.load(adk_model_files / "modes.npz"))
+    for key in ("modes", "mode_numbers", "eigenvalues", "collectivity"):
+        modes[key] = modes[key][:1]
+    np.savez(tmp_path / "one.npz", **modes)
+    rng = np.random.default_rng(6)
+    amps = np.concatenate([rng.normal(-80, 5, 100), rng.normal(80, 5, 100)])
+    parts = pd.DataFrame(
+        {"rlnImageName": [f"{i + 1:06d}@s.mrcs" for i in range(200)], "rlnOpticsGroup": 1,
+         "dhAmplitudeMode7": amps}
+    )  # fmt: skip
+    write_star(tmp_path / "in.star", optics_table(2.2, 64, 200, 2, 0.1), parts)
+    args = ["space", "--particles", tmp_path / "in.star", "--modes", tmp_path / "one.npz"]
+    args += ["--pdb", adk_model_files / "model.pdb", "--n-groups", 2, "--frames", 7]
+    args += ["--path-groups", 0, 1, "--out-dir", tmp_path / "out"]
+    assert cli([str(a) for a in args]) == 0
+    fe = pd.read_csv(tmp_path / "out/free_energy.csv")
+    assert set(fe["plane"]) == {"PC1/PC2"} and fe["images"].sum() == 200
+    assert (tmp_path / "out/free_energy.png").exists()
+    path = pd.read_csv(tmp_path / "out/trajectory_path.csv")
+    assert list(path.columns) == ["frame", "PC1", "free_energy_kT"]
+    assert path["PC1"].iloc[0] == pytest.approx(-80, abs=2) and path["PC1"].is_monotonic_increasing
+    args[-4:-2] = [0, 0]
+    assert cli([str(a) for a in args]) == 2

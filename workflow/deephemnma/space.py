@@ -405,8 +405,10 @@ def main(args: argparse.Namespace) -> None:
     with atomic_path(out / "space.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.4f")
     scatter_figures(coords, labels, source, pca, out / "pca.png", out / "pca3d.png")
-    planes = [(0, j) for j in (1, 2) if j < coords.shape[1]]
-    landscapes = [free_energy(coords, plane, args.bins) for plane in planes]
+    # the landscapes and the path on PC1/PC2 (and PC1/PC3); with one mode, PC1 against zero
+    work = coords if coords.shape[1] > 1 else np.pad(coords, ((0, 0), (0, 1)))
+    planes = [(0, j) for j in (1, 2) if j < work.shape[1]]
+    landscapes = [free_energy(work, plane, args.bins) for plane in planes]
     with atomic_path(out / "free_energy.csv") as tmp:
         free_energy_table(landscapes).to_csv(tmp, index=False, float_format="%.4f")
     atoms = read_structure(args.pdb)
@@ -440,15 +442,17 @@ def main(args: argparse.Namespace) -> None:
         a, b = args.path_groups
         if max(a, b) >= n_groups or min(a, b) < 0:
             raise InputError(f"path between groups {a} and {b}: there are {n_groups} groups")
-        fe = landscapes[0] if landscapes else None
-        path = group_path(coords, labels, (a, b), args.frames, args.path_method, fe)
-        frames = np.stack([deform(x0, vecs, q) for q in pca.inverse(path)])
+        if a == b:
+            raise InputError(f"path between groups {a} and {b}: two different groups needed")
+        fe = landscapes[0]
+        path = group_path(work, labels, (a, b), args.frames, args.path_method, fe)
+        pcs = path[:, : coords.shape[1]]
+        frames = np.stack([deform(x0, vecs, q) for q in pca.inverse(pcs)])
         write_pdb(out / "trajectory_path.pdb", atoms, frames)
-        along = pc_table(path)
-        if fe is not None:
-            i = np.clip(np.searchsorted(fe.edges[0], path[:, 0]) - 1, 0, fe.energy.shape[0] - 1)
-            j = np.clip(np.searchsorted(fe.edges[1], path[:, 1]) - 1, 0, fe.energy.shape[1] - 1)
-            along["free_energy_kT"] = fe.energy[i, j]
+        along = pc_table(pcs)
+        i = np.clip(np.searchsorted(fe.edges[0], path[:, 0]) - 1, 0, fe.energy.shape[0] - 1)
+        j = np.clip(np.searchsorted(fe.edges[1], path[:, 1]) - 1, 0, fe.energy.shape[1] - 1)
+        along["free_energy_kT"] = fe.energy[i, j]
         with atomic_path(out / "trajectory_path.csv") as tmp:
             along.to_csv(tmp, index_label="frame", float_format="%.4f")
         log.info(
@@ -458,8 +462,7 @@ def main(args: argparse.Namespace) -> None:
             args.path_method,
             args.frames,
         )
-    if landscapes:
-        free_energy_figure(landscapes, coords, labels, path, out / "free_energy.png")
+    free_energy_figure(landscapes, work, labels, path, out / "free_energy.png")
     log.info(
         "PCA explained variance %s; groups %s; amplitudes from %s",
         np.round(pca.explained, 3),
