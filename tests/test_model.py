@@ -221,6 +221,7 @@ def test_pseudo_atoms_of_a_protein_map_reach_the_target(adk_atoms, tmp_path):
     summary = json.loads(open(out["json"]).read())
     print(summary)
     assert summary["relative_error"] <= 0.12 and summary["correlation"] > 0.98
+    assert summary["correlation_whole_map"] > 0.95
     assert summary["sigma_angstrom"] == pytest.approx(4.4)
     simulated, voxel = read_mrc(out["mrc"])
     thr = summary["threshold"]
@@ -228,6 +229,9 @@ def test_pseudo_atoms_of_a_protein_map_reach_the_target(adk_atoms, tmp_path):
     assert voxel == pytest.approx(4.4)
     assert np.corrcoef(target.ravel(), simulated.ravel())[0, 1] == pytest.approx(
         summary["correlation"], abs=1e-4
+    )
+    assert np.corrcoef(vol.ravel(), simulated.ravel())[0, 1] == pytest.approx(
+        summary["correlation_whole_map"], abs=1e-4
     )
     model = m.prepare_model(out["pdb"], "ca", None)
     assert model.numAtoms() == summary["pseudo_atoms"]
