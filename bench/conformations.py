@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def reference(pdb: Path, n_modes: int) -> hemnma.Reference:
     """Heavy atoms of `pdb`, centred, with ANM modes 7..6+n_modes in HEMNMA units."""
-    ag = model_mod.prepare_model(pdb, "heavy", None, None, 500)
+    ag = model_mod.prepare_model(pdb, "heavy", None)
     _, evals, modes = nma_mod.compute_modes(ag, n_modes, 15.0, 1.0, 5000)
     weights = model_mod.scattering_weights(ag.getElements())
     return hemnma.Reference(ag.getCoords(), modes, weights, evals, model_mod.atom_labels(ag))

@@ -50,7 +50,7 @@ ROWS = [
 
 def flexible_model(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
     """Coordinates, modes 7-9 and weights of open AK (heavy atoms)."""
-    atoms = model.prepare_model(REPO / "resources/adk_open.pdb", "heavy", None, None, 500)
+    atoms = model.prepare_model(REPO / "resources/adk_open.pdb", "heavy", None)
     model.save_model(atoms, folder / "model.npz", folder / "model.pdb")
     _, _, modes = nma.compute_modes(atoms, 3, 15.0, 1.0, 5000)
     m = np.load(folder / "model.npz")

@@ -20,6 +20,13 @@ rule space:
         groups=expand(res("space/group_{g}.star"), g=group_ids()),
         centroids=expand(res("space/group_{g}_centroid.pdb"), g=group_ids()),
         trajectories=expand(res("space/trajectory_pc{a}.pdb"), a=[1, 2]),
+        free_energy=report(
+            res("space/free_energy.png"),
+            caption="../report/free_energy.rst",
+            category="6. Conformational space",
+        ),
+        free_energy_table=res("space/free_energy.csv"),
+        path=path_outputs(),
     log:
         res("logs/space.log"),
     conda:
@@ -32,9 +39,30 @@ rule space:
         "--pdb {input.pdb:q} {params.args} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
+rule export:
+    input:
+        group=res("space/group_{g}.star"),
+        original=config["particles"]["import"]["star"] or [],
+    output:
+        res("export/group_{g}.star"),
+    log:
+        res("logs/export_{g}.log"),
+    conda:
+        "../envs/deephemnma.yaml"
+    params:
+        datadir=quoted(
+            []
+            if config["particles"]["import"]["datadir"] is None
+            else ["--datadir", config["particles"]["import"]["datadir"]]
+        ),
+    shell:
+        "deephemnma export --group {input.group:q} --original {input.original:q} "
+        "{params.datadir} --out {output:q} > {log:q} 2>&1"
+
+
 rule reconstruct:
     input:
-        star=res("space/group_{g}.star"),
+        star=reconstruct_star,
         stacks=res("particles/stacks"),
     output:
         half1=res("maps/group_{g}_half1.mrc"),
@@ -50,9 +78,10 @@ rule reconstruct:
     params:
         snr=config["analysis"]["reconstruct"]["wiener_snr"],
         seed=config["analysis"]["reconstruct"]["seed"],
+        roots=quoted(stack_roots()),
     shell:
         "deephemnma reconstruct --particles {input.star:q} --wiener-snr {params.snr} "
-        "--seed {params.seed} --out-half1 {output.half1:q} --out-half2 {output.half2:q} "
+        "--seed {params.seed} --roots {params.roots} --out-half1 {output.half1:q} --out-half2 {output.half2:q} "
         "--out-map {output.map:q} > {log:q} 2>&1"
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from deephemnma.config import check_sizes
+from deephemnma.model import is_map
 
 
 def check_config_files():
@@ -13,6 +14,11 @@ def check_config_files():
     for key, path in keys:
         if path is not None and not Path(path).is_file():
             raise WorkflowError(f"config key '{key}': file '{path}' does not exist")
+    if any(is_map(s) for s in structures()[1:]):
+        raise WorkflowError(
+            "config key 'structure': only the first structure may be an EM map "
+            "(further references need atoms shared with it)"
+        )
 
 
 def structures():
@@ -88,9 +94,35 @@ onstart:
         RESULTS_LOCK.append(lock_results())
 
 
-def mode_numbers():
-    """Mode numbers in use: 7 .. 6 + n_modes."""
-    return list(range(7, 7 + config["nma"]["n_modes"]))
+def model_structure():
+    """What prepare_model reads: the first structure, or its pseudo-atoms if it is an EM map."""
+    s = structures()[0]
+    return res("model/pseudo_atoms.pdb") if is_map(s) else s
+
+
+def pseudo_atom_args():
+    """CLI arguments of `deephemnma pseudo-atoms` from config model."""
+    c = config["model"]
+    args = ["--target-error", c["pseudo_atom_error"]]
+    args += [] if c["pseudo_atoms"] is None else ["--n-atoms", c["pseudo_atoms"]]
+    args += [] if c["map_threshold"] is None else ["--threshold", c["map_threshold"]]
+    return args + ["--sigma", pseudo_atom_sigma()]
+
+
+def pseudo_atom_sigma():
+    """Width (Å) of the pseudo-atoms: model.pseudo_atom_sigma, else the map's voxel size."""
+    from deephemnma.pseudoatoms import voxel_size
+
+    sigma = config["model"]["pseudo_atom_sigma"]
+    return voxel_size(structures()[0]) if sigma is None else sigma
+
+
+def mode_choice_args():
+    """CLI arguments of `deephemnma nma` that choose the modes (config nma)."""
+    c = config["nma"]
+    args = ["--n-modes", c["n_modes"], "--min-collectivity", c["min_collectivity"]]
+    args += ["--search", c["search"]]
+    return args + ([] if c["modes"] is None else ["--modes", *c["modes"]])
 
 
 def compare_to_args():
@@ -135,6 +167,9 @@ def import_args():
     args = [] if c["datadir"] is None else ["--datadir", c["datadir"]]
     args += [] if c["box"] is None else ["--box", c["box"]]
     args += [] if c["normalize"] else ["--no-normalize"]
+    args += (
+        [] if c["mask_diameter"] is None else ["--mask-diameter", c["mask_diameter"]]
+    )
     return args
 
 
@@ -164,10 +199,11 @@ def hemnma_args():
 
 
 def sigma_angstrom():
-    """Atom Gaussian width: the simulator's when particles are simulated, else 1 Å."""
+    """Atom Gaussian width: the simulator's when particles are simulated, else the
+    pseudo-atoms' for an EM map, else 1 Å."""
     if config["particles"]["source"] == "simulate":
         return config["particles"]["simulate"]["sigma_angstrom"]
-    return 1.0
+    return pseudo_atom_sigma() if is_map(structures()[0]) else 1.0
 
 
 def label_star():
@@ -227,21 +263,47 @@ def synthesize_args():
     return args + ([] if c["box"] is None else ["--box", c["box"]])
 
 
-def anim_dir(wildcards, output):
-    """Folder of the per-mode animations."""
-    return str(Path(output.anim[0]).parent)
-
-
 def output_dir(wildcards, output):
     """Folder of a rule's first output."""
     return str(Path(output[0]).parent)
 
 
 def space_input():
-    """Amplitudes of all images: the network's (default) or HEMNMA's."""
+    """Amplitudes of all images: merged (HEMNMA's where it aligned, the networks' elsewhere)
+    or HEMNMA's alone."""
     if config["analysis"]["source"] == "hemnma":
         return res("hemnma/hemnma.star")
     return res("network/deephemnma.star")
+
+
+def path_outputs():
+    """The trajectory between two groups, when analysis.path.groups names them."""
+    if config["analysis"]["path"]["groups"] is None:
+        return []
+    return [res("space/trajectory_path.pdb"), res("space/trajectory_path.csv")]
+
+
+def exported():
+    """Whether groups are exported back to the original RELION particles (imported data)."""
+    return config["particles"]["source"] == "import"
+
+
+def reconstruct_star(wildcards):
+    """The STAR a group is reconstructed from: the working images, or the original particles
+    (analysis.reconstruct.box: original) through the exported STAR."""
+    if exported() and config["analysis"]["reconstruct"]["box"] == "original":
+        return res(f"export/group_{wildcards.g}.star")
+    return res(f"space/group_{wildcards.g}.star")
+
+
+def stack_roots():
+    """Folders the original particles' stack paths resolve against (besides the working dir)."""
+    if not exported():
+        return []
+    c = config["particles"]["import"]
+    return [str(Path(c["star"]).resolve().parent)] + (
+        [] if c["datadir"] is None else [c["datadir"]]
+    )
 
 
 def group_ids():
@@ -264,6 +326,10 @@ def space_args():
         "--boxes",
         json.dumps(g["boxes"]),
     ]
+    args += ["--bins", a["free_energy_bins"], "--path-method", a["path"]["method"]]
+    args += (
+        [] if a["path"]["groups"] is None else ["--path-groups", *a["path"]["groups"]]
+    )
     return args + [
         "--frames",
         a["trajectory_frames"],
@@ -276,16 +342,20 @@ def space_args():
 
 def all_outputs():
     """Final targets of the workflow."""
-    return [
-        res("model/modes.npz"),
-        res("model/modes.nmd"),
-        expand(res("model/anim/mode{k}.pdb"), k=mode_numbers()),
-        res("particles/particles.star"),
-        res("hemnma/hemnma.star"),
-        res("network/deephemnma.star"),
-        res("space/pca.npz"),
-        expand(res("fsc/group_{g}.json"), g=group_ids()),
-    ] + ([res("evaluate/accuracy.md")] if simulated() else [])
+    return (
+        [
+            res("model/modes.npz"),
+            res("model/modes.nmd"),
+            res("model/anim"),
+            res("particles/particles.star"),
+            res("hemnma/hemnma.star"),
+            res("network/deephemnma.star"),
+            res("space/pca.npz"),
+            expand(res("fsc/group_{g}.json"), g=group_ids()),
+        ]
+        + ([res("evaluate/accuracy.md")] if simulated() else [])
+        + (expand(res("export/group_{g}.star"), g=group_ids()) if exported() else [])
+    )
 
 
 def simulated():

@@ -1,6 +1,39 @@
+if is_map(structures()[0]):
+
+    rule pseudo_atoms:
+        input:
+            map=structures()[0],
+        output:
+            pdb=res("model/pseudo_atoms.pdb"),
+            map=res("model/pseudo_atoms.mrc"),
+            table=report(
+                res("model/pseudo_atoms.csv"),
+                caption="../report/pseudo_atoms.rst",
+                category="1. Model and normal modes",
+            ),
+            json=res("model/pseudo_atoms.json"),
+            figure=report(
+                res("model/pseudo_atoms.png"),
+                caption="../report/pseudo_atoms.rst",
+                category="1. Model and normal modes",
+            ),
+        log:
+            res("logs/pseudo_atoms.log"),
+        benchmark:
+            res("benchmarks/pseudo_atoms.tsv")
+        conda:
+            "../envs/deephemnma.yaml"
+        params:
+            args=quoted(pseudo_atom_args()),
+        shell:
+            "deephemnma pseudo-atoms --map {input.map:q} {params.args} --out-pdb {output.pdb:q} "
+            "--out-map {output.map:q} --out-table {output.table:q} --out-json {output.json:q} "
+            "--out-figure {output.figure:q} > {log:q} 2>&1"
+
+
 rule prepare_model:
     input:
-        structure=structures()[0],
+        structure=model_structure(),
     output:
         npz=res("model/model.npz"),
         pdb=res("model/model.pdb"),
@@ -11,16 +44,10 @@ rule prepare_model:
     params:
         atoms=config["model"]["atoms"],
         chains=quoted(config["model"]["chains"]),
-        map_threshold=quoted(
-            []
-            if config["model"]["map_threshold"] is None
-            else ["--map-threshold", config["model"]["map_threshold"]]
-        ),
-        pseudo_atoms=config["model"]["pseudo_atoms"],
     shell:
         "deephemnma prepare-model --structure {input.structure:q} --atoms {params.atoms:q} "
-        "--chains {params.chains} {params.map_threshold} --pseudo-atoms {params.pseudo_atoms} "
-        "--out-npz {output.npz:q} --out-pdb {output.pdb:q} > {log:q} 2>&1"
+        "--chains {params.chains} --out-npz {output.npz:q} --out-pdb {output.pdb:q} "
+        "> {log:q} 2>&1"
 
 
 rule nma:
@@ -36,7 +63,7 @@ rule nma:
             caption="../report/modes.rst",
             category="1. Model and normal modes",
         ),
-        anim=expand(res("model/anim/mode{k}.pdb"), k=mode_numbers()),
+        anim=directory(res("model/anim")),
     log:
         res("logs/nma.log"),
     benchmark:
@@ -44,19 +71,18 @@ rule nma:
     conda:
         "../envs/deephemnma.yaml"
     params:
-        n_modes=config["nma"]["n_modes"],
+        choice=quoted(mode_choice_args()),
         cutoff=config["nma"]["cutoff"],
         gamma=config["nma"]["gamma"],
         coarse_above=config["nma"]["coarse_above"],
         amplitude=config["nma"]["animate_amplitude"],
         compare=quoted(compare_to_args()),
-        anim_dir=anim_dir,
     shell:
-        "deephemnma nma --model {input.npz:q} --pdb {input.pdb:q} --n-modes {params.n_modes} "
+        "deephemnma nma --model {input.npz:q} --pdb {input.pdb:q} {params.choice} "
         "--cutoff {params.cutoff} --gamma {params.gamma} --coarse-above {params.coarse_above} "
         "--animate-amplitude {params.amplitude} {params.compare} "
         "--out-npz {output.npz:q} --out-nmd {output.nmd:q} --out-table {output.table:q} "
-        "--out-anim-dir {params.anim_dir:q} > {log:q} 2>&1"
+        "--out-anim-dir {output.anim:q} > {log:q} 2>&1"
 
 
 use rule prepare_model as prepare_reference with:
@@ -78,7 +104,7 @@ use rule nma as nma_reference with:
         npz=res("model/reference_{r}/modes.npz"),
         nmd=res("model/reference_{r}/modes.nmd"),
         table=res("model/reference_{r}/modes.csv"),
-        anim=expand(res("model/reference_{{r}}/anim/mode{k}.pdb"), k=mode_numbers()),
+        anim=directory(res("model/reference_{r}/anim")),
     log:
         res("logs/nma_reference_{r}.log"),
     benchmark:

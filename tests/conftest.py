@@ -24,7 +24,7 @@ def sim_config(**overrides) -> SimulationSettings:
 @pytest.fixture(scope="session")
 def adk_atoms():
     """Heavy atoms of open AK, centred (ProDy AtomGroup)."""
-    return model_mod.prepare_model(OPEN_PDB, "heavy", None, None, 500)
+    return model_mod.prepare_model(OPEN_PDB, "heavy", None)
 
 
 @pytest.fixture(scope="session")

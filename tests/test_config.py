@@ -115,3 +115,14 @@ def test_snakemake_reports_sizes_when_it_loads(tmp_path):
     r = snakemake("-n", "--configfile", str(tmp_path / "subset.yaml"))
     assert r.returncode != 0
     assert "invalid config: keys 'hemnma.subset', 'hemnma.shards': 2 shards for 1" in r.stdout
+
+
+def test_an_em_map_only_as_the_first_structure(tmp_path):
+    (tmp_path / "map.mrc").write_bytes(b"")
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(f"structure: [resources/adk_open.pdb, {tmp_path / 'map.mrc'}]\n")
+    r = snakemake("-n", "--configfile", str(cfg))
+    assert r.returncode != 0
+    assert (
+        "config key 'structure': only the first structure may be an EM map" in r.stdout + r.stderr
+    )

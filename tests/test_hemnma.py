@@ -203,7 +203,7 @@ def two_states(adk_atoms, adk_modes):
     from .conftest import CLOSED_PDB, sim_config
 
     refs = []
-    for ag in (adk_atoms, model_mod.prepare_model(CLOSED_PDB, "heavy", None, None, 500)):
+    for ag in (adk_atoms, model_mod.prepare_model(CLOSED_PDB, "heavy", None)):
         _, evals, modes = nma_mod.compute_modes(ag, 3, 15.0, 1.0, 5000)
         weights = model_mod.scattering_weights(ag.getElements())
         refs.append(

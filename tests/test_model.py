@@ -1,14 +1,17 @@
+import json
 import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import prody
 import pytest
 
 from deephemnma import model as m
 from deephemnma import nma
+from deephemnma import pseudoatoms as pa
 from deephemnma.cli import main as cli_main
-from deephemnma.io import InputError
+from deephemnma.io import InputError, read_mrc
 
 from .conftest import CLOSED_PDB, OPEN_PDB
 
@@ -19,7 +22,7 @@ def test_prepare_model_selects_centres_and_weights(adk_atoms):
     np.testing.assert_allclose((w[:, None] * adk_atoms.getCoords()).sum(0) / w.sum(), 0, atol=1e-9)
     assert set(np.unique(adk_atoms.getElements())) == {"C", "N", "O", "S"}
     assert w[adk_atoms.getElements() == "S"][0] == 16
-    ca = m.prepare_model(OPEN_PDB, "ca", None, None, 500)
+    ca = m.prepare_model(OPEN_PDB, "ca", None)
     assert ca.numAtoms() == 214
 
 
@@ -108,7 +111,7 @@ def test_floppy_network_is_an_error(adk_atoms):
 def test_nma_cli_on_a_disconnected_model_fails_in_one_line(adk_atoms, tmp_path, capsys):
     ca = adk_atoms.select("name CA").copy()
     prody.writePDB(str(tmp_path / "far.pdb"), with_atom(ca, ca.getCoords().max(0) + 100))
-    model = m.prepare_model(tmp_path / "far.pdb", "ca", None, None, 500)
+    model = m.prepare_model(tmp_path / "far.pdb", "ca", None)
     m.save_model(model, tmp_path / "m.npz", tmp_path / "m.pdb")
     args = ["nma", "--model", tmp_path / "m.npz", "--pdb", tmp_path / "m.pdb"]
     for opt in ("npz", "nmd", "table", "anim-dir"):
@@ -140,13 +143,13 @@ def test_collectivity_bounds():
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
-        m.prepare_model(tmp_path / "missing.pdb", "heavy", None, None, 500)
+        m.prepare_model(tmp_path / "missing.pdb", "heavy", None)
     junk = tmp_path / "junk.pdb"
     junk.write_text("this is not a PDB file\n")
     with pytest.raises(InputError, match="junk.pdb"):
-        m.prepare_model(junk, "heavy", None, None, 500)
+        m.prepare_model(junk, "heavy", None)
     with pytest.raises(InputError, match="matched no atoms"):
-        m.prepare_model(OPEN_PDB, "heavy", ["Z"], None, 500)
+        m.prepare_model(OPEN_PDB, "heavy", ["Z"])
 
 
 def test_cli_error_is_one_line_and_writes_nothing(tmp_path, capsys):
@@ -177,11 +180,101 @@ def test_cli_lists_verbs():
     assert "prepare-model" in out and "nma" in out
 
 
-def test_pseudo_atoms_from_map():
-    # two Gaussian blobs 20 Å apart -> two pseudo-atoms at their centres
-    z, y, x = np.mgrid[:32, :32, :32].astype(float)
-    vol = np.exp(-((x - 10) ** 2 + (y - 16) ** 2 + (z - 16) ** 2) / 4)
-    vol += np.exp(-((x - 20) ** 2 + (y - 16) ** 2 + (z - 16) ** 2) / 4)
-    xyz = m.pseudo_atoms_from_map(vol, 2.0, 2, 0.1)
-    xyz = xyz[np.argsort(xyz[:, 0])]
-    np.testing.assert_allclose(xyz, [[20, 32, 32], [40, 32, 32]], atol=0.5)
+def blobs(centres_voxel, sigma_voxel, box=32):
+    """A map (box³) of unit-peak Gaussian blobs at `centres_voxel` (x, y, z)."""
+    z, y, x = np.mgrid[:box, :box, :box].astype(float)
+    return sum(
+        np.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * sigma_voxel**2))
+        for cx, cy, cz in centres_voxel
+    )
+
+
+def test_pseudo_atoms_recover_gaussian_blobs():
+    """Two blobs of the pseudo-atoms' own shape: found at their centres with weight 1, exactly."""
+    vol = blobs([(10, 16, 16), (20, 16, 16)], np.sqrt(2))
+    fit, _ = pa.fit_map(vol, 2.0, threshold=1e-4, sigma=2 * np.sqrt(2), n_atoms=2)
+    order = np.argsort(fit.coords[:, 0])
+    np.testing.assert_allclose(fit.coords[order], [[20, 32, 32], [40, 32, 32]], atol=0.3)
+    np.testing.assert_allclose(fit.weights, 1.0, atol=0.05)
+    target = np.where(vol > 1e-4, vol, 0.0)
+    model = pa.render(fit.coords, fit.weights, vol.shape, 2.0, fit.sigma)
+    err = np.sqrt(((target - model) ** 2).sum() / (target**2).sum())
+    assert fit.relative_error == pytest.approx(err) and err < 0.01
+    assert fit.correlation > 0.99
+
+
+def test_pseudo_atoms_of_a_protein_map_reach_the_target(adk_atoms, tmp_path):
+    """A 10 Å-ish map of AK: the count grows until the relative error is within the target; the
+    workflow's prepare-model reads the pseudo-atoms with their weights."""
+    from deephemnma.io import write_mrc
+    from deephemnma.reconstruct import model_map
+
+    vol = model_map(adk_atoms.getCoords(), adk_atoms.getData("weight"), 32, 4.4, 4.4)
+    write_mrc(tmp_path / "ak.mrc", vol, 4.4)
+    out = {k: str(tmp_path / f"out.{k}") for k in ("pdb", "mrc", "csv", "json", "png")}
+    rc = cli_main(
+        ["pseudo-atoms", "--map", str(tmp_path / "ak.mrc"), "--target-error", "0.12"]
+        + ["--out-pdb", out["pdb"], "--out-map", out["mrc"], "--out-table", out["csv"]]
+        + ["--out-json", out["json"], "--out-figure", out["png"]]
+    )
+    assert rc == 0
+    summary = json.loads(open(out["json"]).read())
+    print(summary)
+    assert summary["relative_error"] <= 0.12 and summary["correlation"] > 0.98
+    assert summary["correlation_whole_map"] > 0.95
+    assert summary["sigma_angstrom"] == pytest.approx(4.4)
+    simulated, voxel = read_mrc(out["mrc"])
+    thr = summary["threshold"]
+    target = np.where(vol > thr, vol, 0)
+    assert voxel == pytest.approx(4.4)
+    assert np.corrcoef(target.ravel(), simulated.ravel())[0, 1] == pytest.approx(
+        summary["correlation"], abs=1e-4
+    )
+    assert np.corrcoef(vol.ravel(), simulated.ravel())[0, 1] == pytest.approx(
+        summary["correlation_whole_map"], abs=1e-4
+    )
+    model = m.prepare_model(out["pdb"], "ca", None)
+    assert model.numAtoms() == summary["pseudo_atoms"]
+    w = model.getData("weight")
+    assert w.mean() == pytest.approx(6.0, rel=0.01) and w.std() > 0.1
+    with pytest.raises(InputError, match="turn it into pseudo-atoms first"):
+        m.prepare_model(tmp_path / "ak.mrc", "heavy", None)
+
+
+def test_choose_modes():
+    coll = np.array([0.5, 0.1, 0.6, 0.2, 0.7, 0.8])
+    assert nma.choose_modes(coll, 3).tolist() == [7, 8, 9]
+    assert nma.choose_modes(coll, 3, min_collectivity=0.4).tolist() == [7, 9, 11]
+    assert nma.choose_modes(coll, 2, numbers=[12, 8]).tolist() == [8, 12]
+    with pytest.raises(InputError, match="only 2 of modes 7-12 have collectivity >= 0.65"):
+        nma.choose_modes(coll, 3, min_collectivity=0.65)
+    with pytest.raises(InputError, match="must be 7 or more and computed"):
+        nma.choose_modes(coll, 3, numbers=[7, 13])
+    assert nma.modes_to_compute(3, [7, 9, 12], 0.0, 20) == 6
+    assert nma.modes_to_compute(3, None, 0.3, 20) == 20
+    assert nma.modes_to_compute(3, None, 0.0, 20) == 3
+
+
+def test_nma_cli_explicit_modes_and_overlap(tmp_path):
+    ca = m.prepare_model(OPEN_PDB, "ca", None)
+    m.save_model(ca, tmp_path / "model.npz", tmp_path / "model.pdb")
+    args = ["nma", "--model", tmp_path / "model.npz", "--pdb", tmp_path / "model.pdb"]
+    args += ["--modes", 7, 9, 12]
+    args += ["--compare-to", CLOSED_PDB]
+    for opt in ("npz", "nmd", "table", "anim-dir"):
+        args += [f"--out-{opt}", tmp_path / opt]
+    assert cli_main([str(a) for a in args]) == 0
+    out = np.load(tmp_path / "npz")
+    assert out["mode_numbers"].tolist() == [7, 9, 12]
+    _, evals, modes = nma.compute_modes(ca, 6, 15.0, 1.0, 5000)
+    np.testing.assert_allclose(out["eigenvalues"], evals[[0, 2, 5]])
+    for k, j in enumerate((0, 2, 5)):  # same vectors up to sign
+        assert abs((out["modes"][k] * modes[j]).sum()) == pytest.approx(1.0, abs=1e-6)
+    table = pd.read_csv(tmp_path / "table")
+    assert table["mode"].tolist() == list(range(7, 13))
+    assert table["used"].tolist() == ["yes", "no", "yes", "no", "no", "yes"]
+    assert {"eigenvalue", "collectivity", "overlap"} <= set(table)
+    np.testing.assert_allclose(table["collectivity"][[0, 2, 5]], out["collectivity"], rtol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "anim-dir").iterdir()) == [
+        "mode12.pdb", "mode7.pdb", "mode9.pdb"
+    ]  # fmt: skip

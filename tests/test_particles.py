@@ -180,6 +180,21 @@ def test_import_crop_and_normalise(sim, tmp_path, monkeypatch):
     np.testing.assert_allclose(bg.std(1).numpy(), 1, atol=1e-5)
 
 
+def test_import_normalises_outside_the_mask_diameter(sim, tmp_path, monkeypatch):
+    """particles.import.mask_diameter (Å, RELION's --particle_diameter) sets the background."""
+    monkeypatch.chdir(sim)
+    args = (sim / "p/particles.star", None, 16, True, tmp_path / "p.star", tmp_path / "s", 1000)
+    relion.import_particles(*args, mask_diameter=88.0)  # 16 px of 8.8 Å: a 5-px radius
+    imgs = torch.from_numpy(ParticleSet(tmp_path / "p.star").images[:])
+    bg = imgs[:, ~imaging.circular_mask(16, 5.0)]
+    np.testing.assert_allclose(bg.mean(1).numpy(), 0, atol=1e-5)
+    np.testing.assert_allclose(bg.std(1).numpy(), 1, atol=1e-5)
+    default = imgs[:, ~imaging.circular_mask(16, 0.9 * 8)]
+    assert np.abs(default.std(1).numpy() - 1).max() > 1e-3  # not the default background
+    with pytest.raises(InputError, match="mask diameter 200 Å is not within the working box"):
+        relion.import_particles(*args, mask_diameter=200.0)
+
+
 def relion30_star(path, names, extra=None):
     import pandas as pd
 

@@ -59,6 +59,7 @@ def test_space_cli_writes_groups_and_trajectories(adk_model_files, tmp_path):
             "dhAmplitudeMode7": amps[:, 0],
             "dhAmplitudeMode8": amps[:, 1],
             "dhAmplitudeMode9": amps[:, 2],
+            "dhSourceAmplitudes": np.where(np.arange(n) % 3 == 0, "hemnma", "network"),
         }
     )
     write_star(tmp_path / "in.star", optics_table(2.2, 64, 200, 2, 0.1), parts)
@@ -75,6 +76,9 @@ def test_space_cli_writes_groups_and_trajectories(adk_model_files, tmp_path):
             "2",
             "--frames",
             "5",
+            "--path-groups",
+            "0",
+            "1",
             "--out-dir",
             str(tmp_path / "out"),
         ]
@@ -84,8 +88,105 @@ def test_space_cli_writes_groups_and_trajectories(adk_model_files, tmp_path):
     assert len(g0) == n // 2 and (g0["dhAmplitudeMode7"] < 0).all()  # lower PC1 first
     groups = pd.read_csv(tmp_path / "out/groups.csv")
     assert groups["centroid_mode7"].tolist() == pytest.approx([-100, 100], abs=2)
+    assert (groups["images_hemnma"] + groups["images_network"] == groups["images"]).all()
+    assert groups["images_hemnma"].sum() == n // 3
+    table = pd.read_csv(tmp_path / "out/space.csv")
+    assert (table["source"] == parts["dhSourceAmplitudes"]).all()
+    fe = pd.read_csv(tmp_path / "out/free_energy.csv")
+    assert set(fe["plane"]) == {"PC1/PC2", "PC1/PC3"} and fe["images"].sum() == 2 * n
+    assert (tmp_path / "out/free_energy.png").stat().st_size > 1000
+    path = pd.read_csv(tmp_path / "out/trajectory_path.csv")
+    assert len(path) == 5 and path["PC1"].iloc[0] < 0 < path["PC1"].iloc[-1]
+    assert read_structure(tmp_path / "out/trajectory_path.pdb").numCoordsets() == 5
     traj = read_structure(tmp_path / "out/trajectory_pc1.pdb")
     assert traj.numCoordsets() == 5
     # the trajectory spans ±2 std along PC1, i.e. about ±2 * 112 in amplitude (mostly mode 7)
     disp = np.sqrt(((traj.getCoordsets()[-1] - traj.getCoordsets()[0]) ** 2).sum(1).mean())
     assert 2.0 < disp < 20.0
+
+
+def test_selections_with_ranges_on_any_pc_and_logical_expressions():
+    rng = np.random.default_rng(3)
+    c = rng.uniform(-10, 10, size=(500, 3))
+    where = "PC1 < 0 and (PC2 > 5 or PC3 <= -2)"
+    truth = (c[:, 0] < 0) & ((c[:, 1] > 5) | (c[:, 2] <= -2))
+    assert (space.in_box(c, {"where": where}) == truth).all()
+    both = space.in_box(c, {"pc3": [0, 4], "where": "PC1 > 0 or PC2 > 0"})
+    assert (both == ((c[:, 2] >= 0) & (c[:, 2] <= 4) & ((c[:, 0] > 0) | (c[:, 1] > 0)))).all()
+    labels = space.box_groups(c, [{"where": "PC1 > 5"}, {"pc1": [0, 10]}])
+    assert (labels[c[:, 0] > 5] == 0).all() and (labels[(c[:, 0] >= 0) & (c[:, 0] <= 5)] == 1).all()
+    assert (labels[c[:, 0] < 0] == -1).all()
+    with pytest.raises(space.InputError, match="selection 'PC9 > 0'"):
+        space.in_box(c, {"where": "PC9 > 0"})
+    with pytest.raises(space.InputError, match="not one of pc1..pc3"):
+        space.in_box(c, {"pc4": [0, 1]})
+
+
+def test_free_energy_of_a_gaussian_is_quadratic():
+    """Images drawn from a 2D normal: -ln(p/p_max) = r²/2σ² (kT) where the bins are populated."""
+    rng = np.random.default_rng(4)
+    c = rng.normal(scale=[10.0, 5.0], size=(400_000, 2))
+    fe = space.free_energy(c, (0, 1), bins=30, smooth=0)
+    (cx, cy) = fe.centres
+    x, y = np.meshgrid(cx, cy, indexing="ij")
+    expected = x**2 / 200 + y**2 / 50
+    expected -= expected[np.unravel_index(np.argmax(fe.counts), fe.counts.shape)]
+    ok = fe.counts >= 200  # bins with a stable count
+    assert ok.sum() > 100
+    np.testing.assert_allclose(fe.energy[ok], expected[ok], atol=0.25)
+    assert np.isnan(fe.energy[fe.counts == 0]).all() and np.nanmin(fe.energy) == 0
+    smoothed = space.free_energy(c, (0, 1), bins=30)  # one bin of smoothing: a little wider
+    np.testing.assert_allclose(smoothed.energy[ok], expected[ok], atol=0.5)
+    assert space.free_energy(c[:100], (0, 1)).counts.shape == (8, 8)  # few images, few bins
+
+
+def test_path_between_groups_follows_the_low_free_energy_valley():
+    """Two wells joined by a half-ring: the straight line crosses empty space, the path does not."""
+    rng = np.random.default_rng(5)
+    phi = rng.uniform(0, np.pi, 20000)
+    ring = np.stack([50 * np.cos(phi), 50 * np.sin(phi)], 1) + rng.normal(scale=3, size=(20000, 2))
+    wells = np.concatenate([rng.normal([50, 0], 3, (5000, 2)), rng.normal([-50, 0], 3, (5000, 2))])
+    c = np.concatenate([ring, wells])
+    labels = np.full(len(c), -1)
+    labels[len(ring) : len(ring) + 5000], labels[len(ring) + 5000 :] = 0, 1
+    fe = space.free_energy(c, (0, 1), bins=40)
+    path = space.group_path(c, labels, (0, 1), 25, "free_energy", fe)
+    line = space.group_path(c, labels, (0, 1), 25, "line", fe)
+    np.testing.assert_allclose(path[[0, -1]], line[[0, -1]])
+    radius = np.linalg.norm(path, axis=1)
+    assert np.abs(radius[1:-1] - 50).max() < 8  # along the ring
+    assert np.abs(line[:, 1]).max() < 0.5 and np.linalg.norm(line[12]) < 5  # through the middle
+    steps = np.linalg.norm(np.diff(path, axis=0), axis=1)
+    np.testing.assert_allclose(steps, steps.mean(), rtol=0.2)  # evenly spaced by arc length
+
+
+def test_space_with_one_mode_draws_a_landscape_and_a_path(adk_model_files, tmp_path):
+    """One mode: a single PC; the landscape is PC1 against zero and the path runs along PC1."""
+    import pandas as pd
+
+    from deephemnma.cli import main as cli
+    from deephemnma.io import optics_table, write_star
+
+    modes = dict(np.load(adk_model_files / "modes.npz"))
+    for key in ("modes", "mode_numbers", "eigenvalues", "collectivity"):
+        modes[key] = modes[key][:1]
+    np.savez(tmp_path / "one.npz", **modes)
+    rng = np.random.default_rng(6)
+    amps = np.concatenate([rng.normal(-80, 5, 100), rng.normal(80, 5, 100)])
+    parts = pd.DataFrame(
+        {"rlnImageName": [f"{i + 1:06d}@s.mrcs" for i in range(200)], "rlnOpticsGroup": 1,
+         "dhAmplitudeMode7": amps}
+    )  # fmt: skip
+    write_star(tmp_path / "in.star", optics_table(2.2, 64, 200, 2, 0.1), parts)
+    args = ["space", "--particles", tmp_path / "in.star", "--modes", tmp_path / "one.npz"]
+    args += ["--pdb", adk_model_files / "model.pdb", "--n-groups", 2, "--frames", 7]
+    args += ["--path-groups", 0, 1, "--out-dir", tmp_path / "out"]
+    assert cli([str(a) for a in args]) == 0
+    fe = pd.read_csv(tmp_path / "out/free_energy.csv")
+    assert set(fe["plane"]) == {"PC1/PC2"} and fe["images"].sum() == 200
+    assert (tmp_path / "out/free_energy.png").exists()
+    path = pd.read_csv(tmp_path / "out/trajectory_path.csv")
+    assert list(path.columns) == ["frame", "PC1", "free_energy_kT"]
+    assert path["PC1"].iloc[0] == pytest.approx(-80, abs=2) and path["PC1"].is_monotonic_increasing
+    args[-4:-2] = [0, 0]
+    assert cli([str(a) for a in args]) == 2

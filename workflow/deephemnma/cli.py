@@ -12,7 +12,11 @@ from .io import InputError
 
 # verb -> (module, one-line help)
 VERBS = {
-    "prepare-model": ("model", "atomic model (PDB/mmCIF/EM map) -> centred model.npz + PDB"),
+    "pseudo-atoms": ("pseudoatoms", "EM map -> Gaussian pseudo-atoms (PDB) to a stated accuracy"),
+    "prepare-model": (
+        "model",
+        "atomic model or pseudo-atoms (PDB/mmCIF) -> centred model.npz + PDB",
+    ),
     "nma": ("nma", "ANM normal modes in HEMNMA units (modes.npz, .nmd, table, animations)"),
     "import": ("relion", "import a RELION 3.0/3.1 particle STAR + stacks (validated, normalised)"),
     "shard": ("shard", "choose the HEMNMA (sub)set and split it into shard STARs"),
@@ -32,6 +36,7 @@ VERBS = {
     "merge": ("merge", "merge the inferred parameter types into one RELION STAR"),
     "evaluate": ("evaluate", "accuracy tables against ground truth (paper Tables 1, S1, S2)"),
     "space": ("space", "PCA of the amplitudes, groups, centroid models and trajectories"),
+    "export": ("export", "a group back to RELION: original images, box, pixel size and columns"),
     "reconstruct": ("reconstruct", "direct Fourier reconstruction of a group (half-maps, map)"),
     "fsc": ("fsc", "FSC of half-maps and against the centroid model's map; resolutions"),
     "simulate": ("simulate", "simulated particles with ground truth (MRCS stacks + RELION STAR)"),

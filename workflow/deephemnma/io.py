@@ -338,10 +338,13 @@ class ParticleImages:
         return out
 
 
-def particle_images(star_path: str | os.PathLike, particles: pd.DataFrame) -> ParticleImages:
-    """Images of a particle table whose stacks are named relative to the working dir or the STAR."""
+def particle_images(
+    star_path: str | os.PathLike, particles: pd.DataFrame, roots: list[Path] = ()
+) -> ParticleImages:
+    """Images of a particle table whose stacks are named relative to the working dir, the STAR's
+    folder or one of `roots`."""
     star_dir = Path(star_path).resolve().parent
-    return ParticleImages(particles["rlnImageName"], [Path.cwd(), star_dir])
+    return ParticleImages(particles["rlnImageName"], [Path.cwd(), star_dir, *roots])
 
 
 # ----------------------------------------------------------------------------- particle sets
@@ -380,10 +383,10 @@ class ParticleSet:
     """A particle STAR (RELION 3.1, as written by our simulate/import) with its images.
 
     ``table`` is the particle table with the optics columns merged in per particle; ``images``
-    reads them lazily (memory-mapped).
+    reads them lazily (memory-mapped); stack paths resolve as in particle_images.
     """
 
-    def __init__(self, star: str | os.PathLike):
+    def __init__(self, star: str | os.PathLike, roots: list[Path] = ()):
         self.star = Path(star)
         blocks = read_star(self.star, required=["rlnImageName", "rlnOpticsGroup", *CTF_COLUMNS[:2]])
         optics, particles = blocks["optics"], blocks["particles"]
@@ -403,7 +406,7 @@ class ParticleSet:
         if len(sizes) != 1:
             raise InputError(f"{self.star}: optics groups have different pixel sizes {sizes}")
         self.pixel_size = float(sizes[0])
-        self.images = particle_images(self.star, particles)
+        self.images = particle_images(self.star, particles, roots)
         box = int(optics["rlnImageSize"].iloc[0])
         if self.images.box != box:
             raise InputError(

@@ -1,5 +1,7 @@
 """prepare_model: an atomic model (PDB/mmCIF, or pseudo-atoms from an EM map) -> model.npz + PDB.
 
+An EM map goes through `deephemnma pseudo-atoms` first (the workflow does it).
+
 model.npz holds ``coords`` (N, 3) in Å centred on the scattering centre, ``weights`` (N,) (atomic
 numbers), ``elements`` (N,), ``center`` (3,) the original-frame centre that was subtracted, and
 ``atom_ids`` (N,) 'chain:residue:name' labels that match atoms between models (empty for
@@ -15,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import prody
 
-from .io import InputError, atomic_path, read_mrc, require_file
+from .io import InputError, atomic_path, require_file
+from .pseudoatoms import RESNAME
 
 log = logging.getLogger(__name__)
 
@@ -91,52 +94,38 @@ def scattering_weights(elements: np.ndarray) -> np.ndarray:
     return np.array([ATOMIC_NUMBER.get(e, 6) for e in elements], dtype=np.float64)
 
 
-def pseudo_atoms_from_map(
-    density: np.ndarray, voxel_size: float, n_atoms: int, threshold: float, seed: int = 0
-) -> np.ndarray:
-    """Pseudo-atom positions (n_atoms, 3) in Å (x, y, z; origin at voxel 0) by density k-means."""
-    from sklearn.cluster import KMeans
-
-    zyx = np.argwhere(density > threshold)
-    if len(zyx) < n_atoms:
-        raise InputError(f"only {len(zyx)} voxels above threshold {threshold}; need {n_atoms}")
-    xyz = zyx[:, ::-1].astype(np.float64) * voxel_size
-    km = KMeans(n_clusters=n_atoms, n_init=1, random_state=seed)
-    km.fit(xyz, sample_weight=density[tuple(zyx.T)])
-    return km.cluster_centers_
+def is_map(path: str | Path) -> bool:
+    """Whether `path` names an EM map (.mrc/.map) rather than an atomic model."""
+    return Path(path).suffix.lower() in (".mrc", ".map")
 
 
-def prepare_model(
-    structure: str | Path,
-    atoms: str,
-    chains: list[str] | None,
-    map_threshold: float | None,
-    pseudo_atoms: int,
-) -> prody.AtomGroup:
-    """The selected, centred atoms as a ProDy AtomGroup (pseudo-atoms for an .mrc/.map input)."""
+def is_pseudo(ag: prody.AtomGroup) -> bool:
+    """Whether `ag` holds pseudo-atoms (residue PSE, written by `deephemnma pseudo-atoms`)."""
+    return bool((ag.getResnames() == RESNAME).all())
+
+
+def prepare_model(structure: str | Path, atoms: str, chains: list[str] | None) -> prody.AtomGroup:
+    """The selected, centred atoms as a ProDy AtomGroup.
+
+    Pseudo-atoms (from `deephemnma pseudo-atoms`) are kept whole, weighted by their occupancy
+    (relative weight) × 6; atoms by their atomic number.
+    """
     path = Path(structure)
-    if path.suffix.lower() in (".mrc", ".map"):
-        density, voxel = read_mrc(path)
-        if not np.isfinite(density).all():
-            raise InputError(f"{path}: map contains NaN or Inf")
-        thr = float(map_threshold if map_threshold is not None else density.mean() + density.std())
-        xyz = pseudo_atoms_from_map(density, voxel, pseudo_atoms, thr)
-        ag = prody.AtomGroup("pseudo-atoms")
-        ag.setCoords(xyz)
-        n = len(xyz)
-        ag.setNames(["CA"] * n)
-        ag.setResnames(["PSE"] * n)
-        ag.setResnums(np.arange(1, n + 1))
-        ag.setElements(["C"] * n)
-        ag.setChids(["A"] * n)
-        ag.setSerials(np.arange(1, n + 1))
-    else:
-        ag = select_atoms(read_structure(path), atom_selection(atoms, chains), path)
+    if is_map(path):
+        raise InputError(
+            f"{path}: an EM map; turn it into pseudo-atoms first (deephemnma pseudo-atoms)"
+        )
+    ag = read_structure(path)
+    pseudo = is_pseudo(ag)
+    if not pseudo:
+        ag = select_atoms(ag, atom_selection(atoms, chains), path)
     coords = ag.getCoords().astype(np.float64)
     if not np.isfinite(coords).all():
         raise InputError(f"{path}: coordinates contain NaN or Inf")
     ag.setElements(element_names(ag))
     weights = scattering_weights(ag.getElements())
+    if pseudo:
+        weights = weights * ag.getOccupancies()
     center = (weights[:, None] * coords).sum(0) / weights.sum()
     ag.setCoords(coords - center)
     ag.setData("weight", weights)
@@ -146,7 +135,7 @@ def prepare_model(
 
 def atom_labels(ag: prody.AtomGroup) -> np.ndarray:
     """'chain:residue:name' per atom (e.g. 'A:12:CA'); empty for pseudo-atoms from a map."""
-    if (ag.getResnames() == "PSE").all():
+    if is_pseudo(ag):
         return np.array([], dtype=str)
     parts = zip(ag.getChids(), ag.getResnums(), ag.getIcodes(), ag.getNames(), strict=True)
     return np.array([f"{c.strip()}:{r}{i.strip()}:{n.strip()}" for c, r, i, n in parts])
@@ -176,19 +165,15 @@ def write_pdb(path: str | Path, atoms: prody.AtomGroup, coordsets: np.ndarray) -
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--structure", required=True, help="PDB/mmCIF file, or an EM map (.mrc/.map)")
+    p.add_argument("--structure", required=True, help="PDB/mmCIF file (atoms or pseudo-atoms)")
     p.add_argument("--atoms", choices=sorted(SELECTIONS), default="heavy")
     p.add_argument("--chains", nargs="*", default=None, help="chain IDs (default: all)")
-    p.add_argument("--map-threshold", type=float, default=None)
-    p.add_argument("--pseudo-atoms", type=int, default=500)
     p.add_argument("--out-npz", required=True)
     p.add_argument("--out-pdb", required=True)
 
 
 def main(args: argparse.Namespace) -> None:
-    ag = prepare_model(
-        args.structure, args.atoms, args.chains or None, args.map_threshold, args.pseudo_atoms
-    )
+    ag = prepare_model(args.structure, args.atoms, args.chains or None)
     save_model(ag, args.out_npz, args.out_pdb)
     log.info(
         "model: %d atoms from %s, radius %.1f Å",

@@ -1,8 +1,11 @@
 """nma: ANM normal modes of the prepared model with ProDy, in HEMNMA units.
 
-modes.npz holds ``coords`` (N, 3), ``modes`` (K, N, 3) — each unit-norm over all 3N coordinates —
-``mode_numbers`` (K,) (7, 8, ...), ``eigenvalues`` (K,), ``eigenvalues_all`` (6 + K,) including
-the six rigid-body ones, ``collectivity`` (K,). Deformation: x = x0 + sum_k q_k v_k.
+The modes used are 7..6+n (default), an explicit list of mode numbers (e.g. 7, 9, 12), or a rule:
+the first n modes whose collectivity is at least a threshold among modes 7..6+search. modes.npz
+holds the chosen ones: ``coords`` (N, 3), ``modes`` (K, N, 3) — each unit-norm over all 3N
+coordinates — ``mode_numbers`` (K,), ``eigenvalues`` (K,), ``eigenvalues_all`` (6 + M,) of every
+mode computed (the six rigid-body ones first), ``collectivity`` (K,). Deformation:
+x = x0 + sum_k q_k v_k. The table lists every mode computed, with ``used`` marking the choice.
 """
 
 from __future__ import annotations
@@ -110,6 +113,41 @@ def collectivity(modes: np.ndarray) -> np.ndarray:
     return np.exp(ent) / modes.shape[1]
 
 
+def choose_modes(
+    collectivities: np.ndarray,
+    n_modes: int,
+    numbers: list[int] | None = None,
+    min_collectivity: float = 0.0,
+) -> np.ndarray:
+    """Mode numbers (7, ...) to use, given the collectivity of modes 7, 8, ... (M,).
+
+    `numbers` if given (each must have been computed); else the first `n_modes` modes with
+    collectivity >= `min_collectivity`. InputError when the rule finds fewer.
+    """
+    computed = np.arange(7, 7 + len(collectivities))
+    if numbers:
+        missing = sorted(set(numbers) - set(computed.tolist()))
+        if missing or min(numbers) < 7:
+            raise InputError(f"mode numbers {numbers}: each must be 7 or more and computed")
+        return np.array(sorted(numbers))
+    chosen = computed[collectivities >= min_collectivity][:n_modes]
+    if len(chosen) < n_modes:
+        raise InputError(
+            f"only {len(chosen)} of modes 7-{computed[-1]} have collectivity >= "
+            f"{min_collectivity:g} (need {n_modes}): lower the threshold or search more modes"
+        )
+    return chosen
+
+
+def modes_to_compute(
+    n_modes: int, numbers: list[int] | None, min_collectivity: float, search: int
+) -> int:
+    """How many non-rigid modes to compute for a choice (see choose_modes)."""
+    if numbers:
+        return max(numbers) - 6
+    return max(search, n_modes) if min_collectivity > 0 else n_modes
+
+
 def deform(coords: np.ndarray, modes: np.ndarray, amplitudes: np.ndarray) -> np.ndarray:
     """x = x0 + sum_k q_k v_k for amplitudes (..., K); returns (..., N, 3)."""
     return coords + np.tensordot(amplitudes, modes, axes=([-1], [0]))
@@ -151,7 +189,17 @@ def overlaps(modes: np.ndarray, rows: np.ndarray, disp: np.ndarray) -> np.ndarra
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model.npz from prepare-model")
     p.add_argument("--pdb", required=True, help="cleaned model PDB from prepare-model")
-    p.add_argument("--n-modes", type=int, default=3)
+    p.add_argument("--n-modes", type=int, default=3, help="how many modes (7, 8, ... by default)")
+    p.add_argument(
+        "--modes", type=int, nargs="+", default=None, help="explicit mode numbers, e.g. 7 9 12"
+    )
+    p.add_argument(
+        "--min-collectivity",
+        type=float,
+        default=0.0,
+        help="use the first --n-modes modes with at least this collectivity",
+    )
+    p.add_argument("--search", type=int, default=20, help="modes 7..6+search for that rule")
     p.add_argument("--cutoff", type=float, default=15.0, help="ANM cutoff (Å)")
     p.add_argument("--gamma", type=float, default=1.0, help="ANM spring constant")
     p.add_argument(
@@ -176,20 +224,25 @@ def main(args: argparse.Namespace) -> None:
             f"{args.pdb}: {atoms.numAtoms()} atoms but {args.model} has {len(model['coords'])}"
         )
     atoms.setCoords(model["coords"])
+    n_computed = modes_to_compute(args.n_modes, args.modes, args.min_collectivity, args.search)
     try:
         evals_all, evals, modes = compute_modes(
-            atoms, args.n_modes, args.cutoff, args.gamma, args.coarse_above
+            atoms, n_computed, args.cutoff, args.gamma, args.coarse_above
         )
+        coll = collectivity(modes)
+        numbers = choose_modes(coll, args.n_modes, args.modes, args.min_collectivity)
     except InputError as exc:
         raise InputError(f"{args.pdb}: {exc}") from exc
-    numbers = np.arange(7, 7 + args.n_modes)
     table = pd.DataFrame(
-        {"mode": numbers, "eigenvalue": evals, "collectivity": collectivity(modes)}
+        {"mode": np.arange(7, 7 + n_computed), "eigenvalue": evals, "collectivity": coll}
     )
     if args.compare_to:
         rows, disp = displacement_to(atoms, args.compare_to)
         table["overlap"] = overlaps(modes, rows, disp)
-    log.info("normal modes:\n%s", table.to_string(index=False))
+    table["used"] = np.where(table["mode"].isin(numbers), "yes", "no")
+    log.info("normal modes (used: %s):\n%s", numbers.tolist(), table.to_string(index=False))
+    pick = numbers - 7
+    modes, evals = modes[pick], evals[pick]
     with atomic_path(args.out_npz) as tmp, open(tmp, "wb") as fh:
         np.savez(
             fh,
@@ -198,12 +251,12 @@ def main(args: argparse.Namespace) -> None:
             mode_numbers=numbers,
             eigenvalues=evals,
             eigenvalues_all=evals_all,
-            collectivity=table["collectivity"].to_numpy(),
+            collectivity=coll[pick],
         )
     with atomic_path(args.out_table) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     nma = prody.NMA("deephemnma")
-    nma.setEigens(modes.reshape(args.n_modes, -1).T, evals)
+    nma.setEigens(modes.reshape(len(numbers), -1).T, evals)
     with atomic_path(args.out_nmd) as tmp:
         prody.writeNMD(str(tmp), nma, atoms)
     out = Path(args.out_anim_dir)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -138,13 +139,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wiener-snr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument(
+        "--roots", nargs="*", default=[], help="extra folders the stack paths resolve against"
+    )
     p.add_argument("--out-half1", required=True)
     p.add_argument("--out-half2", required=True)
     p.add_argument("--out-map", required=True)
 
 
 def main(args: argparse.Namespace) -> None:
-    ps = ParticleSet(require_file(args.particles, "group STAR"))
+    ps = ParticleSet(require_file(args.particles, "group STAR"), [Path(r) for r in args.roots])
     rows = np.arange(len(ps))
     half = np.random.default_rng(args.seed).permutation(len(ps)) % 2
     h1, h2, full = reconstruct_halves(ps, rows, half, args.wiener_snr, args.batch)

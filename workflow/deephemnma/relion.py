@@ -2,7 +2,8 @@
 
 Stack paths are resolved as RELION does (against the working directory), then against the STAR's
 folder, then against `--datadir` (like cryoDRGN). The images are streamed through (optionally
-Fourier-cropped to a working box and normalised on the background) into new stacks; NaN/Inf pixels
+Fourier-cropped to a working box and normalised on the background outside a circular mask, as
+RELION's --particle_diameter) into new stacks; NaN/Inf pixels
 stop the import with the offending image named. Existing poses are kept as RELION prior columns.
 """
 
@@ -95,8 +96,12 @@ def import_particles(
     out_stacks: Path,
     per_stack: int,
     batch: int = 256,
+    mask_diameter: float | None = None,
 ) -> pd.DataFrame:
-    """Validate, convert and stream a RELION particle set; returns the written particle table."""
+    """Validate, convert and stream a RELION particle set; returns the written particle table.
+
+    `mask_diameter` (Å): normalisation uses the background outside it (default: 0.9 of the box).
+    """
     parts = particle_table(star)
     roots = [Path.cwd(), star.resolve().parent] + ([Path(datadir)] if datadir else [])
     images = ParticleImages(parts["rlnImageName"], roots)
@@ -111,6 +116,17 @@ def import_particles(
     if box_out > box_in:
         raise InputError(f"{star}: working box {box_out} is larger than the images ({box_in})")
     px_out = px_in * box_in / box_out
+    radius = 0.9 * box_out / 2 if mask_diameter is None else mask_diameter / 2 / px_out
+    if normalize and not 1 <= radius < box_out / 2:
+        raise InputError(
+            f"{star}: mask diameter {mask_diameter:g} Å is not within the working box "
+            f"({box_out} px of {px_out:.4g} Å: 2 px to {box_out * px_out:.4g} Å, exclusive)"
+        )
+    if normalize:
+        log.info(
+            "normalising on the background outside %.4g Å (%.3g px of %d)",
+            2 * radius * px_out, radius, box_out,
+        )  # fmt: skip
     writer = StackWriter(out_stacks, len(parts), box_out, px_out, per_stack)
     try:
         for start in tqdm(range(0, len(parts), batch), desc="import", unit="batch", mininterval=5):
@@ -118,7 +134,7 @@ def import_particles(
             imgs = torch.from_numpy(images[rows])
             imgs = imaging.fourier_crop(imgs, box_out)
             if normalize:
-                imgs = normalise(imgs, 0.9 * box_out / 2)
+                imgs = normalise(imgs, radius)
             writer.write(imgs.numpy())
     except BaseException:
         writer.abort()
@@ -162,6 +178,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datadir", default=None, help="extra root against which stack paths resolve")
     p.add_argument("--box", type=int, default=None, help="Fourier-crop to this box (pixels)")
     p.add_argument("--no-normalize", dest="normalize", action="store_false")
+    p.add_argument(
+        "--mask-diameter",
+        type=float,
+        default=None,
+        help="particle mask diameter (Å) for the background normalisation (default: 0.9 box)",
+    )
     p.add_argument("--images-per-stack", type=int, default=10000)
     p.add_argument("--out-star", required=True)
     p.add_argument("--out-stacks", required=True)
@@ -177,5 +199,6 @@ def main(args: argparse.Namespace) -> None:
         Path(args.out_star),
         Path(args.out_stacks),
         args.images_per_stack,
+        mask_diameter=args.mask_diameter,
     )
     log.info("imported %d particles from %s -> %s", len(out), star, args.out_star)

@@ -1,9 +1,13 @@
 """space: conformational space of all images (PCA of amplitudes), groups and trajectories.
 
-PCA of the normal-mode amplitudes of every image (network estimates, or HEMNMA's); density-coloured
-2D and 3D scatter plots; groups picked by boxes on the principal axes or by k-means; for each group
-a STAR of its images and the atomic model at its centroid; trajectories along PC1 and PC2 (inverse
-PCA -> amplitudes -> deformed models) as multi-model PDB files for ChimeraX/VMD.
+PCA of the normal-mode amplitudes of every image (the merged estimates: HEMNMA's where it aligned
+the image, a network's elsewhere, each image marked by its source; or HEMNMA's alone);
+density-coloured 2D and 3D scatter plots; the free-energy landscape -kT ln(density) on PC1/PC2 and
+PC1/PC3; groups picked by k-means or by selections on the principal axes (ranges on any PC, or a
+logical expression such as ``PC1 < 0 and (PC2 > 10 or PC3 < -5)``); for each group a STAR of its
+images and the atomic model at its centroid; trajectories along PC1 and PC2 and, between two
+groups, along the lowest free-energy path (or the straight line) (inverse PCA -> amplitudes ->
+deformed models) as multi-model PDB files for ChimeraX/VMD.
 """
 
 from __future__ import annotations
@@ -70,22 +74,156 @@ def kmeans_groups(coords: np.ndarray, n_groups: int, seed: int = 0) -> np.ndarra
     return order[km.labels_]
 
 
+def pc_table(coords: np.ndarray) -> pd.DataFrame:
+    """PC coordinates as columns PC1, PC2, ..."""
+    return pd.DataFrame(coords, columns=[f"PC{j + 1}" for j in range(coords.shape[1])])
+
+
+def in_box(coords: np.ndarray, box: dict) -> np.ndarray:
+    """Points inside a selection: every `pc<k>` range [lo, hi] and the `where` expression."""
+    inside = np.ones(len(coords), dtype=bool)
+    for key, value in box.items():
+        if key == "where":
+            try:
+                inside &= pc_table(coords).eval(value).to_numpy(bool)
+            except Exception as exc:
+                raise InputError(f"selection '{value}': {exc}") from exc
+            continue
+        axis = int(key[2:]) - 1
+        if not key.startswith("pc") or not 0 <= axis < coords.shape[1]:
+            raise InputError(f"selection key '{key}': not one of pc1..pc{coords.shape[1]}")
+        lo, hi = value
+        inside &= (coords[:, axis] >= lo) & (coords[:, axis] <= hi)
+    return inside
+
+
 def box_groups(coords: np.ndarray, boxes: list[dict]) -> np.ndarray:
-    """Group index of the first box (pc1 and pc2 ranges) holding each point, -1 if none."""
+    """Group index of the first selection (see in_box) holding each point, -1 if none."""
     labels = np.full(len(coords), -1)
     for g, box in reversed(list(enumerate(boxes))):
-        (a, b), (c, d) = box["pc1"], box["pc2"]
-        inside = (
-            (coords[:, 0] >= a) & (coords[:, 0] <= b) & (coords[:, 1] >= c) & (coords[:, 1] <= d)
-        )
-        labels[inside] = g
+        labels[in_box(coords, box)] = g
     return labels
 
 
+@dataclass
+class FreeEnergy:
+    """-ln(density / max density) in kT on a 2D grid of two PC axes (NaN where no image is)."""
+
+    axes: tuple[int, int]  # 0-based PC indices
+    edges: tuple[np.ndarray, np.ndarray]  # bin edges along each axis (bins + 1,)
+    counts: np.ndarray  # (bins, bins) images per bin, [i along axes[0], j along axes[1]]
+    energy: np.ndarray  # (bins, bins) free energy in kT, 0 at the most populated bin
+
+    @property
+    def centres(self) -> tuple[np.ndarray, np.ndarray]:
+        return tuple(0.5 * (e[1:] + e[:-1]) for e in self.edges)
+
+
+def free_energy(
+    coords: np.ndarray, axes: tuple[int, int], bins: int = 40, smooth: float = 1.0
+) -> FreeEnergy:
+    """Free-energy landscape -kT ln(p) of the images on PC axes `axes`.
+
+    p is the 2D histogram (at most `bins` per axis, fewer for few images: √(n/4), at least 8)
+    smoothed by a Gaussian of `smooth` bins; F is NaN where p < 10⁻³ of its maximum.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    bins = min(bins, max(8, int(np.sqrt(len(coords) / 4))))
+    counts, ex, ey = np.histogram2d(coords[:, axes[0]], coords[:, axes[1]], bins=bins)
+    density = gaussian_filter(counts, smooth, mode="constant") if smooth > 0 else counts
+    with np.errstate(divide="ignore"):
+        energy = -np.log(density / density.max())
+    energy[density < 1e-3 * density.max()] = np.nan
+    return FreeEnergy(axes, (ex, ey), counts, energy)
+
+
+def low_energy_path(fe: FreeEnergy, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """(M, 2) points from `start` to `end` (PC coordinates on fe.axes) through low free energy.
+
+    Dijkstra over the 8-connected grid; a step costs its length times (1 + F) at the bin it
+    enters, F in kT above the minimum (empty bins: the highest F + 2). Ends are snapped to bins.
+    """
+    from scipy.sparse import coo_array
+    from scipy.sparse.csgraph import dijkstra
+
+    f = np.where(np.isnan(fe.energy), np.nanmax(fe.energy) + 2.0, fe.energy)
+    nx, ny = f.shape
+    (cx, cy), width = fe.centres, np.array([np.diff(e)[0] for e in fe.edges])
+    idx = np.arange(nx * ny).reshape(nx, ny)
+    rows, cols, cost = [], [], []
+    for di, dj in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        i0, i1 = max(0, -di), nx - max(0, di)
+        j0, j1 = max(0, -dj), ny - max(0, dj)
+        a = idx[i0:i1, j0:j1]
+        b = idx[i0 + di : i1 + di, j0 + dj : j1 + dj]
+        step = np.hypot(di * width[0], dj * width[1])
+        rows += [a.ravel(), b.ravel()]
+        cols += [b.ravel(), a.ravel()]
+        cost += [step * (1 + f.ravel()[b.ravel()]), step * (1 + f.ravel()[a.ravel()])]
+    graph = coo_array(
+        (np.concatenate(cost), (np.concatenate(rows), np.concatenate(cols))), shape=(nx * ny,) * 2
+    ).tocsr()
+
+    def node(p: np.ndarray) -> int:
+        i = np.clip(np.searchsorted(fe.edges[0], p[0]) - 1, 0, nx - 1)
+        j = np.clip(np.searchsorted(fe.edges[1], p[1]) - 1, 0, ny - 1)
+        return int(idx[i, j])
+
+    source, target = node(start), node(end)
+    _, pred = dijkstra(graph, indices=source, return_predecessors=True)
+    nodes = [target]
+    while nodes[-1] != source:
+        nodes.append(int(pred[nodes[-1]]))
+    nodes = np.array(nodes[::-1])
+    pts = np.stack([cx[nodes // ny], cy[nodes % ny]], 1)
+    return np.vstack([start, pts[1:-1], end]) if len(pts) > 2 else np.stack([start, end])
+
+
+def resample(points: np.ndarray, n: int) -> np.ndarray:
+    """`n` points evenly spaced by arc length along a polyline (M, D)."""
+    seg = np.linalg.norm(np.diff(points, axis=0), axis=1)
+    s = np.concatenate([[0.0], np.cumsum(seg)])
+    t = np.linspace(0, s[-1], n)
+    return np.stack([np.interp(t, s, points[:, d]) for d in range(points.shape[1])], 1)
+
+
+def group_path(
+    coords: np.ndarray,
+    labels: np.ndarray,
+    groups: tuple[int, int],
+    frames: int,
+    method: str,
+    fe: FreeEnergy | None,
+) -> np.ndarray:
+    """(frames, P) PC coordinates from the centroid of group a to that of group b.
+
+    `method` 'free_energy' follows low_energy_path on fe's axes (the other PCs interpolated by
+    arc length); 'line' (or no landscape) is the straight line.
+    """
+    a, b = (coords[labels == g].mean(0) for g in groups)
+    if method == "line" or fe is None:
+        return resample(np.stack([a, b]), frames)
+    ax = list(fe.axes)
+    plane = low_energy_path(fe, a[ax], b[ax])
+    full = np.repeat(a[None], len(plane), 0)
+    seg = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(plane, axis=0), axis=1))])
+    t = seg / seg[-1] if seg[-1] > 0 else np.linspace(0, 1, len(plane))
+    full += t[:, None] * (b - a)[None]
+    full[:, ax] = plane
+    return resample(full, frames)
+
+
 def scatter_figures(
-    coords: np.ndarray, labels: np.ndarray, pca: PCA, path2d: Path, path3d: Path
+    coords: np.ndarray,
+    labels: np.ndarray,
+    source: np.ndarray,
+    pca: PCA,
+    path2d: Path,
+    path3d: Path,
 ) -> None:
-    """Density-coloured PC1/PC2 map (hexbin, readable for 10⁶ points) and a 3D scatter."""
+    """Density-coloured PC1/PC2 map (hexbin, readable for 10⁶ points), the groups with each
+    image's source (hemnma: circles, network: crosses), and a 3D scatter."""
     plt = pyplot()
 
     ev = pca.explained
@@ -95,14 +233,21 @@ def scatter_figures(
     fig.colorbar(hb, ax=a1, label="images (log)")
     a1.set_xlabel(f"PC1 ({ev[0]:.0%})")
     a1.set_ylabel(f"PC2 ({ev[1]:.0%})" if len(ev) > 1 else "")
-    a1.set_title(f"{len(coords)} images")
+    counts = ", ".join(f"{n} {k}" for k, n in pd.Series(source).value_counts().items())
+    a1.set_title(f"{len(coords)} images ({counts})", fontsize=10)
+    markers = {"hemnma": "o", "network": "x"}
     for g in np.unique(labels[labels >= 0]):
-        sel = labels == g
-        a2.scatter(coords[sel, 0], y[sel], s=3, alpha=0.5, label=f"group {g}")
+        colour = f"C{g % 10}"
+        for src in np.unique(source):
+            sel = (labels == g) & (source == src)
+            a2.scatter(
+                coords[sel, 0], y[sel], s=6, alpha=0.6, c=colour, marker=markers.get(src, "."),
+                linewidths=0.6, label=f"group {g}, {src}",
+            )  # fmt: skip
     a2.set_xlabel("PC1")
     a2.set_ylabel("PC2")
-    a2.legend(markerscale=4, fontsize=8)
-    a2.set_title("groups")
+    a2.legend(markerscale=2, fontsize=7)
+    a2.set_title("groups, by source of the amplitudes", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path2d, dpi=100)
     fig = plt.figure(figsize=(5.5, 5))
@@ -117,6 +262,62 @@ def scatter_figures(
     save_figure(fig, path3d, dpi=100)
 
 
+def free_energy_figure(
+    landscapes: list[FreeEnergy],
+    coords: np.ndarray,
+    labels: np.ndarray,
+    path: np.ndarray | None,
+    out: Path,
+) -> None:
+    """Each landscape with the groups (outline and centroid) and the path between two groups."""
+    from scipy.spatial import ConvexHull
+
+    plt = pyplot()
+    fig, axes = plt.subplots(
+        1, len(landscapes), figsize=(5.2 * len(landscapes), 4.3), squeeze=False
+    )
+    for ax, fe in zip(axes[0], landscapes, strict=True):
+        i, j = fe.axes
+        mesh = ax.pcolormesh(*fe.edges, fe.energy.T, cmap="magma_r", shading="flat")
+        fig.colorbar(mesh, ax=ax, label="free energy (kT)")
+        for g in np.unique(labels[labels >= 0]):
+            pts = coords[labels == g][:, [i, j]]
+            if len(pts) >= 3 and np.linalg.matrix_rank(pts - pts.mean(0)) == 2:
+                hull = pts[ConvexHull(pts).vertices]
+                ax.fill(hull[:, 0], hull[:, 1], fill=False, ec=f"C{g % 10}", lw=1.2)
+            c = pts.mean(0)
+            ax.plot(*c, "o", c=f"C{g % 10}", mec="k")
+            ax.annotate(f"group {g}", c, xytext=(4, 4), textcoords="offset points", fontsize=8)
+        if path is not None:
+            ax.plot(path[:, i], path[:, j], "-", c="cyan", lw=1.5, label="path")
+            ax.legend(fontsize=8)
+        ax.set_xlabel(f"PC{i + 1}")
+        ax.set_ylabel(f"PC{j + 1}")
+        ax.set_title(f"-kT ln(density), PC{i + 1}/PC{j + 1}", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, out, dpi=100)
+
+
+def free_energy_table(landscapes: list[FreeEnergy]) -> pd.DataFrame:
+    """One row per bin with images or a free energy: plane, bin centre, images, free energy."""
+    rows = []
+    for fe in landscapes:
+        (cx, cy), (i, j) = fe.centres, fe.axes
+        ii, jj = np.nonzero((fe.counts > 0) | np.isfinite(fe.energy))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "plane": f"PC{i + 1}/PC{j + 1}",
+                    "x": cx[ii],
+                    "y": cy[jj],
+                    "images": fe.counts[ii, jj].astype(int),
+                    "free_energy_kT": fe.energy[ii, jj],
+                }
+            )
+        )
+    return pd.concat(rows, ignore_index=True)
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--particles", required=True, help="STAR with _dhAmplitudeMode<k> for all images"
@@ -125,9 +326,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pdb", required=True, help="model PDB (atom names for the output models)")
     p.add_argument("--method", choices=["kmeans", "boxes"], default="kmeans")
     p.add_argument("--n-groups", type=int, default=3)
-    p.add_argument("--boxes", default="[]", help='JSON list of {"pc1": [lo, hi], "pc2": [lo, hi]}')
+    p.add_argument(
+        "--boxes",
+        default="[]",
+        help='JSON list of selections: {"pc1": [lo, hi], "pc3": [lo, hi], "where": "PC1 < 0 or PC2 > 5"}',
+    )
     p.add_argument("--frames", type=int, default=11)
     p.add_argument("--span-std", type=float, default=2.0)
+    p.add_argument("--bins", type=int, default=40, help="free-energy histogram bins per axis")
+    p.add_argument(
+        "--path-groups", type=int, nargs=2, default=None, help="trajectory between these groups"
+    )
+    p.add_argument("--path-method", choices=["free_energy", "line"], default="free_energy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--untrusted",
@@ -136,6 +346,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="images marked _dhTrusted 0 by merge (default: %(default)s)",
     )
     p.add_argument("--out-dir", required=True)
+
+
+def amplitude_source(parts: pd.DataFrame) -> np.ndarray:
+    """Where each image's amplitudes come from: merge's _dhSourceAmplitudes, else the whole
+    file's kind (HEMNMA's STAR has a _dhCost column)."""
+    if "dhSourceAmplitudes" in parts:
+        return parts["dhSourceAmplitudes"].astype(str).to_numpy()
+    return np.full(len(parts), "hemnma" if "dhCost" in parts else "network")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -160,6 +378,7 @@ def main(args: argparse.Namespace) -> None:
     amps = parts[[amplitude_column(k) for k in numbers]].to_numpy(np.float64)
     if not np.isfinite(amps).all():
         raise InputError(f"{args.particles}: amplitudes contain NaN or Inf")
+    source = amplitude_source(parts)
     pca = PCA.fit(amps)
     coords = pca.transform(amps)
     if args.method == "kmeans":
@@ -179,12 +398,19 @@ def main(args: argparse.Namespace) -> None:
             coords=coords,
             labels=labels,
         )
-    table = pd.DataFrame({"rlnImageName": parts["rlnImageName"], "group": labels})
-    for j in range(coords.shape[1]):
-        table[f"PC{j + 1}"] = coords[:, j]
+    table = pd.concat(
+        [pd.DataFrame({"rlnImageName": parts["rlnImageName"], "group": labels, "source": source}),
+         pc_table(coords)], axis=1,
+    )  # fmt: skip
     with atomic_path(out / "space.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.4f")
-    scatter_figures(coords, labels, pca, out / "pca.png", out / "pca3d.png")
+    scatter_figures(coords, labels, source, pca, out / "pca.png", out / "pca3d.png")
+    # the landscapes and the path on PC1/PC2 (and PC1/PC3); with one mode, PC1 against zero
+    work = coords if coords.shape[1] > 1 else np.pad(coords, ((0, 0), (0, 1)))
+    planes = [(0, j) for j in (1, 2) if j < work.shape[1]]
+    landscapes = [free_energy(work, plane, args.bins) for plane in planes]
+    with atomic_path(out / "free_energy.csv") as tmp:
+        free_energy_table(landscapes).to_csv(tmp, index=False, float_format="%.4f")
     atoms = read_structure(args.pdb)
     x0, vecs = modes_npz["coords"], modes_npz["modes"]
     summary = []
@@ -199,6 +425,7 @@ def main(args: argparse.Namespace) -> None:
             {
                 "group": g,
                 "images": int(sel.sum()),
+                **{f"images_{k}": int((source[sel] == k).sum()) for k in ("hemnma", "network")},
                 **{f"centroid_mode{k}": c for k, c in zip(numbers, centroid, strict=True)},
             }
         )
@@ -210,8 +437,35 @@ def main(args: argparse.Namespace) -> None:
         pts[:, axis] = t * np.sqrt(pca.variance[axis])
         frames = np.stack([deform(x0, vecs, a) for a in pca.inverse(pts)])
         write_pdb(out / f"trajectory_pc{axis + 1}.pdb", atoms, frames)
+    path = None
+    if args.path_groups is not None:
+        a, b = args.path_groups
+        if max(a, b) >= n_groups or min(a, b) < 0:
+            raise InputError(f"path between groups {a} and {b}: there are {n_groups} groups")
+        if a == b:
+            raise InputError(f"path between groups {a} and {b}: two different groups needed")
+        fe = landscapes[0]
+        path = group_path(work, labels, (a, b), args.frames, args.path_method, fe)
+        pcs = path[:, : coords.shape[1]]
+        frames = np.stack([deform(x0, vecs, q) for q in pca.inverse(pcs)])
+        write_pdb(out / "trajectory_path.pdb", atoms, frames)
+        along = pc_table(pcs)
+        i = np.clip(np.searchsorted(fe.edges[0], path[:, 0]) - 1, 0, fe.energy.shape[0] - 1)
+        j = np.clip(np.searchsorted(fe.edges[1], path[:, 1]) - 1, 0, fe.energy.shape[1] - 1)
+        along["free_energy_kT"] = fe.energy[i, j]
+        with atomic_path(out / "trajectory_path.csv") as tmp:
+            along.to_csv(tmp, index_label="frame", float_format="%.4f")
+        log.info(
+            "trajectory between groups %d and %d (%s): %d frames",
+            a,
+            b,
+            args.path_method,
+            args.frames,
+        )
+    free_energy_figure(landscapes, work, labels, path, out / "free_energy.png")
     log.info(
-        "PCA explained variance %s; groups %s",
+        "PCA explained variance %s; groups %s; amplitudes from %s",
         np.round(pca.explained, 3),
         np.bincount(labels[labels >= 0], minlength=n_groups).tolist(),
+        pd.Series(source).value_counts().to_dict(),
     )
