@@ -169,6 +169,8 @@ NUMERIC_COLUMNS = {
     "rlnAngleRotPrior",
     "rlnAngleTiltPrior",
     "rlnAnglePsiPrior",
+    "rlnOriginXPrior",
+    "rlnOriginYPrior",
     "rlnOriginXPriorAngst",
     "rlnOriginYPriorAngst",
     "rlnCoordinateX",
