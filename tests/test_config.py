@@ -71,6 +71,10 @@ def filled_config(**changes):
             "('particles.simulate.n_images')",
         ),
         (
+            {"hemnma.subset": 1199},
+            "key 'hybrid.shards': 2 shards for the 1 images without HEMNMA values",
+        ),
+        (
             {"network.n_val": 250, "network.n_test": 50},
             "keys 'network.n_val', 'network.n_test': cannot split 300 labelled images into "
             "250 validation, 50 test",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import jsonschema
@@ -53,6 +54,16 @@ def check_sizes(config: dict) -> None:
         raise ConfigError(
             f"invalid config: {keys}: {shards} shards for {aligned} images (some would be empty)"
         )
+    hybrid = config["hybrid"]
+    if hybrid["enabled"] and subset is not None and n is not None and subset <= n:
+        refined = n - subset
+        if hybrid["select"] == "uncertain":
+            refined = math.ceil(hybrid["fraction"] * refined)
+        if refined < hybrid["shards"]:
+            raise ConfigError(
+                f"invalid config: key 'hybrid.shards': {hybrid['shards']} shards for the "
+                f"{refined} images without HEMNMA values (some would be empty)"
+            )
     labelled = aligned if network["label_source"] == "hemnma" else n
     if labelled is not None:
         try:
