@@ -273,9 +273,12 @@ def output_dir(wildcards, output):
 
 
 def space_input():
-    """Amplitudes of all images: the network's (default) or HEMNMA's."""
-    if config["analysis"]["source"] == "hemnma":
+    """Amplitudes of all images: the network's (default), HEMNMA's or the hybrid's."""
+    source = config["analysis"]["source"]
+    if source == "hemnma":
         return res("hemnma/hemnma.star")
+    if source == "hybrid":
+        return res("network/hybrid.star")
     return res("network/deephemnma.star")
 
 
