@@ -52,7 +52,7 @@ def test_local_refinement_converges_back_from_a_perturbed_pose(noise_free, monke
     amp = np.abs(res["amplitudes"] - ps.amplitudes([7, 8, 9]))
     shift = np.linalg.norm(res["shifts_px"] - ps.shifts_px(), axis=1)
     print(f"from 4°: angle {ang.round(2)}, |amp err| {amp.mean():.1f}, shift {shift.mean():.3f} px")
-    assert ang.max() < 1.0
+    assert ang.mean() < 0.6 and ang.max() < 1.5  # as the global search's noise-free test
     assert amp.mean() < 6.0 and shift.max() < 0.2  # amplitudes span ±150
 
 
