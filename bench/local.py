@@ -36,6 +36,7 @@ from deephemnma import geometry, hemnma, quality  # noqa: E402
 from deephemnma.io import ParticleSet, load_model, load_modes, read_star  # noqa: E402
 
 MODES = [7, 8, 9]
+LABELS = {"euler": "euler", "shifts_px": "shifts", "amplitudes": "amplitudes"}  # result: label
 
 
 def perturbed(truth: hemnma.Start, deg: float, px: float, rng: np.random.Generator) -> hemnma.Start:
@@ -118,6 +119,16 @@ def network_start(results: Path, names: pd.Index, pixel_size: float) -> hemnma.S
     return hemnma.Start(lab["euler"], lab["shifts"], lab["amplitudes"])
 
 
+def cpu_per_image(results: Path, pattern: str, stars: str) -> float:
+    """CPU seconds per image of the workflow's jobs `benchmarks/<pattern>` (Snakemake's
+    cpu_time, start-up included) over the particle rows of the STARs `<stars>` they ran on."""
+    cpu = sum(
+        pd.read_csv(f, sep="\t")["cpu_time"].sum() for f in results.glob(f"benchmarks/{pattern}")
+    )
+    n = sum(len(read_star(f)["particles"]) for f in results.glob(stars))
+    return cpu / n
+
+
 def hybrid_figure(a: argparse.Namespace, settings: hemnma.AlignSettings) -> None:
     results = a.results.resolve()
     cwd = os.getcwd()
@@ -140,20 +151,10 @@ def hybrid_figure(a: argparse.Namespace, settings: hemnma.AlignSettings) -> None
         new = lambda s: hemnma.Aligner(
             m["coords"], md["modes"], m["weights"], ps.box, ps.pixel_size, s, a.device
         )
+        hem_res = {k: hem_lab[v] for k, v in LABELS.items()}
         lines = [
             row("network", errors(vars(net), truth), None),
-            row(
-                "HEMNMA (the workflow's labels)",
-                errors(
-                    {
-                        "euler": hem_lab["euler"],
-                        "shifts_px": hem_lab["shifts"],
-                        "amplitudes": hem_lab["amplitudes"],
-                    },
-                    truth,
-                ),
-                None,
-            ),
+            row("HEMNMA (the workflow's labels)", errors(hem_res, truth), None),
         ]
         for flip in (False, True):
             local = new(replace(settings, start="network", local_flip=flip))
@@ -169,6 +170,12 @@ def hybrid_figure(a: argparse.Namespace, settings: hemnma.AlignSettings) -> None
         os.chdir(cwd)
     print(f"\n2. Hybrid on the {len(rows)} test images of {results}")
     print("\n".join(HEADER + lines))
+    print("\nthe workflow's CPU seconds per image (Snakemake benchmarks, job start-up included):")
+    print(
+        f"network (3 inferences): {cpu_per_image(results, 'infer_*.tsv', 'particles/particles.star'):.3f}"
+    )
+    print(f"HEMNMA: {cpu_per_image(results, 'hemnma/*.tsv', 'hemnma/shards/*.star'):.3f}")
+    print(f"hybrid: {cpu_per_image(results, 'hybrid/*.tsv', 'hybrid/shards/*.star'):.3f}")
 
 
 def main() -> None:

@@ -174,16 +174,18 @@ def local_args(start):
 
 
 def hybrid_args():
-    """CLI arguments of `deephemnma hemnma` for the hybrid rule: HEMNMA's refinement settings
+    """CLI arguments of `deephemnma hemnma` in hybrid_refine: HEMNMA's refinement settings
     (no search), local from the networks' answers."""
     c = config["hemnma"]
     args = ["--coarse-box", c["coarse_box"], "--amplitude-prior", c["amplitude_prior"]]
+    args += ["--gallery-amplitude", c["gallery_amplitude"]]  # amplitude candidates
     args += ["--batch", c["batch"], "--sigma-angstrom", sigma_angstrom()]
     return args + local_args("network")
 
 
 def hybrid_enabled():
-    """Whether the hybrid rule runs: enabled, and some images have no HEMNMA values."""
+    """Whether network/hybrid.star is made by default (enabled, and some images lack HEMNMA
+    values)."""
     return config["hybrid"]["enabled"] and config["hemnma"]["subset"] is not None
 
 

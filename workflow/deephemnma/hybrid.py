@@ -18,16 +18,20 @@ import math
 import numpy as np
 import pandas as pd
 
-from .io import POSE_COLUMNS, InputError, amplitude_modes, read_star, require_file, write_star
+from .io import (
+    POSE_COLUMNS,
+    InputError,
+    amplitude_modes,
+    read_star,
+    require_file,
+    uncertainty_column,
+    write_star,
+)
 from .merge import source_column
 from .shard import shard_rows
 
 log = logging.getLogger(__name__)
 PARAMS = ("angles", "shifts", "amplitudes")
-
-
-def uncertainty_column(param: str) -> str:
-    return f"dhUncertainty{param.capitalize()}"
 
 
 def uncertainty_rank(table: pd.DataFrame, path: str) -> np.ndarray:

@@ -19,7 +19,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import geometry
-from .io import InputError, ParticleSet, amplitude_column, require_file, write_star
+from .io import (
+    InputError,
+    ParticleSet,
+    amplitude_column,
+    require_file,
+    uncertainty_column,
+    write_star,
+)
 from .nets import bf16_supported, build_network, decode_angles, preprocess
 
 log = logging.getLogger(__name__)
@@ -116,7 +123,7 @@ def prediction_table(
     else:
         t["rlnAngleRot"], t["rlnAngleTilt"], t["rlnAnglePsi"] = values[:, :3].T
         if not np.isnan(values[:, 3]).all():
-            t["dhUncertaintyAngles"] = values[:, 3]
+            t[uncertainty_column("angles")] = values[:, 3]
     return t
 
 

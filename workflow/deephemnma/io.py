@@ -207,6 +207,11 @@ def amplitude_column(mode: int) -> str:
     return f"dhAmplitudeMode{mode}"
 
 
+def uncertainty_column(param: str) -> str:
+    """STAR column holding a network's per-image uncertainty for a parameter type (e.g. angles)."""
+    return f"dhUncertainty{param.capitalize()}"
+
+
 def amplitude_modes(particles: pd.DataFrame, prefix: str = "dhAmplitudeMode") -> list[int]:
     """Mode numbers that have an amplitude column with `prefix` in a particle table, sorted."""
     return sorted(int(c[len(prefix) :]) for c in particles.columns if c.startswith(prefix))

@@ -33,6 +33,7 @@ from .io import (
     read_star,
     require_file,
     save_figure,
+    uncertainty_column,
 )
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,6 @@ def labels_of(table: pd.DataFrame, pixel_size: float, modes: list[int]) -> dict[
     if "shifts" in out:
         out["shifts"] = -out["shifts"] / pixel_size
     return out
-
-
-def uncertainty_column(param: str) -> str:
-    return f"dhUncertainty{param.capitalize()}"
 
 
 def calibration(uncertainty: np.ndarray, error: np.ndarray) -> float:
