@@ -42,6 +42,7 @@ include: "rules/model.smk"
 include: "rules/particles.smk"
 include: "rules/hemnma.smk"
 include: "rules/network.smk"
+include: "rules/hybrid.smk"
 include: "rules/analysis.smk"
 
 

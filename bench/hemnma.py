@@ -32,6 +32,23 @@ def run(cmd, cwd):
     )
 
 
+def reference_set(d: str, n_images: int, box: int, noise: bool, seed: int = 7) -> None:
+    """Write model.npz, modes.npz and p.star (+ stacks) of the reference protocol into `d`:
+    open AK, modes 7-9 uniform ±150, shifts ±5 px at 128 px, 1.1 Å/px at 128 px; with `noise`,
+    CTF (200 kV, 5,000 Å) and SNR 0.1, else neither."""
+    pdb = str(REPO / "resources/adk_open.pdb")
+    run(
+        ["prepare-model", "--structure", pdb, "--out-npz", "model.npz", "--out-pdb", "model.pdb"], d
+    )
+    nma = ["nma", "--model", "model.npz", "--pdb", "model.pdb", "--out-npz", "modes.npz"]
+    run([*nma, "--out-nmd", "m.nmd", "--out-table", "m.csv", "--out-anim-dir", "anim"], d)
+    sim = ["simulate", "--model", "model.npz", "--modes", "modes.npz", "--n-images", str(n_images)]
+    sim += ["--box", str(box), "--pixel-size", str(1.1 * 128 / box)]
+    sim += ["--max-shift-px", str(5 * box / 128), "--seed", str(seed)]
+    sim += ["--out-star", "p.star", "--out-stacks", "s"]
+    run(sim + (["--snr", "0.1"] if noise else ["--no-ctf"]), d)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n-images", type=int, default=200)
@@ -42,61 +59,9 @@ def main() -> None:
     p.add_argument("--n-directions", type=int, default=hemnma.AlignSettings.n_directions)
     p.add_argument("--amplitude-prior", type=float, default=hemnma.AlignSettings.amplitude_prior)
     a = p.parse_args()
-    px = 1.1 * 128 / a.box
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as d:
-        run(
-            [
-                "prepare-model",
-                "--structure",
-                str(REPO / "resources/adk_open.pdb"),
-                "--out-npz",
-                "model.npz",
-                "--out-pdb",
-                "model.pdb",
-            ],
-            d,
-        )
-        run(
-            [
-                "nma",
-                "--model",
-                "model.npz",
-                "--pdb",
-                "model.pdb",
-                "--out-npz",
-                "modes.npz",
-                "--out-nmd",
-                "m.nmd",
-                "--out-table",
-                "m.csv",
-                "--out-anim-dir",
-                "anim",
-            ],
-            d,
-        )
-        sim = [
-            "simulate",
-            "--model",
-            "model.npz",
-            "--modes",
-            "modes.npz",
-            "--n-images",
-            str(a.n_images),
-            "--box",
-            str(a.box),
-            "--pixel-size",
-            str(px),
-            "--max-shift-px",
-            str(5 * a.box / 128),
-            "--seed",
-            "7",
-            "--out-star",
-            "p.star",
-            "--out-stacks",
-            "s",
-        ]
-        run(sim + (["--no-ctf"] if a.no_noise else ["--snr", "0.1"]), d)
+        reference_set(d, a.n_images, a.box, not a.no_noise)
         cwd = os.getcwd()
         os.chdir(d)
         ps = ParticleSet("p.star")

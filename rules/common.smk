@@ -195,7 +195,44 @@ def hemnma_args():
     args += ["--gallery-amplitude", c["gallery_amplitude"]]
     args += ["--amplitude-prior", c["amplitude_prior"]]
     args += ["--max-shift-px", c["max_shift_px"], "--iterations", *c["iterations"]]
-    return args + ["--batch", c["batch"], "--sigma-angstrom", sigma_angstrom()]
+    args += ["--batch", c["batch"], "--sigma-angstrom", sigma_angstrom()]
+    return args + ([] if c["start"] == "search" else local_args(c["start"]))
+
+
+def local_args(start):
+    """CLI arguments of `deephemnma hemnma` for local refinement from `start` (hemnma.local)."""
+    c = config["hemnma"]["local"]
+    args = ["--start", start, "--local-max-angle-deg", c["max_angle_deg"]]
+    args += ["--local-max-shift-px", c["max_shift_px"]]
+    args += ["--local-iterations", *c["iterations"]]
+    return args + (["--local-flip"] if c["flip"] else [])
+
+
+def hybrid_args():
+    """CLI arguments of `deephemnma hemnma` in hybrid_refine: HEMNMA's refinement settings
+    (no search), local from the networks' answers."""
+    c = config["hemnma"]
+    args = ["--coarse-box", c["coarse_box"], "--amplitude-prior", c["amplitude_prior"]]
+    args += ["--gallery-amplitude", c["gallery_amplitude"]]  # amplitude candidates
+    args += ["--batch", c["batch"], "--sigma-angstrom", sigma_angstrom()]
+    return args + local_args("network")
+
+
+def hybrid_enabled():
+    """Whether network/hybrid.star is made by default (enabled, and some images lack HEMNMA
+    values)."""
+    return config["hybrid"]["enabled"] and config["hemnma"]["subset"] is not None
+
+
+def hybrid_shard_ids():
+    """Indices of the hybrid shards."""
+    return list(range(config["hybrid"]["shards"]))
+
+
+def hybrid_select_args():
+    """CLI arguments of `deephemnma hybrid select`."""
+    c = config["hybrid"]
+    return ["--select", c["select"], "--fraction", c["fraction"]]
 
 
 def sigma_angstrom():
@@ -269,10 +306,13 @@ def output_dir(wildcards, output):
 
 
 def space_input():
-    """Amplitudes of all images: merged (HEMNMA's where it aligned, the networks' elsewhere)
-    or HEMNMA's alone."""
-    if config["analysis"]["source"] == "hemnma":
+    """Amplitudes of all images: merged (HEMNMA's where it aligned, the networks' elsewhere),
+    HEMNMA's alone, or the hybrid's."""
+    source = config["analysis"]["source"]
+    if source == "hemnma":
         return res("hemnma/hemnma.star")
+    if source == "hybrid":
+        return res("network/hybrid.star")
     return res("network/deephemnma.star")
 
 
@@ -350,6 +390,7 @@ def all_outputs():
             res("particles/particles.star"),
             res("hemnma/hemnma.star"),
             res("network/deephemnma.star"),
+            *([res("network/hybrid.star")] if hybrid_enabled() else []),
             res("space/pca.npz"),
             expand(res("fsc/group_{g}.json"), g=group_ids()),
         ]

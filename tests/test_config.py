@@ -71,6 +71,22 @@ def filled_config(**changes):
             "('particles.simulate.n_images')",
         ),
         (
+            {"hemnma.subset": 1199},
+            "key 'hybrid.shards': 2 shards for the 1 images without HEMNMA values",
+        ),
+        (
+            {"hemnma.start": "priors"},
+            "key 'hemnma.start': priors needs the consensus poses of particles.source import",
+        ),
+        (
+            {"analysis.source": "hybrid", "hybrid.enabled": False},
+            "key 'analysis.source': hybrid needs hybrid.enabled and a hemnma.subset",
+        ),
+        (
+            {"hybrid.select": "uncertain", "network.angle_repr": "6d"},
+            "key 'hybrid.select': uncertain needs per-image uncertainties",
+        ),
+        (
             {"network.n_val": 250, "network.n_test": 50},
             "keys 'network.n_val', 'network.n_test': cannot split 300 labelled images into "
             "250 validation, 50 test",

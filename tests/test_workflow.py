@@ -87,6 +87,9 @@ def test_dry_run_plans_the_whole_dag(tmp_path):
         "quality": 1,
         "merge": 1,
         "evaluate": 1,
+        "hybrid_select": 1,
+        "hybrid_refine": 2,
+        "hybrid": 1,
         "space": 1,
         "reconstruct": 2,
         "fsc": 2,
@@ -152,6 +155,28 @@ def test_full_run_outputs(done):
     for g in (0, 1):
         assert (done / f"results/maps/group_{g}.mrc").stat().st_size > 32**3 * 4
     assert (done / "results/benchmarks/hemnma/shard_0.tsv").exists()
+
+
+def test_hybrid_output_has_every_image_with_its_source(done):
+    import starfile
+
+    merged = starfile.read(done / "results/network/deephemnma.star")["particles"]
+    out = starfile.read(done / "results/network/hybrid.star")["particles"]
+    assert list(out["rlnImageName"]) == list(merged["rlnImageName"]) and len(out) == 120
+    labelled = out["dhHemnmaLabelled"] == 1
+    for param in ("Angles", "Shifts", "Amplitudes"):
+        assert (out.loc[labelled, f"dhSource{param}"] == "hemnma").all()
+        assert (out.loc[~labelled, f"dhSource{param}"] == "hybrid").all()
+    same = ["rlnAngleRot", "dhAmplitudeMode7"]
+    assert (out.loc[labelled, same] == merged.loc[labelled, same]).all().all()
+    assert (out.loc[~labelled, "rlnAngleRot"] != merged.loc[~labelled, "rlnAngleRot"]).all()
+
+
+def test_local_settings_rerun_only_the_hybrid(done):
+    jobs = planned_jobs(done, **{"hemnma.local.max_angle_deg": 7.0})
+    assert set(jobs) - {"all"} == {"hybrid_refine", "hybrid"} and jobs["hybrid_refine"] == 2
+    jobs = planned_jobs(done, **{"hybrid.select": "uncertain"})
+    assert set(jobs) - {"all"} == {"hybrid_select", "hybrid_refine", "hybrid"}
 
 
 def test_nothing_reruns_after_complete_run(done):

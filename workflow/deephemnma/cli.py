@@ -34,6 +34,10 @@ VERBS = {
         "verdicts: does each network beat its trivial baseline on held-out images?",
     ),
     "merge": ("merge", "merge the inferred parameter types into one RELION STAR"),
+    "hybrid": (
+        "hybrid",
+        "hybrid DeepHEMNMA: pick images to refine from the networks' answers; combine the results",
+    ),
     "evaluate": ("evaluate", "accuracy tables against ground truth (paper Tables 1, S1, S2)"),
     "space": ("space", "PCA of the amplitudes, groups, centroid models and trajectories"),
     "export": ("export", "a group back to RELION: original images, box, pixel size and columns"),

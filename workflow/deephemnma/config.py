@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import jsonschema
@@ -37,8 +38,9 @@ def particle_count(config: dict) -> tuple[int, str] | None:
 
 
 def check_sizes(config: dict) -> None:
-    """Raise ConfigError (one line naming the keys) for a HEMNMA subset or shard count, or
-    validation and test sizes, that do not fit the particles (schema defaults filled in)."""
+    """Raise ConfigError (one line naming the keys) for a HEMNMA subset or shard count, hybrid
+    shard count, or validation and test sizes, that do not fit the particles, or for settings
+    that need what the run will not have (schema defaults filled in)."""
     hemnma, network = config["hemnma"], config["network"]
     subset, shards = hemnma["subset"], hemnma["shards"]
     n, source = particle_count(config) or (None, None)
@@ -52,6 +54,31 @@ def check_sizes(config: dict) -> None:
         keys = "keys 'hemnma.subset', 'hemnma.shards'" if subset else "key 'hemnma.shards'"
         raise ConfigError(
             f"invalid config: {keys}: {shards} shards for {aligned} images (some would be empty)"
+        )
+    hybrid = config["hybrid"]
+    if hybrid["enabled"] and subset is not None and n is not None and subset <= n:
+        refined = n - subset
+        if hybrid["select"] == "uncertain":
+            refined = math.ceil(hybrid["fraction"] * refined)
+        if refined < hybrid["shards"]:
+            raise ConfigError(
+                f"invalid config: key 'hybrid.shards': {hybrid['shards']} shards for the "
+                f"{refined} images without HEMNMA values (some would be empty)"
+            )
+    if hemnma["start"] == "priors" and config["particles"]["source"] != "import":
+        raise ConfigError(
+            "invalid config: key 'hemnma.start': priors needs the consensus poses of "
+            "particles.source import"
+        )
+    if config["analysis"]["source"] == "hybrid" and not (hybrid["enabled"] and subset):
+        raise ConfigError(
+            "invalid config: key 'analysis.source': hybrid needs hybrid.enabled and a "
+            "hemnma.subset (images without HEMNMA values to refine)"
+        )
+    if hybrid["select"] == "uncertain" and network["angle_repr"] != "so3grid":
+        raise ConfigError(
+            "invalid config: key 'hybrid.select': uncertain needs per-image uncertainties, "
+            "which only network.angle_repr so3grid gives"
         )
     labelled = aligned if network["label_source"] == "hemnma" else n
     if labelled is not None:

@@ -12,6 +12,13 @@ batched over images, identical on CPU and GPU:
    Adam on the normalised, CTF-aware correlation, first at the coarse box for all candidates, then
    at the full box for the best one.
 
+Local mode (`start` = priors | network) skips step 1: each image starts from a given pose (the
+consensus refinement's priors `_rlnAngleRotPrior`..., or the pose and amplitude columns of a
+network's inferred STAR), optionally also from its 180° in-plane flip; each start takes, of its
+amplitudes and those ± `gallery_amplitude` along each mode, the ones that correlate best there;
+step 2 then runs as above with the rotation kept within `local_max_angle_deg` of the start and
+the shift within `local_max_shift_px` (projected after every step).
+
 The cost of each image is 1 - (final normalised correlation); under MPI, ranks split the images.
 
 Several references (e.g. every known state, each with its own modes) may be given: the later ones
@@ -29,7 +36,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -38,6 +45,7 @@ from tqdm import tqdm
 
 from . import geometry, imaging
 from .io import (
+    POSE_COLUMNS,
     InputError,
     ParticleSet,
     amplitude_column,
@@ -46,6 +54,7 @@ from .io import (
     pose_columns,
     write_star,
 )
+from .relion import PRIOR
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,74 @@ class AlignSettings:
     lr_rotation: float = 0.02  # radians
     lr_shift: float = 0.3  # pixels of the full box
     amplitude_prior: float = 0.0  # prior std of the softest mode (amplitude units); 0: no prior
+    start: str = "search"  # search (global) | priors | network (local, from a given pose)
+    local_max_angle_deg: float = 10.0  # local mode: rotation kept this close to the start
+    local_max_shift_px: float = 3.0  # local mode: shift kept this close to the start
+    local_iterations: tuple[int, int] = (30, 30)
+    local_lr_amplitude: float = 12.0  # local mode: fewer iterations, larger amplitude steps
+    local_flip: bool = False  # local mode: also start from the 180° in-plane flip
+
+
+START_MODES = ("search", "priors", "network")
+
+
+@dataclass
+class Start:
+    """Starting values of local refinement: euler (B, 3) degrees, shifts_px (B, 2) particle
+    displacements in pixels, amplitudes (B, K) on the first reference's modes."""
+
+    euler: np.ndarray
+    shifts_px: np.ndarray
+    amplitudes: np.ndarray
+
+    def take(self, rows: np.ndarray) -> Start:
+        return Start(self.euler[rows], self.shifts_px[rows], self.amplitudes[rows])
+
+
+def read_start(ps: ParticleSet, mode: str, mode_numbers: Sequence[int]) -> Start:
+    """The starting values of local mode `mode` from a particle set.
+
+    priors: RELION's consensus pose, which `deephemnma import` keeps (RELION 3.0 and 3.1 alike) as
+    `_rlnAngle{Rot,Tilt,Psi}Prior` and `_rlnOrigin{X,Y}PriorAngst`; amplitudes start at zero.
+    network: the pose, shift and amplitude columns (`_rlnAngleRot`..., `_dhAmplitudeMode<k>`) of
+    a STAR written by infer/merge. InputError naming the file and the missing columns otherwise.
+    """
+    k = len(mode_numbers)
+    if mode == "priors":
+        cols = list(PRIOR.values())
+    elif mode == "network":
+        cols = POSE_COLUMNS + [amplitude_column(int(m)) for m in mode_numbers]
+    else:
+        raise ValueError(f"no start values for mode {mode!r}")
+    missing = [c for c in cols if c not in ps.particles.columns]
+    if missing:
+        raise InputError(
+            f"{ps.star}: --start {mode} needs column(s) {', '.join('_' + c for c in missing)}"
+        )
+    values = ps.particles[cols].to_numpy(np.float64)
+    amplitudes = values[:, 5:] if mode == "network" else np.zeros((len(values), k))
+    return Start(values[:, :3], -values[:, 3:5] / ps.pixel_size, amplitudes)
+
+
+def local_candidates(start: Start, flip: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates (B, C, ·) around the start: the start itself and, with `flip`, its 180°
+    in-plane flip (same projection direction, ψ + 180°; the shift is kept)."""
+    eul, sh, amp = start.euler[:, None], start.shifts_px[:, None], start.amplitudes[:, None]
+    if flip:
+        flipped = eul + np.array([0.0, 0.0, 180.0])
+        eul = np.concatenate([eul, flipped], 1)
+        sh, amp = np.repeat(sh, 2, 1), np.repeat(amp, 2, 1)
+    return eul, sh, amp
+
+
+@dataclass
+class Bound:
+    """Local-mode limits: rotation within `max_angle_deg` of the anchor rotation (|ω| bound) and
+    shift within `max_shift_px` of `shift_center` (B, 2), full-box pixels."""
+
+    max_angle_deg: float
+    max_shift_px: float
+    shift_center: torch.Tensor
 
 
 @dataclass
@@ -350,6 +427,26 @@ def ncc(model_f: torch.Tensor, target: Target, weights: torch.Tensor) -> torch.T
     return num / den.clamp_min(1e-30)
 
 
+def model_ncc(
+    target: Target,
+    coords: torch.Tensor,
+    modes: torch.Tensor,
+    weights: torch.Tensor,
+    rot: torch.Tensor,
+    shift: torch.Tensor,
+    amp: torch.Tensor,
+    settings: AlignSettings,
+    full_box: int,
+) -> torch.Tensor:
+    """NCC (B,) of each image with its model deformed by `amp` (B, K), seen with `rot` (B, 3, 3)
+    and displaced by `shift` (B, 2, full-box pixels)."""
+    sigma, filt, w = target.model_filter(settings.sigma_angstrom)
+    x = coords + torch.einsum("bk,knc->bnc", amp, modes)
+    shift = shift / (full_box / target.box)
+    proj = imaging.project(x, rot, shift, weights, target.box, target.pixel_size, sigma)
+    return ncc(torch.fft.rfft2(proj) * filt, target, w)
+
+
 def refine(
     target: Target,
     coords: torch.Tensor,
@@ -362,13 +459,20 @@ def refine(
     settings: AlignSettings,
     full_box: int,
     prior_sd: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Adam over (amplitudes, rotation, shift). Returns rot, shift, amplitudes, ncc, objective.
+    omega0: torch.Tensor | None = None,
+    bound: Bound | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adam over (amplitudes, rotation, shift). Returns rot, shift, amplitudes, ncc, objective
+    and ω, the rotation vector (radians) of rot relative to `rot0`: rot = exp([ω]ₓ) rot0.
 
     The objective is -NCC, or with a prior (per-mode std `prior_sd`, (K,)) the negative log
     posterior (M/2)·log(1 - NCC₊²) + ½ Σ (q_k / sd_k)², M the number of Fourier terms compared.
+    ω starts at `omega0` (zero by default); with a `bound`, |ω| and the shift's distance to the
+    bound's centre are projected back into their limits after every step.
     """
-    omega = torch.zeros(len(rot0), 3, dtype=coords.dtype, device=coords.device, requires_grad=True)
+    if omega0 is None:
+        omega0 = torch.zeros(len(rot0), 3, dtype=coords.dtype, device=coords.device)
+    omega = omega0.clone().requires_grad_(True)
     shift = shift0.clone().requires_grad_(True)
     amp = amp0.clone().requires_grad_(True)
     opt = torch.optim.Adam(
@@ -379,15 +483,11 @@ def refine(
         ]
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=0.0)
-    scale = full_box / target.box
-    sigma, filt, w = target.model_filter(settings.sigma_angstrom)
-    n_terms = float(w.sum())
+    n_terms = float(target.model_filter(settings.sigma_angstrom)[2].sum())
 
     def score() -> tuple[torch.Tensor, torch.Tensor]:
         rot = torch.linalg.matrix_exp(skew(omega)) @ rot0
-        x = coords + torch.einsum("bk,knc->bnc", amp, modes)
-        proj = imaging.project(x, rot, shift / scale, weights, target.box, target.pixel_size, sigma)
-        c = ncc(torch.fft.rfft2(proj) * filt, target, w)
+        c = model_ncc(target, coords, modes, weights, rot, shift, amp, settings, full_box)
         if prior_sd is None:
             return c, -c
         data = 0.5 * n_terms * torch.log1p(-(c.clamp(0.0, 1.0 - 1e-6) ** 2))
@@ -398,10 +498,19 @@ def refine(
         score()[1].sum().backward()
         opt.step()
         sched.step()
+        if bound is not None:
+            with torch.no_grad():
+                limit = math.radians(bound.max_angle_deg)
+                omega.mul_((limit / omega.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1))
+                d = shift - bound.shift_center
+                d.mul_(
+                    (bound.max_shift_px / d.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1)
+                )
+                shift.copy_(bound.shift_center + d)
     with torch.no_grad():
         final, objective = score()
         rot = torch.linalg.matrix_exp(skew(omega)) @ rot0
-    return rot, shift.detach(), amp.detach(), final, objective
+    return rot, shift.detach(), amp.detach(), final, objective, omega.detach()
 
 
 class Aligner:
@@ -427,14 +536,16 @@ class Aligner:
                 raise ValueError("an amplitude prior needs the modes' eigenvalues")
             self.prior_sd = t(prior_std(eigenvalues, settings.amplitude_prior))
         self.coarse = min(settings.coarse_box, box)
-        self.gallery = Gallery(
-            self.coords,
-            self.modes,
-            self.weights,
-            self.coarse,
-            pixel_size * box / self.coarse,
-            settings,
-        )
+        self.gallery = None  # local modes need none
+        if settings.start == "search":
+            self.gallery = Gallery(
+                self.coords,
+                self.modes,
+                self.weights,
+                self.coarse,
+                pixel_size * box / self.coarse,
+                settings,
+            )
 
     @classmethod
     def from_reference(
@@ -449,14 +560,59 @@ class Aligner:
             ref.coords, ref.modes, ref.weights, box, pixel_size, settings, device, ref.eigenvalues
         )
 
-    def align(self, images: np.ndarray, ctf_params: dict, rows: np.ndarray, has_ctf: bool) -> dict:
+    def start_amplitudes(
+        self, target: Target, rot: torch.Tensor, shift: torch.Tensor, amp: torch.Tensor
+    ) -> torch.Tensor:
+        """Per local candidate (B,), the amplitudes (B, K) that correlate best at its start pose
+        among its own and those ± `gallery_amplitude` along each mode (as in the gallery)."""
+        g, k = self.s.gallery_amplitude, amp.shape[1]
+        if g <= 0:
+            return amp
+        eye = torch.eye(k, dtype=amp.dtype, device=amp.device)
+        steps = torch.cat([torch.zeros_like(eye[:1]), g * eye, -g * eye])  # (M, K)
+        m = len(steps)
+        trial = (amp[:, None] + steps).reshape(-1, k)
+        rep = lambda x: x.repeat_interleave(m, 0)
+        with torch.no_grad():
+            c = model_ncc(
+                Target(rep(target.images_f), rep(target.ctf), target.box, target.pixel_size),
+                self.coords,
+                self.modes,
+                self.weights,
+                rep(rot),
+                rep(shift),
+                trial,
+                self.s,
+                self.box,
+            )
+        best = c.view(-1, m).argmax(1)
+        return trial.view(-1, m, k)[torch.arange(len(amp), device=amp.device), best]
+
+    def align(
+        self,
+        images: np.ndarray,
+        ctf_params: dict,
+        rows: np.ndarray,
+        has_ctf: bool,
+        start: Start | None = None,
+    ) -> dict:
         """Estimate (euler (B,3), shifts_px (B,2), amplitudes (B,K), cost (B,), objective (B,))
-        for one batch; the objective is what the refinement minimised (-NCC without a prior)."""
+        for one batch; the objective is what the refinement minimised (-NCC without a prior).
+        Candidates come from the global search, or with `start` from local_candidates."""
         s, dev = self.s, self.dev
         imgs = torch.as_tensor(images, dtype=torch.float32, device=dev)
-        b, c, k = len(imgs), s.candidates, self.modes.shape[0]
+        b, k = len(imgs), self.modes.shape[0]
         coarse = make_target(imgs, ctf_params, rows, self.coarse, self.px, has_ctf)
-        eul, sh, amp_init = global_search(coarse, self.gallery, s, self.box)
+        if start is None:
+            if self.gallery is None:
+                raise ValueError(f"start {s.start!r} needs starting values")
+            eul, sh, amp_init = global_search(coarse, self.gallery, s, self.box)
+            iterations = s.iterations
+        else:
+            eul, sh, amp_init = local_candidates(start, s.local_flip)
+            iterations = s.local_iterations
+            s = replace(s, lr_amplitude=s.local_lr_amplitude)
+        c = eul.shape[1]
         # stage 1: all candidates at the coarse box
         rep = lambda x: x.repeat_interleave(c, 0)
         coarse_c = Target(rep(coarse.images_f), rep(coarse.ctf), coarse.box, coarse.pixel_size)
@@ -465,7 +621,11 @@ class Aligner:
         )
         shift0 = torch.tensor(sh.reshape(-1, 2), dtype=torch.float32, device=dev)
         amp0 = torch.tensor(amp_init.reshape(-1, k), dtype=torch.float32, device=dev)
-        rot, shift, amp, _, objective = refine(
+        bound = None
+        if start is not None:
+            bound = Bound(s.local_max_angle_deg, s.local_max_shift_px, shift0)
+            amp0 = self.start_amplitudes(coarse_c, rot0, shift0, amp0)
+        rot, shift, amp, _, objective, omega = refine(
             coarse_c,
             self.coords,
             self.modes,
@@ -473,26 +633,34 @@ class Aligner:
             rot0,
             shift0,
             amp0,
-            s.iterations[0],
+            iterations[0],
             s,
             self.box,
             self.prior_sd,
+            bound=bound,
         )
         best = objective.view(b, c).argmin(1) + torch.arange(b, device=dev) * c
-        # stage 2: the best candidate at the full box
+        # stage 2: the best candidate at the full box (local: still bound to its start)
         full = make_target(imgs, ctf_params, rows, self.box, self.px, has_ctf)
-        rot, shift, amp, score, objective = refine(
+        if bound is None:
+            anchor, omega0 = rot[best], None
+        else:
+            anchor, omega0 = rot0[best], omega[best]
+            bound = Bound(bound.max_angle_deg, bound.max_shift_px, shift0[best])
+        rot, shift, amp, score, objective, _ = refine(
             full,
             self.coords,
             self.modes,
             self.weights,
-            rot[best],
+            anchor,
             shift[best],
             amp[best],
-            s.iterations[1],
+            iterations[1],
             s,
             self.box,
             self.prior_sd,
+            omega0,
+            bound,
         )
         return {
             "euler": geometry.matrix_to_euler(rot.double()).cpu().numpy(),
@@ -509,12 +677,21 @@ def align_best(
     ctf_params: dict,
     rows: np.ndarray,
     has_ctf: bool,
+    start: Start | None = None,
 ) -> dict[str, np.ndarray]:
     """Align one batch against every reference; each image keeps the lowest objective.
 
-    Adds 'reference' (B,), the 0-based index of the chosen aligner.
+    Adds 'reference' (B,), the 0-based index of the chosen aligner. A `start`'s amplitudes are on
+    the first reference's modes: the other references start undeformed.
     """
-    runs = [a.align(images, ctf_params, rows, has_ctf) for a in aligners]
+    starts = [start] * len(aligners)
+    if start is not None:
+        undeformed = Start(start.euler, start.shifts_px, np.zeros_like(start.amplitudes))
+        starts = [start] + [undeformed] * (len(aligners) - 1)
+    runs = [
+        a.align(images, ctf_params, rows, has_ctf, st)
+        for a, st in zip(aligners, starts, strict=True)
+    ]
     choice = np.argmin(np.stack([r["objective"] for r in runs]), 0)
     out = {key: np.stack([r[key] for r in runs])[choice, np.arange(len(choice))] for key in runs[0]}
     out["reference"] = choice
@@ -526,15 +703,18 @@ def align_rows(
     rows: np.ndarray,
     aligner: Aligner | Sequence[Aligner],
     desc: str = "hemnma",
+    start: Start | None = None,
 ) -> dict[str, np.ndarray]:
-    """Align the particle rows `rows` in batches against one or several references."""
+    """Align the particle rows `rows` in batches against one or several references; local
+    mode when `start` (one row per particle of `ps`) is given."""
     aligners = [aligner] if isinstance(aligner, Aligner) else list(aligner)
     ctf_params = ps.ctf_params()
     parts: list[dict] = []
     bs = aligners[0].s.batch
-    for start in tqdm(range(0, len(rows), bs), desc=desc, unit="batch", mininterval=10):
-        r = rows[start : start + bs]
-        parts.append(align_best(aligners, ps.images[r], ctf_params, r, ps.has_ctf))
+    for first in tqdm(range(0, len(rows), bs), desc=desc, unit="batch", mininterval=10):
+        r = rows[first : first + bs]
+        st = None if start is None else start.take(r)
+        parts.append(align_best(aligners, ps.images[r], ctf_params, r, ps.has_ctf, st))
     if not parts:
         k = aligners[0].modes.shape[0]
         return {
@@ -602,6 +782,25 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=d.amplitude_prior,
         help="Gaussian amplitude prior: std of the softest mode, others ∝ 1/√eigenvalue (0: none)",
     )
+    p.add_argument(
+        "--start",
+        choices=START_MODES,
+        default=d.start,
+        help="search: global search; priors: local refinement from the consensus pose "
+        "(_rlnAngleRotPrior...); network: local refinement from the STAR's pose and amplitudes",
+    )
+    p.add_argument("--local-max-angle-deg", type=float, default=d.local_max_angle_deg)
+    p.add_argument("--local-max-shift-px", type=float, default=d.local_max_shift_px)
+    p.add_argument(
+        "--local-iterations",
+        type=int,
+        nargs=2,
+        default=list(d.local_iterations),
+        help="local mode: iterations at the coarse box, then at the full box",
+    )
+    p.add_argument(
+        "--local-flip", action="store_true", help="local mode: also try the 180° in-plane flip"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> AlignSettings:
@@ -616,6 +815,11 @@ def settings_from_args(args: argparse.Namespace) -> AlignSettings:
         batch=args.batch,
         sigma_angstrom=args.sigma_angstrom,
         amplitude_prior=args.amplitude_prior,
+        start=args.start,
+        local_max_angle_deg=args.local_max_angle_deg,
+        local_max_shift_px=args.local_max_shift_px,
+        local_iterations=tuple(args.local_iterations),
+        local_flip=args.local_flip,
     )
 
 
@@ -631,23 +835,25 @@ def main(args: argparse.Namespace) -> None:
     ps = ParticleSet(args.particles)
     references = load_references(args.model, args.modes)
     settings = settings_from_args(args)
+    numbers = load_modes(args.modes[0])["mode_numbers"]
+    start = None if settings.start == "search" else read_start(ps, settings.start, numbers)
     aligners = [
         Aligner.from_reference(r, ps.box, ps.pixel_size, settings, device) for r in references
     ]
     rows = np.arange(len(ps))[rank::size]
-    result = align_rows(ps, rows, aligners, desc=f"hemnma rank {rank}/{size}")
+    result = align_rows(ps, rows, aligners, f"hemnma rank {rank}/{size}", start)
     gathered = comm.gather((rows, result), root=0)
     if rank == 0:
         order = np.concatenate([g[0] for g in gathered])
         merged = {k: np.concatenate([g[1][k] for g in gathered])[np.argsort(order)] for k in result}
-        numbers = load_modes(args.modes[0])["mode_numbers"]
         write_star(args.out, ps.optics, result_table(ps, merged, numbers, references))
         if len(references) > 1:
             counts = np.bincount(merged["reference"], minlength=len(references))
             log.info("images per reference: %s", ", ".join(map(str, counts)))
         log.info(
-            "aligned %d images on %d rank(s): mean cost %.4f",
+            "aligned %d images (start: %s) on %d rank(s): mean cost %.4f",
             len(ps),
+            settings.start,
             size,
             merged["cost"].mean() if len(ps) else math.nan,
         )

@@ -25,6 +25,7 @@ from .io import (
     amplitude_column,
     pose_columns,
     require_file,
+    uncertainty_column,
     write_star,
 )
 from .nets import bf16_supported, build_network, decode_angles, preprocess
@@ -122,7 +123,7 @@ def prediction_table(
     else:
         t = t.assign(**pose_columns(euler=values[:, :3]))
         if not np.isnan(values[:, 3]).all():
-            t["dhUncertaintyAngles"] = values[:, 3]
+            t[uncertainty_column("angles")] = values[:, 3]
     return t
 
 

@@ -169,6 +169,8 @@ NUMERIC_COLUMNS = {
     "rlnAngleRotPrior",
     "rlnAngleTiltPrior",
     "rlnAnglePsiPrior",
+    "rlnOriginXPrior",
+    "rlnOriginYPrior",
     "rlnOriginXPriorAngst",
     "rlnOriginYPriorAngst",
     "rlnCoordinateX",
@@ -203,6 +205,11 @@ def check_numeric(path: Path, table: pd.DataFrame, what: str) -> pd.DataFrame:
 def amplitude_column(mode: int) -> str:
     """STAR column holding the amplitude of normal mode `mode` (e.g. 7)."""
     return f"dhAmplitudeMode{mode}"
+
+
+def uncertainty_column(param: str) -> str:
+    """STAR column holding a network's per-image uncertainty for a parameter type (e.g. angles)."""
+    return f"dhUncertainty{param.capitalize()}"
 
 
 def amplitude_modes(particles: pd.DataFrame, prefix: str = "dhAmplitudeMode") -> list[int]:

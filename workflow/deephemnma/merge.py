@@ -15,7 +15,7 @@ import logging
 
 import pandas as pd
 
-from .io import InputError, read_star, require_file, write_star
+from .io import InputError, read_star, require_file, uncertainty_column, write_star
 from .quality import param_of
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> None:
             raise InputError(f"{path}: does not cover every particle of {args.particles}")
         parts[cols] = merged[cols].to_numpy()
         parts[source_column(param)] = "network"
-        values = [c for c in cols if not c.startswith("dhUncertainty")]
+        values = [c for c in cols if c != uncertainty_column(param)]
         if has.any():
             names = parts.loc[has, "rlnImageName"]
             parts.loc[has, values] = labelled.loc[names, values].to_numpy()

@@ -36,6 +36,7 @@ from .io import (
     save_figure,
     table_euler,
     table_shifts_px,
+    uncertainty_column,
 )
 
 log = logging.getLogger(__name__)
@@ -109,10 +110,6 @@ def labels_of(table: pd.DataFrame, pixel_size: float, modes: list[int]) -> dict[
     if set(amp_cols) <= set(table.columns):
         out["amplitudes"] = table[amp_cols].to_numpy(float)
     return out
-
-
-def uncertainty_column(param: str) -> str:
-    return f"dhUncertainty{param.capitalize()}"
 
 
 def calibration(uncertainty: np.ndarray, error: np.ndarray) -> float:

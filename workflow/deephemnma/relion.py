@@ -3,8 +3,10 @@
 Stack paths are resolved as RELION does (against the working directory), then against the STAR's
 folder, then against `--datadir` (like cryoDRGN). The images are streamed through (optionally
 Fourier-cropped to a working box and normalised on the background outside a circular mask, as
-RELION's --particle_diameter) into new stacks; NaN/Inf pixels
-stop the import with the offending image named. Existing poses are kept as RELION prior columns.
+RELION's --particle_diameter) into new stacks; NaN/Inf pixels stop the import with the offending
+image named. Existing poses (a consensus refinement) are kept as RELION prior columns
+`_rlnAngle{Rot,Tilt,Psi}Prior`, `_rlnOrigin{X,Y}PriorAngst`, which `hemnma --start priors` starts
+from; a file with prior columns and no pose keeps its priors.
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ def particle_table(star: Path) -> pd.DataFrame:
     if missing:
         raise InputError(f"{star}: missing column(s) {', '.join('_' + c for c in missing)}")
     for axis in "XY":
-        if f"rlnOrigin{axis}" in parts and f"rlnOrigin{axis}Angst" not in parts:  # RELION 3.0: px
-            parts[f"rlnOrigin{axis}Angst"] = parts[f"rlnOrigin{axis}"] * parts["rlnImagePixelSize"]
+        for px, angst in ((f"rlnOrigin{axis}", f"rlnOrigin{axis}Angst"),
+                          (f"rlnOrigin{axis}Prior", f"rlnOrigin{axis}PriorAngst")):  # fmt: skip
+            if px in parts and angst not in parts:  # RELION 3.0: pixels
+                parts[angst] = parts[px] * parts["rlnImagePixelSize"]
     parts["rlnDefocusV"] = parts.get("rlnDefocusV", parts["rlnDefocusU"])
     parts["rlnDefocusAngle"] = parts.get("rlnDefocusAngle", 0.0)
     parts["rlnPhaseShift"] = parts.get("rlnPhaseShift", 0.0)
@@ -164,8 +168,8 @@ def import_particles(
     keep += [c for c in parts.columns if c.startswith("dh")]
     out = parts[keep].copy()
     for col, prior in PRIOR.items():
-        if col in parts:
-            out[prior] = parts[col].to_numpy()
+        if col in parts or prior in parts:
+            out[prior] = parts[col if col in parts else prior].to_numpy()
     out.insert(0, "rlnImageName", writer.names)
     out["dhSourceImageName"] = parts["rlnImageName"].to_numpy()
     out["rlnOpticsGroup"] = 1

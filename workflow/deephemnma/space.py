@@ -223,7 +223,7 @@ def scatter_figures(
     path3d: Path,
 ) -> None:
     """Density-coloured PC1/PC2 map (hexbin, readable for 10⁶ points), the groups with each
-    image's source (hemnma: circles, network: crosses), and a 3D scatter."""
+    image's source (hemnma: circles, network: crosses, hybrid: triangles), and a 3D scatter."""
     plt = pyplot()
 
     ev = pca.explained
@@ -235,7 +235,7 @@ def scatter_figures(
     a1.set_ylabel(f"PC2 ({ev[1]:.0%})" if len(ev) > 1 else "")
     counts = ", ".join(f"{n} {k}" for k, n in pd.Series(source).value_counts().items())
     a1.set_title(f"{len(coords)} images ({counts})", fontsize=10)
-    markers = {"hemnma": "o", "network": "x"}
+    markers = {"hemnma": "o", "network": "x", "hybrid": "^"}
     for g in np.unique(labels[labels >= 0]):
         colour = f"C{g % 10}"
         for src in np.unique(source):
@@ -425,7 +425,10 @@ def main(args: argparse.Namespace) -> None:
             {
                 "group": g,
                 "images": int(sel.sum()),
-                **{f"images_{k}": int((source[sel] == k).sum()) for k in ("hemnma", "network")},
+                **{
+                    f"images_{k}": int((source[sel] == k).sum())
+                    for k in ("hemnma", "network", "hybrid")
+                },
                 **{f"centroid_mode{k}": c for k, c in zip(numbers, centroid, strict=True)},
             }
         )

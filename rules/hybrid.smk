@@ -1,0 +1,55 @@
+rule hybrid_select:
+    input:
+        merged=rules.merge.output[0],
+    output:
+        shards=expand(res("hybrid/shards/shard_{i}.star"), i=hybrid_shard_ids()),
+    log:
+        res("logs/hybrid_select.log"),
+    conda:
+        "../envs/deephemnma.yaml"
+    params:
+        args=quoted(hybrid_select_args()),
+    shell:
+        "deephemnma hybrid select --merged {input.merged:q} {params.args} "
+        "--out {output.shards:q} > {log:q} 2>&1"
+
+
+rule hybrid_refine:
+    input:
+        shard=res("hybrid/shards/shard_{i}.star"),
+        stacks=res("particles/stacks"),
+        model=reference_files("model.npz"),
+        modes=reference_files("modes.npz"),
+    output:
+        res("hybrid/refined/shard_{i}.star"),
+    log:
+        res("logs/hybrid/shard_{i}.log"),
+    benchmark:
+        res("benchmarks/hybrid/shard_{i}.tsv")
+    conda:
+        "../envs/deephemnma.yaml"
+    threads: config["hemnma"]["ranks"]
+    resources:
+        tasks=config["hemnma"]["ranks"],
+        mpi="mpiexec",
+    params:
+        args=quoted(hybrid_args()),
+    shell:
+        "{resources.mpi} -n {resources.tasks} deephemnma hemnma --particles {input.shard:q} "
+        "--model {input.model:q} --modes {input.modes:q} {params.args} --out {output:q} "
+        "> {log:q} 2>&1"
+
+
+rule hybrid:
+    input:
+        merged=rules.merge.output[0],
+        refined=expand(res("hybrid/refined/shard_{i}.star"), i=hybrid_shard_ids()),
+    output:
+        res("network/hybrid.star"),
+    log:
+        res("logs/hybrid.log"),
+    conda:
+        "../envs/deephemnma.yaml"
+    shell:
+        "deephemnma hybrid combine --merged {input.merged:q} --refined {input.refined:q} "
+        "--out {output:q} > {log:q} 2>&1"

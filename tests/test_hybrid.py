@@ -1,0 +1,203 @@
+"""Local HEMNMA refinement from a given pose (priors, networks) and the hybrid select/combine steps."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+import torch
+
+from deephemnma import geometry, hemnma, hybrid, relion
+from deephemnma.cli import main as cli
+from deephemnma.io import InputError, ParticleSet, load_model, load_modes, write_mrc
+
+from .test_hemnma import simulate
+
+
+def perturb(euler: np.ndarray, deg: float, seed: int) -> np.ndarray:
+    """Each orientation rotated by `deg` about a random axis."""
+    axis = np.random.default_rng(seed).standard_normal((len(euler), 3))
+    axis *= np.radians(deg) / np.linalg.norm(axis, axis=1, keepdims=True)
+    delta = torch.linalg.matrix_exp(hemnma.skew(torch.tensor(axis))).numpy()
+    return geometry.matrix_to_euler(delta @ geometry.euler_to_matrix(euler))
+
+
+@pytest.fixture(scope="module")
+def noise_free(adk_model_files, tmp_path_factory):
+    """8 noise-free CTF particles (32 px, 4.4 Å/px) and an aligner factory."""
+    d = tmp_path_factory.mktemp("local")
+    star = simulate(d, adk_model_files, 8, 32, 4.4, True, seed=3)
+    m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
+
+    def aligner(ps, **kw):
+        s = hemnma.AlignSettings(start="priors", **kw)
+        cpu = torch.device("cpu")
+        return hemnma.Aligner(m["coords"], md["modes"], m["weights"], ps.box, ps.pixel_size, s, cpu)
+
+    return d, star, aligner
+
+
+def test_local_refinement_converges_back_from_a_perturbed_pose(noise_free, monkeypatch):
+    d, star, aligner = noise_free
+    monkeypatch.chdir(d)
+    ps = ParticleSet(star)
+    start = hemnma.Start(
+        perturb(ps.euler(), 4.0, seed=0),
+        ps.shifts_px() + [0.7, -0.7],
+        np.zeros((len(ps), 3)),  # a rigid consensus knows no amplitudes
+    )
+    al = aligner(ps)
+    assert al.gallery is None  # no global search
+    res = hemnma.align_rows(ps, np.arange(len(ps)), al, start=start)
+    ang = geometry.euler_distance_deg(res["euler"], ps.euler())
+    amp = np.abs(res["amplitudes"] - ps.amplitudes([7, 8, 9]))
+    shift = np.linalg.norm(res["shifts_px"] - ps.shifts_px(), axis=1)
+    print(f"from 4°: angle {ang.round(2)}, |amp err| {amp.mean():.1f}, shift {shift.mean():.3f} px")
+    assert ang.mean() < 0.6 and ang.max() < 1.5  # as the global search's noise-free test
+    assert amp.mean() < 6.0 and shift.max() < 0.2  # amplitudes span ±150
+
+
+def test_local_refinement_stays_within_its_bounds(noise_free, monkeypatch):
+    d, star, aligner = noise_free
+    monkeypatch.chdir(d)
+    ps = ParticleSet(star)
+    rows = np.arange(4)
+    start = hemnma.Start(
+        perturb(ps.euler(rows), 6.0, seed=1),
+        ps.shifts_px(rows) + 1.5,
+        ps.amplitudes([7, 8, 9], rows),
+    )
+    al = aligner(ps, local_max_angle_deg=2.0, local_max_shift_px=0.5)
+    res = hemnma.align_rows(ps, rows, al, start=start)
+    moved = geometry.euler_distance_deg(res["euler"], start.euler)
+    shifted = np.linalg.norm(res["shifts_px"] - start.shifts_px, axis=1)
+    assert moved.max() < 2.0 + 1e-3 and shifted.max() < 0.5 + 1e-4
+    assert moved.min() > 1.9  # the truth is 6° away: every image ends on the bound
+    # the flip candidate: a start turned by 180° in plane is recovered
+    flipped = hemnma.Start(start.euler + [0, 0, 180.0], ps.shifts_px(rows), start.amplitudes)
+    al = aligner(ps, local_max_angle_deg=10.0, local_flip=True)
+    res = hemnma.align_rows(ps, rows, al, start=flipped)
+    assert geometry.euler_distance_deg(res["euler"], ps.euler(rows)).max() < 7.0
+
+
+def relion_star(path, version: str, pose: bool = True) -> pd.DataFrame:
+    """A 2-particle RELION STAR (3.0: one block, pixels; 3.1: optics + Å) with a consensus pose."""
+    df = pd.DataFrame({"rlnImageName": ["1@a.mrcs", "2@a.mrcs"], "rlnDefocusU": 5000.0})
+    if pose:
+        df["rlnAngleRot"], df["rlnAngleTilt"], df["rlnAnglePsi"] = (
+            [10.0, 20.0],
+            [30.0, 40.0],
+            [50.0, 60.0],
+        )
+    optics = {"rlnVoltage": 300.0, "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1}
+    if version == "3.0":
+        df = df.assign(rlnDetectorPixelSize=5.0, rlnMagnification=10000.0, **optics)
+        if pose:
+            df["rlnOriginX"], df["rlnOriginY"] = [1.0, -2.0], [0.5, 0.0]
+        starfile.write(df, path, overwrite=True)
+    else:
+        if pose:
+            df["rlnOriginXAngst"], df["rlnOriginYAngst"] = [5.0, -10.0], [2.5, 0.0]
+        df["rlnOpticsGroup"] = 1
+        opt = pd.DataFrame(
+            {
+                "rlnOpticsGroup": [1],
+                "rlnImagePixelSize": [5.0],
+                **{k: [v] for k, v in optics.items()},
+            }
+        )
+        starfile.write({"optics": opt, "particles": df}, path, overwrite=True)
+    return df
+
+
+@pytest.mark.parametrize("version", ["3.0", "3.1"])
+def test_priors_start_reads_the_imported_consensus_pose(tmp_path, monkeypatch, version):
+    monkeypatch.chdir(tmp_path)
+    write_mrc(tmp_path / "a.mrcs", np.zeros((2, 16, 16)), 5.0)
+    relion_star(tmp_path / "in.star", version)
+    relion.import_particles(
+        tmp_path / "in.star", None, None, False, tmp_path / "o.star", tmp_path / "o", 100
+    )
+    start = hemnma.read_start(ParticleSet(tmp_path / "o.star"), "priors", [7, 8, 9])
+    np.testing.assert_allclose(start.euler, [[10, 30, 50], [20, 40, 60]])
+    np.testing.assert_allclose(start.shifts_px, [[-1.0, -0.5], [2.0, 0.0]])  # origin = -shift
+    np.testing.assert_array_equal(start.amplitudes, np.zeros((2, 3)))
+
+
+def test_priors_start_without_a_consensus_pose_is_a_one_line_error(
+    tmp_path, monkeypatch, capsys, adk_model_files
+):
+    monkeypatch.chdir(tmp_path)
+    write_mrc(tmp_path / "a.mrcs", np.zeros((2, 16, 16)), 5.0)
+    relion_star(tmp_path / "in.star", "3.1", pose=False)
+    relion.import_particles(
+        tmp_path / "in.star", None, None, False, tmp_path / "o.star", tmp_path / "o", 100
+    )
+    files = [adk_model_files / "model.npz", "--modes", adk_model_files / "modes.npz"]
+    argv = ["hemnma", "--particles", "o.star", "--model", *map(str, files), "--out", "x.star"]
+    capsys.readouterr()
+    assert cli([*argv, "--start", "priors"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "deephemnma hemnma: error: o.star: --start priors needs column(s) _rlnAngleRotPrior, "
+        "_rlnAngleTiltPrior, _rlnAnglePsiPrior, _rlnOriginXPriorAngst, _rlnOriginYPriorAngst"
+    ]
+    with pytest.raises(
+        InputError, match=r"o\.star: --start network needs column\(s\) _rlnAngleRot,"
+    ):
+        hemnma.read_start(ParticleSet("o.star"), "network", [7])
+    assert not (tmp_path / "x.star").exists()
+
+
+def merged_table() -> pd.DataFrame:
+    """A merged STAR's particle table: 6 images, the first two labelled by HEMNMA."""
+    t = pd.DataFrame({"rlnImageName": [f"{i}@s.mrcs" for i in range(1, 7)]})
+    for c in (
+        "rlnAngleRot",
+        "rlnAngleTilt",
+        "rlnAnglePsi",
+        "rlnOriginXAngst",
+        "rlnOriginYAngst",
+        "dhAmplitudeMode7",
+    ):
+        t[c] = 0.0
+    t["dhHemnmaLabelled"] = [1, 1, 0, 0, 0, 0]
+    for p in hybrid.PARAMS:
+        t[f"dhSource{p.capitalize()}"] = ["hemnma"] * 2 + ["network"] * 4
+    return t
+
+
+def test_select_all_or_the_most_uncertain_images():
+    t = merged_table()
+    np.testing.assert_array_equal(hybrid.select_rows(t, "all", 0.5, "m.star"), [2, 3, 4, 5])
+    with pytest.raises(
+        InputError, match=r"m\.star: --select uncertain needs column\(s\) _dhUncertaintyAngles"
+    ):
+        hybrid.select_rows(t, "uncertain", 0.5, "m.star")
+    t["dhUncertaintyAngles"] = [9, 9, 1, 4, 2, 3]  # labelled rows never chosen
+    t["dhUncertaintyShifts"] = [9, 9, 0.1, 0.2, 0.9, 0.3]
+    np.testing.assert_array_equal(hybrid.select_rows(t, "uncertain", 0.5, "m.star"), [3, 4])
+    with pytest.raises(InputError, match="missing _dhSourceShifts"):
+        hybrid.select_rows(t.drop(columns="dhSourceShifts"), "all", 1, "m.star")
+
+
+def test_combine_replaces_refined_values_and_marks_them():
+    t = merged_table()
+    refined = t.iloc[[4, 2]].copy()
+    refined["rlnAngleTilt"], refined["dhAmplitudeMode7"], refined["dhCost"] = (
+        [40.0, 20.0],
+        [5.0, 7.0],
+        0.1,
+    )
+    out = hybrid.combine(t, refined, "r.star")
+    np.testing.assert_array_equal(out["rlnAngleTilt"], [0, 0, 20, 0, 40, 0])
+    np.testing.assert_array_equal(out["dhAmplitudeMode7"], [0, 0, 7, 0, 5, 0])
+    assert list(out["dhSourceAngles"]) == ["hemnma"] * 2 + [
+        "hybrid",
+        "network",
+        "hybrid",
+        "network",
+    ]
+    assert len(out) == len(t) and "dhCost" not in out
+    refined["rlnImageName"] = ["9@s.mrcs", "3@s.mrcs"]
+    with pytest.raises(InputError, match=r"r\.star: image 9@s\.mrcs is not in the merged STAR"):
+        hybrid.combine(t, refined, "r.star")

@@ -1,0 +1,116 @@
+"""hybrid: local HEMNMA refinement from the networks' answers (hybrid DeepHEMNMA).
+
+`hybrid select` picks, from the merged STAR, the images without HEMNMA values (all of them, or
+with `--select uncertain` the `--fraction` whose network answers are the most uncertain according
+to the `_dhUncertainty<Param>` columns) and splits them into shard STARs; `deephemnma hemnma
+--start network` refines each shard locally from the pose, shift and amplitude columns it holds;
+`hybrid combine` writes the merged STAR with the refined values in place and `_dhSource<Type>`
+set to `hybrid` for them (HEMNMA's values stay where HEMNMA labelled the image, the networks'
+elsewhere). `_dhTrusted` is kept from merge: a refinement cannot repair an untrusted start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+
+from .io import (
+    POSE_COLUMNS,
+    InputError,
+    amplitude_modes,
+    read_star,
+    require_file,
+    uncertainty_column,
+    write_star,
+)
+from .merge import source_column
+from .shard import shard_rows
+
+log = logging.getLogger(__name__)
+PARAMS = ("angles", "shifts", "amplitudes")
+
+
+def uncertainty_rank(table: pd.DataFrame, path: str) -> np.ndarray:
+    """Per image, the largest percentile rank (0-1] of its `_dhUncertainty<Param>` values over
+    the parameter types that have one: high when any of its answers is among the most uncertain."""
+    cols = [uncertainty_column(p) for p in PARAMS if uncertainty_column(p) in table]
+    if not cols:
+        wanted = ", ".join("_" + uncertainty_column(p) for p in PARAMS)
+        raise InputError(f"{path}: --select uncertain needs column(s) {wanted} (from infer)")
+    return table[cols].rank(pct=True).max(axis=1).to_numpy()
+
+
+def select_rows(table: pd.DataFrame, select: str, fraction: float, path: str) -> np.ndarray:
+    """Row indices (sorted) of the images to refine: those without HEMNMA values, all or the
+    `fraction` (rounded up) most uncertain of them."""
+    missing = [source_column(p) for p in PARAMS if source_column(p) not in table]
+    if missing:
+        raise InputError(
+            f"{path}: no network answer to start from (missing "
+            f"{', '.join('_' + c for c in missing)}): the hybrid needs all three networks"
+        )
+    rows = np.arange(len(table))
+    if "dhHemnmaLabelled" in table:
+        rows = rows[table["dhHemnmaLabelled"].to_numpy() == 0]
+    if select == "uncertain":
+        rank = uncertainty_rank(table.iloc[rows], path)
+        n = math.ceil(fraction * len(rows))
+        rows = np.sort(rows[np.argsort(-rank, kind="stable")[:n]])
+    return rows
+
+
+def combine(merged: pd.DataFrame, refined: pd.DataFrame, path: str) -> pd.DataFrame:
+    """`merged` with the pose, shift and amplitude columns of the `refined` images replaced
+    (joined on rlnImageName) and their `_dhSource<Type>` set to `hybrid`."""
+    out = merged.copy()
+    where = pd.Index(out["rlnImageName"]).get_indexer(refined["rlnImageName"])
+    if (where < 0).any():
+        name = refined["rlnImageName"].iloc[int(np.argmax(where < 0))]
+        raise InputError(f"{path}: image {name} is not in the merged STAR")
+    cols = POSE_COLUMNS + [f"dhAmplitudeMode{k}" for k in amplitude_modes(out)]
+    lacking = [c for c in cols if c not in refined]
+    if lacking:
+        raise InputError(f"{path}: missing column(s) {', '.join('_' + c for c in lacking)}")
+    out.loc[out.index[where], cols] = refined[cols].to_numpy()
+    for p in PARAMS:
+        out.loc[out.index[where], source_column(p)] = "hybrid"
+    return out
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    step = p.add_subparsers(dest="step", required=True, metavar="STEP")
+    s = step.add_parser("select", help="images to refine, split into shard STARs")
+    s.add_argument("--merged", required=True, help="merged STAR (merge)")
+    s.add_argument("--select", choices=["all", "uncertain"], default="all")
+    s.add_argument("--fraction", type=float, default=0.25, help="--select uncertain: this share")
+    s.add_argument("--out", nargs="+", required=True, help="one shard STAR per output")
+    c = step.add_parser("combine", help="the merged STAR with the refined values in place")
+    c.add_argument("--merged", required=True, help="merged STAR (merge)")
+    c.add_argument("--refined", nargs="+", required=True, help="shards from hemnma --start network")
+    c.add_argument("--out", required=True)
+
+
+def main(args: argparse.Namespace) -> None:
+    blocks = read_star(require_file(args.merged, "merged STAR"), ["rlnImageName"])
+    table = blocks["particles"]
+    if args.step == "select":
+        rows = select_rows(table, args.select, args.fraction, args.merged)
+        try:
+            shards = shard_rows(len(rows), None, len(args.out), 0)
+        except InputError as exc:
+            raise InputError(f"{args.merged}: images to refine: {exc}") from exc
+        for path, part in zip(args.out, shards, strict=True):
+            write_star(path, blocks["optics"], table.iloc[rows[part]].reset_index(drop=True))
+        log.info("%d of %d images to refine (%s)", len(rows), len(table), args.select)
+        return
+    refined = [read_star(require_file(s, "refined shard"), ["rlnImageName"]) for s in args.refined]
+    out = table
+    for path, b in zip(args.refined, refined, strict=True):
+        out = combine(out, b["particles"], path)
+    write_star(args.out, blocks["optics"], out)
+    n = sum(len(b["particles"]) for b in refined)
+    log.info("hybrid: %d of %d images refined from their network answers", n, len(out))
