@@ -47,13 +47,29 @@ VERBS = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default at the end of its help, where it means something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        flag = action.nargs == 0  # store_true/false: the flag is the setting
+        if (
+            "%(default)" in text
+            or action.required
+            or flag
+            or action.default in (None, "==SUPPRESS==")
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser; only the module of `verb` is imported when one is given."""
     parser = argparse.ArgumentParser(prog="deephemnma", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (module, text) in VERBS.items():
-        p = sub.add_parser(name, help=text, description=text)
+        p = sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
         if verb in (None, name):
             mod = importlib.import_module(f"deephemnma.{module}")
             mod.add_args(p)

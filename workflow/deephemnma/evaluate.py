@@ -128,9 +128,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--final", default=None, help="deephemnma.star (merged, with verdicts)")
     p.add_argument("--hemnma", default=None, help="hemnma.star")
     p.add_argument("--split", required=True, help="split CSV (test images are evaluated)")
-    p.add_argument("--out-csv", required=True)
-    p.add_argument("--out-md", required=True)
-    p.add_argument("--out-figure", required=True)
+    p.add_argument("--out-csv", required=True, help="accuracy table (CSV)")
+    p.add_argument("--out-md", required=True, help="accuracy table (Markdown)")
+    p.add_argument("--out-figure", required=True, help="estimated vs true amplitudes (PNG)")
 
 
 def main(args: argparse.Namespace) -> None:

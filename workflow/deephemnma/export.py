@@ -87,7 +87,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", required=True, help="group STAR from space (working images)")
     p.add_argument("--original", required=True, help="the RELION STAR that was imported")
     p.add_argument("--datadir", default=None, help="extra root for the original stack paths")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="group STAR for RELION on the original particles")
 
 
 def main(args: argparse.Namespace) -> None:

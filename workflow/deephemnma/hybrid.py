@@ -83,15 +83,26 @@ def combine(merged: pd.DataFrame, refined: pd.DataFrame, path: str) -> pd.DataFr
 
 def add_args(p: argparse.ArgumentParser) -> None:
     step = p.add_subparsers(dest="step", required=True, metavar="STEP")
-    s = step.add_parser("select", help="images to refine, split into shard STARs")
+    s = step.add_parser(
+        "select", help="images to refine, split into shard STARs", formatter_class=p.formatter_class
+    )
     s.add_argument("--merged", required=True, help="merged STAR (merge)")
-    s.add_argument("--select", choices=["all", "uncertain"], default="all")
+    s.add_argument(
+        "--select",
+        choices=["all", "uncertain"],
+        default="all",
+        help="all images without HEMNMA values, or the most uncertain share of them",
+    )
     s.add_argument("--fraction", type=float, default=0.25, help="--select uncertain: this share")
     s.add_argument("--out", nargs="+", required=True, help="one shard STAR per output")
-    c = step.add_parser("combine", help="the merged STAR with the refined values in place")
+    c = step.add_parser(
+        "combine",
+        help="the merged STAR with the refined values in place",
+        formatter_class=p.formatter_class,
+    )
     c.add_argument("--merged", required=True, help="merged STAR (merge)")
     c.add_argument("--refined", nargs="+", required=True, help="shards from hemnma --start network")
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True, help="hybrid STAR")
 
 
 def main(args: argparse.Namespace) -> None:

@@ -130,8 +130,8 @@ def prediction_table(
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--network", required=True, help="model.pt from train")
     p.add_argument("--particles", required=True, help="all particles (STAR)")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=256, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--out", required=True, help="STAR with the predicted columns")
 
 

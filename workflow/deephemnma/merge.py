@@ -30,7 +30,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inferred", nargs="+", required=True, help="STARs from infer")
     p.add_argument("--labelled", default=None, help="STAR of the HEMNMA-labelled images")
     p.add_argument("--quality", default=None, help="quality.json: untrusted networks fall back")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="merged STAR (network/deephemnma.star)")
 
 
 def main(args: argparse.Namespace) -> None:

@@ -166,10 +166,10 @@ def write_pdb(path: str | Path, atoms: prody.AtomGroup, coordsets: np.ndarray) -
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--structure", required=True, help="PDB/mmCIF file (atoms or pseudo-atoms)")
-    p.add_argument("--atoms", choices=sorted(SELECTIONS), default="heavy")
+    p.add_argument("--atoms", choices=sorted(SELECTIONS), default="heavy", help="atoms to keep")
     p.add_argument("--chains", nargs="*", default=None, help="chain IDs (default: all)")
-    p.add_argument("--out-npz", required=True)
-    p.add_argument("--out-pdb", required=True)
+    p.add_argument("--out-npz", required=True, help="centred coordinates and scattering weights")
+    p.add_argument("--out-pdb", required=True, help="the selected, centred atoms (PDB)")
 
 
 def main(args: argparse.Namespace) -> None:

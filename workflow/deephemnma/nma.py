@@ -208,12 +208,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=5000,
         help="solve on CA atoms and extend when the model has more atoms than this",
     )
-    p.add_argument("--animate-amplitude", type=float, default=150.0)
+    p.add_argument(
+        "--animate-amplitude", type=float, default=150.0, help="amplitude of the ± animation frames"
+    )
     p.add_argument("--compare-to", default=None, help="optional target structure for overlaps")
-    p.add_argument("--out-npz", required=True)
-    p.add_argument("--out-nmd", required=True)
-    p.add_argument("--out-table", required=True)
-    p.add_argument("--out-anim-dir", required=True)
+    p.add_argument("--out-npz", required=True, help="modes in HEMNMA units")
+    p.add_argument("--out-nmd", required=True, help="NMWiz file")
+    p.add_argument(
+        "--out-table", required=True, help="eigenvalue, collectivity and overlap per mode (CSV)"
+    )
+    p.add_argument("--out-anim-dir", required=True, help="folder for the mode animations (PDB)")
 
 
 def main(args: argparse.Namespace) -> None:

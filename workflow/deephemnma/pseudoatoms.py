@@ -200,13 +200,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--n-atoms", type=int, default=None, help="default: grow to --target-error")
     p.add_argument("--target-error", type=float, default=0.15, help="relative error to reach")
-    p.add_argument("--max-atoms", type=int, default=5000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-pdb", required=True)
+    p.add_argument(
+        "--max-atoms", type=int, default=5000, help="stop growing at this many pseudo-atoms"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out-pdb", required=True, help="pseudo-atoms (PDB)")
     p.add_argument("--out-map", required=True, help="the map simulated from the pseudo-atoms")
     p.add_argument("--out-table", required=True, help="CSV: count, correlation, error per try")
-    p.add_argument("--out-json", required=True)
-    p.add_argument("--out-figure", required=True)
+    p.add_argument("--out-json", required=True, help="count, correlation and relative error (JSON)")
+    p.add_argument("--out-figure", required=True, help="accuracy per try (PNG)")
 
 
 def main(args: argparse.Namespace) -> None:

@@ -173,8 +173,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=0.5,
         help="trusted when error ≤ this × baseline (default: %(default)s)",
     )
-    p.add_argument("--out-json", required=True)
-    p.add_argument("--out-md", required=True)
+    p.add_argument("--out-json", required=True, help="verdicts (JSON)")
+    p.add_argument("--out-md", required=True, help="verdicts in plain words (Markdown)")
     p.add_argument("--out-figure", required=True, help="calibration plot (PNG)")
 
 

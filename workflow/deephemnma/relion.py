@@ -181,16 +181,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--star", required=True, help="RELION 3.0/3.1 particle STAR")
     p.add_argument("--datadir", default=None, help="extra root against which stack paths resolve")
     p.add_argument("--box", type=int, default=None, help="Fourier-crop to this box (pixels)")
-    p.add_argument("--no-normalize", dest="normalize", action="store_false")
+    p.add_argument(
+        "--no-normalize",
+        dest="normalize",
+        action="store_false",
+        help="keep the pixel values as they are",
+    )
     p.add_argument(
         "--mask-diameter",
         type=float,
         default=None,
         help="particle mask diameter (Å) for the background normalisation (default: 0.9 box)",
     )
-    p.add_argument("--images-per-stack", type=int, default=10000)
-    p.add_argument("--out-star", required=True)
-    p.add_argument("--out-stacks", required=True)
+    p.add_argument(
+        "--images-per-stack", type=int, default=10000, help="images per output MRCS stack"
+    )
+    p.add_argument("--out-star", required=True, help="imported particle STAR (RELION 3.1)")
+    p.add_argument("--out-stacks", required=True, help="folder for the new MRCS stacks")
 
 
 def main(args: argparse.Namespace) -> None:

@@ -29,9 +29,9 @@ def shard_rows(n: int, subset: int | None, n_shards: int, seed: int) -> list[np.
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--particles", required=True)
+    p.add_argument("--particles", required=True, help="particle STAR")
     p.add_argument("--subset", type=int, default=None, help="random subset size (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the subset")
     p.add_argument("--out", nargs="+", required=True, help="one output STAR per shard")
 
 

@@ -324,28 +324,42 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--modes", required=True, help="modes.npz")
     p.add_argument("--pdb", required=True, help="model PDB (atom names for the output models)")
-    p.add_argument("--method", choices=["kmeans", "boxes"], default="kmeans")
-    p.add_argument("--n-groups", type=int, default=3)
+    p.add_argument(
+        "--method", choices=["kmeans", "boxes"], default="kmeans", help="how groups are picked"
+    )
+    p.add_argument("--n-groups", type=int, default=3, help="k-means groups")
     p.add_argument(
         "--boxes",
         default="[]",
         help='JSON list of selections: {"pc1": [lo, hi], "pc3": [lo, hi], "where": "PC1 < 0 or PC2 > 5"}',
     )
-    p.add_argument("--frames", type=int, default=11)
-    p.add_argument("--span-std", type=float, default=2.0)
+    p.add_argument("--frames", type=int, default=11, help="frames per trajectory")
+    p.add_argument(
+        "--span-std",
+        type=float,
+        default=2.0,
+        help="trajectories span ± this many standard deviations of the PC",
+    )
     p.add_argument("--bins", type=int, default=40, help="free-energy histogram bins per axis")
     p.add_argument(
         "--path-groups", type=int, nargs=2, default=None, help="trajectory between these groups"
     )
-    p.add_argument("--path-method", choices=["free_energy", "line"], default="free_energy")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--path-method",
+        choices=["free_energy", "line"],
+        default="free_energy",
+        help="path between two groups: through low free energy, or a straight line",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed of k-means")
     p.add_argument(
         "--untrusted",
         choices=["exclude", "keep"],
         default="exclude",
         help="images marked _dhTrusted 0 by merge (default: %(default)s)",
     )
-    p.add_argument("--out-dir", required=True)
+    p.add_argument(
+        "--out-dir", required=True, help="folder for the space's tables, figures and models"
+    )
 
 
 def amplitude_source(parts: pd.DataFrame) -> np.ndarray:

@@ -42,9 +42,16 @@ def split_sets(n: int, n_val: float, n_test: float, seed: int) -> np.ndarray:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", required=True, help="labelled particle STAR (HEMNMA or truth)")
-    p.add_argument("--n-val", type=float, default=0.15)
-    p.add_argument("--n-test", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--n-val",
+        type=float,
+        default=0.15,
+        help="validation images: a count, or a fraction when < 1",
+    )
+    p.add_argument(
+        "--n-test", type=float, default=0.1, help="test images: a count, or a fraction when < 1"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", required=True, help="CSV: rlnImageName, set")
 
 

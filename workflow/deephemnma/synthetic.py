@@ -204,8 +204,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--box", type=int, default=None, help="working box (default: the particles')")
     p.add_argument("--sigma-angstrom", type=float, default=1.0, help="atom Gaussian width (Å)")
     p.add_argument("--n-estimate", type=int, default=1000, help="images used to fit the noise")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=64, help="images rendered at once")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out-dir", required=True, help="images.npy, labels.npz, meta.json")
     p.add_argument("--out-figure", required=True, help="power spectra and example images (PNG)")
 
