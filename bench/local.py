@@ -126,7 +126,7 @@ def cpu_per_image(results: Path, pattern: str, stars: str) -> float:
         pd.read_csv(f, sep="\t")["cpu_time"].sum() for f in results.glob(f"benchmarks/{pattern}")
     )
     n = sum(len(read_star(f)["particles"]) for f in results.glob(stars))
-    return cpu / n
+    return cpu / n if n else float("nan")  # nan: the run has no such jobs
 
 
 def hybrid_figure(a: argparse.Namespace, settings: hemnma.AlignSettings) -> None:
