@@ -2,9 +2,10 @@
 
 Usage: python bench/scale.py [--sizes 10000,100000] [--workers 2]
 
-Per size: `deephemnma simulate` (CTF, SNR 0.1, streamed into memory-mapped stacks), `infer` with an
-untrained ResNet-18 amplitude network (the point is memory, not accuracy), `space` (PCA + k-means on
-the simulated amplitudes) and `reconstruct` of group 0. Each stage runs in its own process; a
+Per size: `deephemnma simulate` (CTF, SNR 0.1, projected at 1× rather than 2× oversampled to save
+time, streamed into stacks), `infer` with an untrained ResNet-18 amplitude network on 32-px inputs
+(Fourier-cropped from 64 px; the point is memory, not accuracy) reading the stacks memory-mapped,
+`space` (PCA + k-means on the simulated amplitudes) and `reconstruct` of group 0. Each stage runs in its own process; a
 thread samples /proc/self/status every 20 ms and reports the peak of the process's anonymous
 memory (RssAnon: what the stage allocates) and of its whole resident set (VmHWM, which also counts
 pages of memory-mapped stacks that were read), plus the peak of its children (DataLoader
@@ -78,7 +79,7 @@ def untrained_network(path: Path, mode_numbers: list[int], pixel_size: float) ->
             "n_out": n,
             "mean": torch.zeros(n),
             "std": torch.ones(n),
-            "box": 64,
+            "box": 32,
             "particle_box": 64,
             "pixel_size": pixel_size,
             "mode_numbers": mode_numbers,
@@ -94,7 +95,8 @@ def run_size(root: Path, n: int, workers: int) -> dict[str, dict]:
     res = {}
     res["simulate"] = stage(
         "simulate", *m, "--n-images", str(n), "--box", "64", "--pixel-size", "2.2",
-        "--snr", "0.1", "--batch", "64", "--out-star", "p.star", "--out-stacks", "s", cwd=d,
+        "--snr", "0.1", "--oversample", "1", "--batch", "64", "--out-star", "p.star",
+        "--out-stacks", "s", cwd=d,
     )  # fmt: skip
     res["infer"] = stage(
         "infer", "--network", str(root / "net.pt"), "--particles", "p.star",

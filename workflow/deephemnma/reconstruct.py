@@ -42,6 +42,7 @@ class FourierAccumulator:
         self.den = torch.zeros(self.p * self.p * self.h, device=device)
         self._dx = torch.tensor([0, 1], dtype=torch.int32, device=device)
         self._grid = self._slice_grid(device)
+        self._shells: torch.Tensor | None = None
 
     def _slice_grid(self, device):
         """Image frequencies (K,) kept (|k| < D / 2), their rfft2 indices, and a weight ½ on kx = 0,
@@ -109,25 +110,30 @@ class FourierAccumulator:
         return num, den
 
     def shells(self) -> torch.Tensor:
-        """Shell index (P, P, P//2+1) of each voxel in units of the unpadded box's shells."""
-        p = self.p
-        fy = torch.fft.fftfreq(p, 1 / p, device=self.den.device)
-        fx = torch.fft.rfftfreq(p, 1 / p, device=self.den.device)
-        r = torch.sqrt(fy[:, None, None] ** 2 + fy[None, :, None] ** 2 + fx[None, None, :] ** 2)
-        return torch.round(r / self.pad).long()
+        """Shell index (P, P, P//2+1) of each voxel in units of the unpadded box's shells, the
+        corners beyond Nyquist in the last (D // 2); computed once."""
+        if self._shells is None:
+            p = self.p
+            fy = torch.fft.fftfreq(p, 1 / p, device=self.den.device)
+            fx = torch.fft.rfftfreq(p, 1 / p, device=self.den.device)
+            r = fy[:, None, None] ** 2 + fy[None, :, None] ** 2 + fx[None, None, :] ** 2
+            r = torch.round(torch.sqrt(r) / self.pad).clamp_max(self.box // 2)
+            self._shells = r.long()
+        return self._shells
 
     def volume(self, reg: torch.Tensor | float) -> np.ndarray:
         """The map (D, D, D) float32 [z, y, x], centre at D // 2: Σ CTF·F / (Σ CTF² + reg), reg a
-        constant or per shell (D // 2 + 1 values, beyond: the last), trilinear kernel corrected."""
+        constant or per shell (D // 2 + 1 values), trilinear kernel corrected, soft-masked."""
         p, d = self.p, self.box
         num, den = self._hermitian()
         if isinstance(reg, torch.Tensor):
-            reg = reg[self.shells().clamp_max(len(reg) - 1)]
-        vol = torch.fft.fftshift(torch.fft.irfftn(num / (den + reg), s=(p, p, p)))
-        lo = p // 2 - d // 2
-        vol = vol[lo : lo + d, lo : lo + d, lo : lo + d]
-        c = (torch.arange(lo, lo + d, dtype=vol.dtype, device=vol.device) - p // 2) / p
-        s = torch.sinc(c) ** 2
+            reg = reg[self.shells()]
+        num *= 1 / (den + reg)
+        vol = torch.fft.irfftn(num, s=(p, p, p))
+        # the central D³ of the fftshifted volume, taken without shifting the whole of it
+        i = torch.arange(d, device=vol.device) - d // 2
+        vol = vol[i % p][:, i % p][:, :, i % p]
+        s = torch.sinc(i.to(vol.dtype) / p) ** 2
         vol = vol / (s[:, None, None] * s[None, :, None] * s[None, None, :])
         return (vol * soft_sphere(d, vol.device)).float().cpu().numpy()
 
@@ -143,7 +149,7 @@ def soft_sphere(box: int, device=None) -> torch.Tensor:
 def shell_mean(acc: FourierAccumulator) -> torch.Tensor:
     """Mean Σ CTF² per shell (D // 2 + 1 shells; the corners beyond Nyquist join the last)."""
     n = acc.box // 2 + 1
-    idx = acc.shells().clamp_max(n - 1).flatten()
+    idx = acc.shells().flatten()
     den = acc._hermitian()[1].flatten()
     return torch.zeros(n, device=den.device).index_add_(0, idx, den) / torch.bincount(
         idx, minlength=n
