@@ -1,11 +1,12 @@
 """Reconstruction against cryoDRGN on the same particles, and reconstruction time.
 
-Usage: python bench/reconstruct.py [--cases 250:none,2000:0.1] [--n-timing 10000] [--no-cryodrgn]
+Usage: python bench/reconstruct.py [--cases 250:none,2000:0.1] [--n-timing 10000] [--box 128]
+                                  [--no-cryodrgn | --cryodrgn-venv DIR]
 
 The particles come from an independent reference simulator written here (not deephemnma's
 simulate): the exact continuous Fourier transform of the model's Gaussian atoms evaluated on each
-image's DFT grid (a separable sum over atoms), times torch-ctf's CTF, plus white noise at the given
-SNR. The true map is the same Fourier transform on the 3D DFT grid, so the Fourier slice theorem
+image's DFT grid (a separable sum over atoms), times torch-ctf's CTF, plus white noise of one level
+for all images (SNR = mean signal variance / noise variance). The true map is the same Fourier transform on the 3D DFT grid, so the Fourier slice theorem
 holds exactly between particles and truth. Both tools get the same STAR, stack and true poses;
 cryoDRGN 4.3.1 (`backproject_voxel`) is installed into a temporary virtual environment (CPU torch
 first) and skipped with a message when that fails. The timing row uses N random images (the cost
@@ -221,7 +222,9 @@ def timing(n: int, box: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--cases", default="250:none,2000:0.1", help="n:snr pairs ('none': no noise)")
+    p.add_argument(
+        "--cases", default="250:none,2000:0.1", help="n:snr pairs ('none': no noise; '' none)"
+    )
     p.add_argument("--box", type=int, default=128, help="pixel size 1.1 × 128 / box Å")
     p.add_argument("--n-timing", type=int, default=10000, help="0 skips the timing row")
     p.add_argument("--no-cryodrgn", action="store_true")
@@ -246,7 +249,7 @@ def main() -> None:
         print(f"true map: {time.perf_counter() - t:.1f} s")
         exe = None if a.no_cryodrgn else cryodrgn_env(a.cryodrgn_venv or root / "venv")
         rows = []
-        for case in a.cases.split(","):
+        for case in filter(None, a.cases.split(",")):
             n, snr = case.split(":")
             snr = None if snr == "none" else float(snr)
             d = root / case.replace(":", "_")
@@ -262,9 +265,10 @@ def main() -> None:
                              **cryodrgn(exe, d, truth)})  # fmt: skip
             print(pd.DataFrame(rows[-2:]).to_string(index=False), flush=True)
         os.chdir(cwd)
-    table = pd.DataFrame(rows)
-    print(f"\nbox {BOX}, {PX} Å/px (Nyquist {2 * PX:.2f} Å); resolutions in Å, times in s")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    if rows:
+        table = pd.DataFrame(rows)
+        print(f"\nbox {BOX}, {PX} Å/px (Nyquist {2 * PX:.2f} Å); resolutions in Å, times in s")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     if a.n_timing:
         dt = timing(a.n_timing, BOX)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
