@@ -24,6 +24,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from deephemnma.io import count_star_rows
+
 REPO = Path(__file__).resolve().parents[1]
 
 # run inside each stage's process: sample memory, run the CLI verb, print one JSON line
@@ -106,12 +108,12 @@ def run_size(root: Path, n: int, workers: int) -> dict[str, dict]:
         "space", "--particles", "p.star", "--modes", str(root / "modes.npz"),
         "--pdb", str(root / "model.pdb"), "--n-groups", "3", "--out-dir", "space", cwd=d,
     )  # fmt: skip
-    g0 = sum(1 for _ in open(d / "space/space.csv")) - 1
+    g0 = count_star_rows(d / "space/group_0.star")
     res["reconstruct"] = stage(
         "reconstruct", "--particles", "space/group_0.star", "--out-half1", "h1.mrc",
         "--out-half2", "h2.mrc", "--out-map", "map.mrc", cwd=d,
     )  # fmt: skip
-    res["reconstruct"]["note"] = f"group 0 of {g0}"
+    res["reconstruct"]["note"] = f"group 0: {g0} of {n} images"
     return res
 
 
