@@ -6,8 +6,10 @@ Networks are trained on the ground truth of simulated images of open adenylate k
 once, noise-free; noisy rows draw fresh noise for every batch (as synthetic pretraining does).
 Errors are on held-out images, next to the trivial baseline (the training mean; for angles the
 rotation nearest the mean). Prints one table; ≤ 30 min on 2 cores at the defaults.
+`--ablation` instead trains the orientation network of the last row with each network and angle
+output (the recipe's ablation: error and training time per change).
 
-    python bench/learning.py [--n-images 4000] [--epochs 8] [--box 32]
+    python bench/learning.py [--n-images 4000] [--epochs 8] [--box 32] [--ablation]
 """
 
 from __future__ import annotations
@@ -25,9 +27,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 
-from deephemnma import model, nma, quality, simulate, train  # noqa: E402
+from deephemnma import geometry, model, nma, quality, simulate, train  # noqa: E402
 from deephemnma.cli import build_parser  # noqa: E402
-from deephemnma.nets import ResNet, bf16_supported, preprocess  # noqa: E402
+from deephemnma.nets import (  # noqa: E402
+    ANGLE_OUTPUTS,
+    ARCHS,
+    bf16_supported,
+    build_network,
+    decode_angles,
+    n_outputs,
+    preprocess,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [
@@ -80,17 +90,19 @@ def render_row(flex, n: int, row: dict, seed: int) -> tuple[torch.Tensor, torch.
     return images, sigma, labels
 
 
-def fit(images, sigma, labels, param: str, box: int, epochs: int, augment: bool) -> float:
+def fit(images, sigma, labels, param: str, a: argparse.Namespace, augment: bool) -> float:
     """Train one network on the first 80 % of the images; mean error on the rest."""
     torch.manual_seed(0)
     n = len(images)
     n_train = n * 4 // 5
     lab = {k: torch.tensor(v).float() for k, v in labels.items()}
-    y_all = train.target_values(param, "6d", lab["euler"], lab["shifts"], lab["amplitudes"])
+    box, epochs, rep = a.box, a.epochs, a.angle_repr
+    y_all = train.target_values(param, rep, lab["euler"], lab["shifts"], lab["amplitudes"])
     mean, std = y_all[:n_train].mean(0), y_all[:n_train].std(0).clamp_min(1e-6)
+    n_out = n_outputs(param, rep, 3)
     if param == "angles":
-        mean, std = torch.zeros_like(mean), torch.ones_like(std)
-    net = ResNet("resnet18", train.n_outputs(param, "6d", 3)).to(memory_format=torch.channels_last)
+        mean, std = torch.zeros(n_out), torch.ones(n_out)
+    net = build_network(a.arch, n_out).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = epochs * (n_train // 64)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, train.warmup_cosine(steps))
@@ -105,10 +117,10 @@ def fit(images, sigma, labels, param: str, box: int, epochs: int, augment: bool)
                 turns = torch.randint(0, 4, (len(idx),))
                 x = train.transform_images(x, turns, torch.zeros(len(idx), 2))
                 e, s = train.transform_labels(e, s, 90.0 * turns.float(), torch.zeros(len(idx), 2))
-            y = train.target_values(param, "6d", e, s, lab["amplitudes"][idx])
+            y = train.target_values(param, rep, e, s, lab["amplitudes"][idx])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 pred = net(preprocess(x, box).contiguous(memory_format=torch.channels_last))
-            loss, _ = train.loss_and_metric(param, "6d", pred, y, mean, std)
+            loss, _ = train.loss_and_metric(param, rep, pred, y, mean, std)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -120,14 +132,32 @@ def fit(images, sigma, labels, param: str, box: int, epochs: int, augment: bool)
     )
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = net(preprocess(test, box).contiguous(memory_format=torch.channels_last)).float()
-    out = (out * std + mean).numpy()
+    out = out * std + mean
     ref = {k: v[n_train:] for k, v in labels.items()}
     est = dict(ref)
     if param == "angles":
-        est["euler"] = train.outputs_to_euler(out, "6d")
+        est["euler"] = geometry.matrix_to_euler(decode_angles(out, rep)[0].double()).numpy()
     else:
-        est[param] = out
+        est[param] = out.numpy()
     return float(quality.errors(param, est, ref).mean())
+
+
+def ablation(flex, a: argparse.Namespace) -> None:
+    """Orientation error and training time of the last ladder row per network and output."""
+    images, sigma, labels = render_row(flex, a.n_images, ROWS[-1][1], seed=3)
+    n_train = a.n_images * 4 // 5
+    base = quality.baseline({k: v[:n_train] for k, v in labels.items()}, a.n_images - n_train)
+    ref = {k: v[n_train:] for k, v in labels.items()}
+    b = float(quality.errors("angles", base, ref).mean())
+    print(f"angles, {ROWS[-1][0]}; baseline {b:.3g}°")
+    print("| network | angle output | angles (deg) | training seconds |")
+    print("|---|---|---|---|")
+    for arch, rep in [("resnet18", "6d"), ("resnet18", "so3grid"), ("convnet16", "6d"),
+                      ("convnet16", "so3grid")]:  # fmt: skip
+        t0 = time.perf_counter()
+        err = fit(images, sigma, labels, "angles", argparse.Namespace(**{**vars(a), "arch": arch,
+                  "angle_repr": rep}), augment=True)  # fmt: skip
+        print(f"| {arch} | {rep} | {err:.3g} | {time.perf_counter() - t0:.0f} |", flush=True)
 
 
 def main() -> None:
@@ -135,17 +165,23 @@ def main() -> None:
     p.add_argument("--n-images", type=int, default=4000)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--box", type=int, default=32, help="working box (images are 64 px)")
+    p.add_argument("--arch", default="convnet16", choices=ARCHS)
+    p.add_argument("--angle-repr", default="so3grid", choices=list(ANGLE_OUTPUTS))
     p.add_argument(
         "--rows", type=int, nargs="+", default=range(1, len(ROWS) + 1), help="rows to run (1-based)"
     )
+    p.add_argument("--ablation", action="store_true", help="angles of the last row, each recipe")
     a = p.parse_args()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; {a.n_images} images of 64 px (80 % training), "
-        f"working box {a.box}, ResNet-18, {a.epochs} epochs, trained on truth, 6D angles"
+        f"working box {a.box}, {a.arch}, {a.epochs} epochs, trained on truth, {a.angle_repr} angles"
     )
     with tempfile.TemporaryDirectory() as tmp:
         flex = flexible_model(Path(tmp))
+    if a.ablation:
+        ablation(flex, a)
+        return
     print("| task | amplitudes | angles (deg) | shifts (px) | seconds |")
     print("|---|---|---|---|---|")
     for name, row in (ROWS[i - 1] for i in a.rows):
@@ -160,7 +196,7 @@ def main() -> None:
             if not varies:
                 cells.append("— (fixed)")
                 continue
-            err = fit(images, sigma, labels, param, a.box, a.epochs, augment=row["psi"])
+            err = fit(images, sigma, labels, param, a, augment=row["psi"])
             b = float(quality.errors(param, base, ref).mean())
             cells.append(f"{err:.3g} (baseline {b:.3g})")
         print(f"| {name} | {' | '.join(cells)} | {time.perf_counter() - t0:.0f} |", flush=True)

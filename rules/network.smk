@@ -117,6 +117,11 @@ rule quality:
             caption="../report/quality.rst",
             category="0. Verdicts",
         ),
+        figure=report(
+            res("network/calibration.png"),
+            caption="../report/calibration.rst",
+            category="0. Verdicts",
+        ),
     log:
         res("logs/quality.log"),
     conda:
@@ -128,7 +133,7 @@ rule quality:
         "deephemnma quality --labels {input.labels:q} --split {input.split:q} "
         "--inferred {input.inferred:q} --label-source {params.source:q} "
         "--max-ratio {params.ratio} --out-json {output.json:q} --out-md {output.md:q} "
-        "> {log:q} 2>&1"
+        "--out-figure {output.figure:q} > {log:q} 2>&1"
 
 
 rule merge:

@@ -10,8 +10,15 @@ import torch
 from deephemnma import geometry, infer, quality, simulate, synthetic, train
 from deephemnma.cli import main as cli
 from deephemnma.imaging import fourier_crop
-from deephemnma.io import ParticleSet, load_model, load_modes
-from deephemnma.nets import ResNet, n_parameters, preprocess
+from deephemnma.io import ParticleSet, load_model, load_modes, write_star
+from deephemnma.nets import (
+    ResNet,
+    decode_angles,
+    grid_targets,
+    n_parameters,
+    preprocess,
+    rotation_grid,
+)
 from deephemnma.split import split_sets
 
 from .conftest import sim_config
@@ -283,7 +290,7 @@ def test_sixd_output_follows_the_relion_convention():
     rng = np.random.default_rng(1)
     euler = geometry.random_euler(200, rng)
     six = train.target_values("angles", "6d", torch.tensor(euler), None, None)
-    back = train.outputs_to_euler(six.numpy(), "6d")
+    back = geometry.matrix_to_euler(decode_angles(six, "6d")[0]).numpy()
     assert geometry.euler_distance_deg(back, euler).max() < 1e-4
     mats = geometry.euler_to_matrix(torch.tensor(euler))
     np.testing.assert_allclose(six.reshape(-1, 2, 3).numpy(), mats[:, :2].numpy(), atol=1e-12)
@@ -297,6 +304,27 @@ def test_sixd_output_follows_the_relion_convention():
         geometry.euler_distance_deg(euler, other),
         atol=1e-5,
     )
+
+
+def test_so3grid_output_follows_the_relion_convention():
+    """so3grid: the grid covers SO(3) evenly; the soft target of a rotation given as RELION Euler
+    angles decodes back to the same angles; a flat score says "unsure" (large spread)."""
+    grid = rotation_grid().double()
+    gaps = torch.rad2deg(geometry.grid_angles(grid[:600], grid))
+    gaps[torch.arange(600), torch.arange(600)] = 180.0
+    nearest = gaps.min(1).values
+    assert 10.0 < nearest.mean() < 15.0 and nearest.max() < 20.0
+    rng = np.random.default_rng(2)
+    euler = geometry.random_euler(300, rng)
+    mats = geometry.euler_to_matrix(torch.tensor(euler))
+    target = train.target_values("angles", "so3grid", torch.tensor(euler), None, None)
+    scores = torch.log(grid_targets(geometry.sixd_to_matrix(target)))
+    rot, spread = decode_angles(scores, "so3grid")
+    back = geometry.matrix_to_euler(rot.double()).numpy()
+    assert geometry.euler_distance_deg(back, euler).max() < 3.0
+    assert geometry.matrix_distance_deg(rot.double(), mats).mean() < 1.5
+    _, flat = decode_angles(torch.zeros(1, scores.shape[1]), "so3grid")
+    assert spread.max() < 25.0 and flat.item() > 90.0
 
 
 def test_pretraining_images_match_particles(adk_model_files, tmp_path, monkeypatch):
@@ -408,7 +436,9 @@ def test_quality_verdict_flags_shuffled_labels_and_merge_falls_back(
                 "--workers", "0", "--out", str(inferred)]) == 0  # fmt: skip
     q = ["quality", "--labels", str(labelled / "shuffled.star"), "--split", "split.csv"]
     q += ["--inferred", str(inferred), "--out-json", str(tmp_path / "q.json")]
-    assert cli([*q, "--out-md", str(tmp_path / "q.md")]) == 0
+    assert (
+        cli([*q, "--out-md", str(tmp_path / "q.md"), "--out-figure", str(tmp_path / "c.png")]) == 0
+    )
     verdict = json.loads((tmp_path / "q.json").read_text())["networks"][0]
     print(verdict["text"])
     assert verdict["param"] == "amplitudes" and not verdict["trusted"]
@@ -434,6 +464,35 @@ def test_quality_verdict_flags_shuffled_labels_and_merge_falls_back(
                 "--out", str(out)]) == 0  # fmt: skip
     merged = starfile.read(out)["particles"]
     assert merged["dhTrusted"].all() and (merged["dhSourceAmplitudes"].iloc[:40] == "hemnma").all()
+
+
+def test_quality_measures_uncertainty_calibration(labelled, monkeypatch, tmp_path):
+    """An angle uncertainty that ranks the true errors exactly gets Spearman 1; the verdict page
+    says so and the calibration figure is written."""
+    monkeypatch.chdir(labelled)
+    ps = ParticleSet(labelled / "p.star")
+    t = ps.particles[["rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].copy()
+    dpsi = np.random.default_rng(3).uniform(0.0, 40.0, len(t))
+    t["rlnAnglePsi"] = t["rlnAnglePsi"] + dpsi  # a turn about the beam: angle error = dpsi
+    t["dhUncertaintyAngles"] = np.sqrt(dpsi)
+    write_star(tmp_path / "angles.star", ps.optics, t)
+    q = ["quality", "--labels", "p.star", "--split", "split.csv"]
+    q += ["--inferred", str(tmp_path / "angles.star"), "--out-json", str(tmp_path / "q.json")]
+    assert (
+        cli([*q, "--out-md", str(tmp_path / "q.md"), "--out-figure", str(tmp_path / "c.png")]) == 0
+    )
+    row = json.loads((tmp_path / "q.json").read_text())["networks"][0]
+    assert row["spearman"] == pytest.approx(1.0)
+    assert abs(row["error"] - dpsi[ps.particles.index[split_test(labelled)]].mean()) < 1e-3
+    assert "Spearman ρ = 1.00" in (tmp_path / "q.md").read_text()
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def split_test(d) -> np.ndarray:
+    """Boolean mask of the test images of the fixture's split, in particle order."""
+    split = pd.read_csv(d / "split.csv").set_index("rlnImageName")
+    names = ParticleSet(d / "p.star").particles["rlnImageName"]
+    return (split.loc[names, "set"] == "test").to_numpy()
 
 
 def test_quality_baselines_match_independent_formulas():

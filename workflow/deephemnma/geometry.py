@@ -144,6 +144,45 @@ def fibonacci_sphere_euler(n_directions: int, psi_step_deg: float) -> np.ndarray
     )
 
 
+def super_fibonacci_matrices(n: int) -> np.ndarray:
+    """n near-uniform rotations (n, 3, 3), RELION matrices, from the super-Fibonacci spiral of
+    unit quaternions (Alexa, CVPR 2022): deterministic, any n, no pole clustering."""
+    s = np.arange(n) + 0.5
+    r, r_c = np.sqrt(s / n), np.sqrt(1.0 - s / n)
+    alpha, beta = 2 * np.pi * s / np.sqrt(2.0), 2 * np.pi * s / 1.533751168755204288118041
+    q = np.stack([r * np.sin(alpha), r * np.cos(alpha), r_c * np.sin(beta), r_c * np.cos(beta)], -1)
+    return quaternion_to_matrix(q)
+
+
+def nearest_rotation(mats: torch.Tensor) -> torch.Tensor:
+    """The rotations (..., 3, 3) nearest (Frobenius) to matrices (..., 3, 3): U diag(1, 1, ±1) Vᵀ."""
+    u, _, vt = torch.linalg.svd(mats)
+    d = torch.sign(torch.linalg.det(u @ vt))
+    fix = torch.stack([torch.ones_like(d), torch.ones_like(d), d], -1)
+    return (u * fix[..., None, :]) @ vt
+
+
+def grid_angles(mats: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Angles in radians (B, K) between rotations (B, 3, 3) and grid rotations (K, 3, 3)."""
+    cos = (torch.einsum("bij,kij->bk", mats, grid) - 1.0) / 2.0
+    return torch.arccos(cos.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
+
+
+def grid_decode(
+    logits: torch.Tensor, grid: torch.Tensor, radius_deg: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotations (B, 3, 3) and their spread (B,) in degrees from scores (B, K) over a rotation
+    grid (K, 3, 3): the probability-weighted chordal mean of the grid points within `radius_deg`
+    of the most probable one (a sub-grid estimate of the mode), and the expected angle between
+    that estimate and the predicted distribution (large when the network is unsure)."""
+    prob = torch.softmax(logits.float(), -1)
+    top = grid[prob.argmax(-1)]
+    near = grid_angles(top, grid) < np.deg2rad(radius_deg)
+    rot = nearest_rotation(torch.einsum("bk,kij->bij", prob * near, grid))
+    spread = torch.rad2deg((prob * grid_angles(rot, grid)).sum(-1))
+    return rot, spread
+
+
 def sixd_to_matrix(six: torch.Tensor) -> torch.Tensor:
     """RELION matrices A (..., 3, 3) from the continuous 6D representation (..., 6).
 

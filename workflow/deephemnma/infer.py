@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from . import geometry
 from .io import InputError, ParticleSet, amplitude_column, require_file, write_star
-from .nets import ResNet, bf16_supported, preprocess
-from .train import outputs_to_euler
+from .nets import bf16_supported, build_network, decode_angles, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def load_network(path: str, device: torch.device) -> tuple[torch.nn.Module, dict
         missing = [k for k in ("box", "particle_box", "angle_repr") if k not in meta]
         if missing:
             raise InputError(f"{path}: lacks {', '.join(missing)}: retrain it with this version")
-        net = ResNet(meta["arch"], meta["n_out"])
+        net = build_network(meta["arch"], meta["n_out"])
         net.load_state_dict(meta["state_dict"])
     except pickle.UnpicklingError as exc:
         raise InputError(f"{path}: refusing to load (not a DeepHEMNMA network)") from exc
@@ -78,12 +78,14 @@ def predict(
     batch: int,
     workers: int,
 ) -> np.ndarray:
-    """Unstandardised predictions (n, n_out) for every image, in row order."""
+    """Predictions for every image, in row order: amplitudes (n, K), shifts (n, 2), or Euler
+    angles and their predicted spread in degrees (n, 4; NaN spread for regressed angles)."""
     loader = DataLoader(
         Chunks(ps, batch), batch_size=None, num_workers=workers, pin_memory=device.type == "cuda"
     )
     mean, std = meta["mean"].to(device), meta["std"].to(device)
-    out = np.empty((len(ps), meta["n_out"]), dtype=np.float32)
+    angles = meta["param"] == "angles"
+    out = np.empty((len(ps), 4 if angles else meta["n_out"]), dtype=np.float32)
     pos = 0
     bf16 = bf16_supported(device)
     for imgs in tqdm(loader, desc=f"infer {meta['param']}", unit="batch", mininterval=10):
@@ -92,6 +94,9 @@ def predict(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             y = net(x)
         y = y.float() * std + mean
+        if angles:
+            rot, spread = decode_angles(y, meta["angle_repr"])
+            y = torch.cat([geometry.matrix_to_euler(rot.double()).float(), spread[:, None]], 1)
         out[pos : pos + len(y)] = y.cpu().numpy()
         pos += len(y)
     return out
@@ -109,8 +114,9 @@ def prediction_table(
         t["rlnOriginXAngst"] = -values[:, 0] * pixel_size
         t["rlnOriginYAngst"] = -values[:, 1] * pixel_size
     else:
-        euler = outputs_to_euler(values, meta["angle_repr"])
-        t["rlnAngleRot"], t["rlnAngleTilt"], t["rlnAnglePsi"] = euler.T
+        t["rlnAngleRot"], t["rlnAngleTilt"], t["rlnAnglePsi"] = values[:, :3].T
+        if not np.isnan(values[:, 3]).all():
+            t["dhUncertaintyAngles"] = values[:, 3]
     return t
 
 

@@ -3,7 +3,8 @@
 Images HEMNMA aligned keep HEMNMA's values (more accurate than any network's); the others take
 each parameter type from its network, and are marked untrusted (`_dhTrusted 0`) when a network
 they depend on failed its verdict (`deephemnma quality`). The column `_dhSource<Type>` says where
-each value came from (network | hemnma).
+each value came from (network | hemnma). A network's `_dhUncertainty<Type>` is kept on every row,
+HEMNMA-aligned ones included (there it is what calibrates the uncertainty against HEMNMA).
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ def main(args: argparse.Namespace) -> None:
             raise InputError(f"{path}: does not cover every particle of {args.particles}")
         parts[cols] = merged[cols].to_numpy()
         parts[source_column(param)] = "network"
+        values = [c for c in cols if not c.startswith("dhUncertainty")]
         if has.any():
-            parts.loc[has, cols] = labelled.loc[parts.loc[has, "rlnImageName"], cols].to_numpy()
+            names = parts.loc[has, "rlnImageName"]
+            parts.loc[has, values] = labelled.loc[names, values].to_numpy()
             parts.loc[has, source_column(param)] = "hemnma"
         if not verdicts.get(param, True):
             trusted &= has

@@ -6,7 +6,9 @@ amplitudes and shifts, the rotation nearest their mean for angles (a constant an
 for orientations uniform on SO(3)). With HEMNMA labels this is the network against HEMNMA on
 held-out images, the only check real data allow. A network is trusted when its error is at most
 `max_ratio` × the baseline's; the verdicts go to quality.json (read by merge) and quality.md
-(first in the report), in plain words.
+(first in the report), in plain words. Where a network predicts a per-image uncertainty
+(`_dhUncertainty<Type>`), its calibration is measured on the same images: the Spearman correlation
+between predicted uncertainty and actual error, and a scatter plot.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 
 import numpy as np
 import pandas as pd
+from scipy.stats import spearmanr
 
 from . import geometry
 from .io import (
@@ -26,8 +29,10 @@ from .io import (
     amplitude_column,
     amplitude_modes,
     atomic_path,
+    pyplot,
     read_star,
     require_file,
+    save_figure,
 )
 
 log = logging.getLogger(__name__)
@@ -103,10 +108,42 @@ def labels_of(table: pd.DataFrame, pixel_size: float, modes: list[int]) -> dict[
     return out
 
 
+def uncertainty_column(param: str) -> str:
+    return f"dhUncertainty{param.capitalize()}"
+
+
+def calibration(uncertainty: np.ndarray, error: np.ndarray) -> float:
+    """Spearman rank correlation between predicted uncertainty and actual error (NaN if
+    either is constant)."""
+    if np.ptp(uncertainty) == 0 or np.ptp(error) == 0:
+        return float("nan")
+    return float(spearmanr(uncertainty, error).statistic)
+
+
+def calibration_figure(points: dict[str, tuple[np.ndarray, np.ndarray]], path: str) -> None:
+    """Actual error against predicted uncertainty, one panel per network that predicts one."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, max(len(points), 1), figsize=(4.5 * max(len(points), 1), 4))
+    for ax, (param, (unc, err)) in zip(np.atleast_1d(axes), points.items(), strict=False):
+        ax.scatter(unc, err, s=8, alpha=0.6)
+        ax.set_xlabel(f"predicted uncertainty ({UNITS[param]})")
+        ax.set_ylabel(f"error ({UNITS[param]})")
+        ax.set_title(f"{param}: Spearman ρ = {calibration(unc, err):.2f}")
+    if not points:
+        np.atleast_1d(axes)[0].text(0.5, 0.5, "no network predicts an uncertainty", ha="center")
+    save_figure(fig, path)
+
+
 def markdown(rows: list[dict], images: int, which: str) -> str:
     """The verdicts as a Markdown page: sentences first, then the table."""
     lines = ["# Network verdicts", ""]
     lines += [f"- {'✅' if r['trusted'] else '❌'} {r['text']}" for r in rows]
+    lines += [
+        f"- {r['param']}: the predicted per-image uncertainty ranks the actual errors with "
+        f"Spearman ρ = {r['spearman']:.2f} (1: perfectly; 0: not at all)."
+        for r in rows
+        if r.get("spearman") is not None
+    ]
     lines += [
         "",
         f"Measured on {images} {which} images. Baseline: the best constant answer learnt "
@@ -138,6 +175,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out-json", required=True)
     p.add_argument("--out-md", required=True)
+    p.add_argument("--out-figure", required=True, help="calibration plot (PNG)")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -155,7 +193,7 @@ def main(args: argparse.Namespace) -> None:
     ref = labels_of(table.loc[held_out], ps.pixel_size, modes)
     base = baseline(labels_of(table.loc[train_names], ps.pixel_size, modes), len(held_out))
     reference = "HEMNMA on held-out images" if args.label_source == "hemnma" else "ground truth"
-    rows = []
+    rows, points = [], {}
     for path in args.inferred:
         inferred = read_star(require_file(path, "inferred STAR"), ["rlnImageName"])["particles"]
         inferred = inferred.set_index("rlnImageName")
@@ -164,11 +202,17 @@ def main(args: argparse.Namespace) -> None:
             raise InputError(f"{path}: no estimate for image {missing[0]}")
         param = param_of(inferred)
         est = {**ref, **labels_of(inferred.loc[held_out], ps.pixel_size, modes)}
-        err = float(errors(param, est, ref).mean())
+        per_image = errors(param, est, ref)
         b = float(errors(param, base, ref).mean())
-        rows.append(verdict(param, err, b, args.max_ratio, reference))
+        rows.append(verdict(param, float(per_image.mean()), b, args.max_ratio, reference))
         log.info("%s", rows[-1]["text"])
+        if uncertainty_column(param) in inferred:
+            unc = inferred.loc[held_out, uncertainty_column(param)].to_numpy(float)
+            points[param] = (unc, per_image)
+            rows[-1]["spearman"] = calibration(unc, per_image)
+            log.info("%s: uncertainty calibration Spearman %.2f", param, rows[-1]["spearman"])
     with atomic_path(args.out_json) as tmp:
         tmp.write_text(json.dumps({"images": len(held_out), "set": which, "networks": rows}))
     with atomic_path(args.out_md) as tmp:
         tmp.write_text(markdown(rows, len(held_out), which))
+    calibration_figure(points, args.out_figure)

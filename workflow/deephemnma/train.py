@@ -1,11 +1,12 @@
-"""train: one ResNet per parameter type (amplitudes | angles | shifts) on labelled images.
+"""train: one network per parameter type (amplitudes | angles | shifts) on labelled images.
 
 Optionally pretrained first on synthetic images of the flexible model (`deephemnma synthesize`:
 exact labels, the data's CTFs and noise level, fresh noise every epoch), then fine-tuned on the
 labelled images. Images are Fourier-cropped to a working box and normalised per image, the same in
 training and inference (`nets.preprocess`). Targets are standardised with training-set statistics
-stored in the checkpoint; orientations are regressed in the continuous 6D representation (chordal
-loss) by default, or as quaternions / Euler angles (the paper's ablation). Augmentation is
+stored in the checkpoint; orientations are classified over a rotation grid with soft targets by
+default (`nets.ANGLE_OUTPUTS`), or regressed in the 6D representation (chordal loss), as
+quaternions or Euler angles (the paper's ablation). Augmentation is
 label-consistent: an in-plane rotation by α and a translation t turn (psi, d) into
 (psi + α, Rz(α) d + t) and leave amplitudes unchanged; only exact pixel permutations are used
 (quarter turns, integer shifts), so augmented images keep the noise statistics of real ones.
@@ -46,12 +47,21 @@ from .io import (
     require_file,
     save_figure,
 )
-from .nets import ResNet, bf16_supported, n_parameters, preprocess
+from .nets import (
+    ANGLE_OUTPUTS,
+    ARCHS,
+    bf16_supported,
+    build_network,
+    decode_angles,
+    grid_targets,
+    n_outputs,
+    n_parameters,
+    preprocess,
+)
 
 log = logging.getLogger(__name__)
 PARAMS = ("amplitudes", "angles", "shifts")
 LABEL_KEYS = ("euler", "shifts", "amplitudes")
-ANGLE_OUTPUTS = {"6d": 6, "quaternion": 4, "euler": 3}
 
 
 # ----------------------------------------------------------------------------- labels
@@ -70,21 +80,9 @@ def target_values(
         return amps
     if param == "shifts":
         return shifts
-    if angle_repr == "6d":
+    if angle_repr in ("6d", "so3grid"):  # so3grid: the rotation, to build the soft target from
         return geometry.matrix_to_sixd(geometry.euler_to_matrix(euler))
     return geometry.euler_to_quaternion(euler) if angle_repr == "quaternion" else euler
-
-
-def outputs_to_euler(values: np.ndarray, angle_repr: str) -> np.ndarray:
-    """ZYZ Euler angles (n, 3) in degrees from angle-network outputs (n, 6 | 4 | 3)."""
-    v = values.astype(np.float64)
-    if angle_repr == "6d":
-        return geometry.matrix_to_euler(geometry.sixd_to_matrix(torch.from_numpy(v))).numpy()
-    return geometry.quaternion_to_euler(v) if angle_repr == "quaternion" else v
-
-
-def n_outputs(param: str, angle_repr: str, n_modes: int) -> int:
-    return {"amplitudes": n_modes, "shifts": 2}.get(param, ANGLE_OUTPUTS[angle_repr])
 
 
 def quaternion_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -216,6 +214,11 @@ def loss_and_metric(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training loss and the summed metric (degrees, amplitude units or pixels) of a batch."""
     pred = pred.float()
+    if param == "angles" and angle_repr == "so3grid":
+        ref = geometry.sixd_to_matrix(target)
+        loss = -(grid_targets(ref) * torch.log_softmax(pred, -1)).sum(-1).mean()
+        rot, _ = decode_angles(pred.detach(), angle_repr)
+        return loss, geometry.matrix_distance_deg(rot, ref).sum()
     if param == "angles" and angle_repr == "6d":
         rot, ref = geometry.sixd_to_matrix(pred), geometry.sixd_to_matrix(target)
         loss = ((rot - ref) ** 2).sum((-2, -1)).mean()  # chordal: 4 (1 - cos angle)
@@ -317,14 +320,14 @@ def train(args: argparse.Namespace) -> None:
         args.angle_repr,
         *(torch.tensor(labels[k][train_rows]) for k in ("euler", "shifts", "amplitudes")),
     )
+    n_out = n_outputs(args.param, args.angle_repr, len(modes))
     mean, std = tgt.mean(0).float(), tgt.std(0).float().clamp_min(1e-6)
     if args.param == "angles" and args.angle_repr != "euler":
-        mean, std = torch.zeros_like(mean), torch.ones_like(std)
+        mean, std = torch.zeros(n_out), torch.ones(n_out)
     val_labels = {k: v[val_rows] for k, v in labels.items()}
     base_val = quality.baseline({k: v[train_rows] for k, v in labels.items()}, len(val_rows))
     baseline_error = float(quality.errors(args.param, base_val, val_labels).mean())
-    n_out = n_outputs(args.param, args.angle_repr, len(modes))
-    model = ResNet(args.arch, n_out).to(device).to(memory_format=torch.channels_last)
+    model = build_network(args.arch, n_out).to(device).to(memory_format=torch.channels_last)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
@@ -516,11 +519,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", choices=PARAMS, required=True)
     p.add_argument("--labels", required=True, help="labelled particle STAR")
     p.add_argument("--split", required=True, help="split CSV")
+    p.add_argument("--arch", default="resnet34", choices=ARCHS, help=d)
     p.add_argument(
-        "--arch", default="resnet34", choices=["resnet18", "resnet34", "resnet50", "resnet101"]
-    )
-    p.add_argument(
-        "--angle-repr", default="6d", choices=list(ANGLE_OUTPUTS), help="angle output" + d
+        "--angle-repr", default="so3grid", choices=list(ANGLE_OUTPUTS), help="angle output" + d
     )
     p.add_argument(
         "--box",
