@@ -6,10 +6,12 @@ Usage: python bench/reconstruct.py [--cases 250:none,2000:0.1] [--n-timing 10000
 The particles come from an independent reference simulator written here (not deephemnma's
 simulate): the exact continuous Fourier transform of the model's Gaussian atoms evaluated on each
 image's DFT grid (a separable sum over atoms), times torch-ctf's CTF, plus white noise of one level
-for all images (SNR = mean signal variance / noise variance). The true map is the same Fourier transform on the 3D DFT grid, so the Fourier slice theorem
-holds exactly between particles and truth. Both tools get the same STAR, stack and true poses;
+for all images (SNR = mean signal variance / noise variance). The true map is the same Fourier
+transform on the 3D DFT grid, so the Fourier slice theorem holds exactly between particles and
+truth. Both tools get the same STAR, stack and true poses;
 cryoDRGN 4.3.1 (`backproject_voxel`) is installed into a temporary virtual environment (CPU torch
-first) and skipped with a message when that fails. The timing row uses N random images (the cost
+first) and skipped with a message when that fails; its maps are scored as they are and
+multiplied by the same soft sphere as ours. The timing row uses N random images (the cost
 does not depend on their content).
 """
 
@@ -33,7 +35,7 @@ from torch_ctf import calculate_ctf_2d
 from deephemnma import geometry
 from deephemnma.fsc import fsc_curve, resolution
 from deephemnma.io import ParticleSet, StackWriter, load_model, optics_table, write_star
-from deephemnma.reconstruct import reconstruct_halves
+from deephemnma.reconstruct import reconstruct_halves, soft_sphere
 
 REPO = Path(__file__).resolve().parents[1]
 BOX, PX, SIGMA, KV, CS, AC = 128, 1.1, 1.0, 300.0, 2.7, 0.1
@@ -188,7 +190,14 @@ def cryodrgn(exe: Path, d: Path, truth: np.ndarray) -> dict:
     read = lambda name: mrcfile.read(d / "cdrgn" / name).astype(np.float32)
     halves = [d / "cdrgn" / n for n in ("half_map_a.mrc", "half_map_b.mrc")]
     h1, h2 = (read(h.name) for h in halves) if all(h.exists() for h in halves) else (None, None)
-    return {"wall time": dt, **scores(read("backproject.mrc"), h1, h2, truth)}
+    full = read("backproject.mrc")
+    # the same soft sphere as ours, so that the comparison is of the maps, not of the mask
+    m = soft_sphere(BOX).numpy()
+    masked = [None if v is None else v * m for v in (full, h1, h2)]
+    return [
+        {"tool": "cryoDRGN backproject_voxel", "wall time": dt, **scores(full, h1, h2, truth)},
+        {"tool": "cryoDRGN, our soft sphere", "wall time": dt, **scores(*masked, truth)},
+    ]
 
 
 def timing(n: int, box: int) -> float:
@@ -261,9 +270,8 @@ def main() -> None:
             rows.append({"particles": label, "tool": "deephemnma reconstruct",
                          **ours(d, truth)})  # fmt: skip
             if exe is not None:
-                rows.append({"particles": label, "tool": "cryoDRGN backproject_voxel",
-                             **cryodrgn(exe, d, truth)})  # fmt: skip
-            print(pd.DataFrame(rows[-2:]).to_string(index=False), flush=True)
+                rows += [{"particles": label, **r} for r in cryodrgn(exe, d, truth)]
+            print(pd.DataFrame(rows[-3:]).to_string(index=False), flush=True)
         os.chdir(cwd)
     if rows:
         table = pd.DataFrame(rows)

@@ -73,7 +73,7 @@ class FourierAccumulator:
         )
         c = half if ctf is None else ctf.flatten(1)[:, flat_keep].float() * half
         f = f * c
-        w2 = c * (1.0 if ctf is None else c / half)
+        w2 = c * c / half  # CTF² (1 without a CTF), halved on kx = 0
         rot = rot.float() * self.pad
         k3 = kx[None, :, None] * rot[:, None, 0, :] + ky[None, :, None] * rot[:, None, 1, :]
         mirror = k3[..., :1] < 0  # store -k with the conjugate value
