@@ -3,13 +3,14 @@
 Usage: python bench/profile_hemnma.py [--boxes 64,128] [--n-images 16] [--batch 8]
 
 Simulates open-AK particles as bench/hemnma.py does (modes 7-9, CTF, SNR 0.1), aligns them once
-without the profiler after a one-batch warm-up (the seconds per image per core) and once under torch.profiler, with the
-stages marked by wrapping, in this process only, the functions hemnma calls: the global search,
-the targets (Fourier crop, CTF), the projector, the FFT of the projections, the correlation, the
-rotation (matrix exponential), backward, and the Adam step. Each stage's time is inclusive of
-what it calls (the targets' FFTs are counted under "FFT forward" as well); "FFTs in all" adds
-the forward and backward FFT kernels, and "outside aten kernels" is the profiled wall time less
-the aten kernels' own time (Python, autograd bookkeeping, dispatch; inflated by the profiler).
+without the profiler after a one-batch warm-up (the seconds per image per core) and once under
+torch.profiler, with the stages marked by wrapping, in this process only, the functions hemnma
+calls: the global search, the targets (Fourier crop, CTF), the projector, the FFT of the
+projections, the correlation, the rotation (matrix exponential), backward, and the Adam step.
+Each stage's time is inclusive of what it calls (the targets' FFTs are counted under "FFT
+forward" as well); "FFTs in all" adds the forward and backward FFT kernels, and "outside aten
+kernels" is the profiled wall time less the aten kernels' own time (Python, autograd
+bookkeeping, dispatch; inflated by the profiler).
 """
 
 import argparse
