@@ -5,11 +5,12 @@ Usage: python bench/scale.py [--sizes 10000,100000] [--workers 2]
 Per size: `deephemnma simulate` (CTF, SNR 0.1, projected at 1× rather than 2× oversampled to save
 time, streamed into stacks), `infer` with an untrained ResNet-18 amplitude network on 32-px inputs
 (Fourier-cropped from 64 px; the point is memory, not accuracy) reading the stacks memory-mapped,
-`space` (PCA + k-means on the simulated amplitudes) and `reconstruct` of group 0. Each stage runs in its own process; a
-thread samples /proc/self/status every 20 ms and reports the peak of the process's anonymous
-memory (RssAnon: what the stage allocates) and of its whole resident set (VmHWM, which also counts
-pages of memory-mapped stacks that were read), plus the peak of its children (DataLoader
-workers). Prints one table: per stage, the peaks at each size and their ratio.
+`space` (PCA + k-means on the simulated amplitudes) and `reconstruct` of group 0. Each stage runs
+in its own process; a thread samples /proc/self/status every 20 ms and reports the peak of the
+process's anonymous memory (RssAnon: what the stage allocates) and of its whole resident set
+(VmHWM, which also counts pages of memory-mapped stacks that were read), plus the peak of its
+children (DataLoader workers). Prints one table: per stage, the peaks at each size and their
+ratio.
 """
 
 import argparse
