@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,21 @@ from torch_fourier_shell_correlation import fourier_shell_correlation
 
 from .io import InputError, atomic_path, load_model, pyplot, read_mrc, save_figure, write_mrc
 from .model import read_structure
-from .reconstruct import model_map
 
 log = logging.getLogger(__name__)
+
+
+def model_map(
+    coords: np.ndarray, weights: np.ndarray, box: int, pixel_size: float, sigma_angstrom: float
+) -> np.ndarray:
+    """Density (D, D, D) [z, y, x] of Gaussian atoms, centre at D // 2 (matches the projector)."""
+    x = torch.tensor(coords, dtype=torch.float64) / pixel_size + box // 2
+    g = torch.arange(box, dtype=torch.float64)
+    s = sigma_angstrom / pixel_size
+    gx, gy, gz = (torch.exp(-((g - x[:, i : i + 1]) ** 2) / (2 * s * s)) for i in range(3))
+    w = torch.tensor(weights, dtype=torch.float64)[:, None]
+    vol = (gz * w).T @ (gy[:, :, None] * gx[:, None, :]).reshape(len(x), -1)
+    return (vol.reshape(box, box, box) / ((2 * math.pi) ** 1.5 * sigma_angstrom**3)).float().numpy()
 
 
 def fsc_curve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
