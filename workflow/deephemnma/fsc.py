@@ -70,17 +70,21 @@ def fsc_figure(table: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--half1", required=True)
-    p.add_argument("--half2", required=True)
-    p.add_argument("--map", required=True)
+    p.add_argument("--half1", required=True, help="half-map 1 (MRC)")
+    p.add_argument("--half2", required=True, help="half-map 2 (MRC)")
+    p.add_argument("--map", required=True, help="full map (MRC)")
     p.add_argument("--centroid-pdb", required=True, help="atomic model at the group's centroid")
     p.add_argument("--model", required=True, help="model.npz (scattering weights)")
-    p.add_argument("--sigma-angstrom", type=float, default=1.0)
-    p.add_argument("--name", default="group")
-    p.add_argument("--out-model-map", required=True)
-    p.add_argument("--out-csv", required=True)
-    p.add_argument("--out-json", required=True)
-    p.add_argument("--out-figure", required=True)
+    p.add_argument(
+        "--sigma-angstrom", type=float, default=1.0, help="atom Gaussian width of the model map (Å)"
+    )
+    p.add_argument("--name", default="group", help="name in the figure and tables")
+    p.add_argument(
+        "--out-model-map", required=True, help="map simulated from the centroid model (MRC)"
+    )
+    p.add_argument("--out-csv", required=True, help="FSC curves (CSV)")
+    p.add_argument("--out-json", required=True, help="resolutions at 0.5 and 0.143 (JSON)")
+    p.add_argument("--out-figure", required=True, help="FSC curves (PNG)")
 
 
 def main(args: argparse.Namespace) -> None:

@@ -762,20 +762,50 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", nargs="+", required=True, help="modes.npz, one per reference")
     p.add_argument("--out", required=True, help="output STAR")
     d = AlignSettings()
-    p.add_argument("--coarse-box", type=int, default=d.coarse_box)
-    p.add_argument("--n-directions", type=int, default=d.n_directions)
-    p.add_argument("--psi-step", type=float, default=d.psi_step)
-    p.add_argument("--candidates", type=int, default=d.candidates)
+    p.add_argument(
+        "--coarse-box",
+        type=int,
+        default=d.coarse_box,
+        help="box of the global search and the first refinement",
+    )
+    p.add_argument(
+        "--n-directions",
+        type=int,
+        default=d.n_directions,
+        help="projection directions of the search grid",
+    )
+    p.add_argument(
+        "--psi-step",
+        type=float,
+        default=d.psi_step,
+        help="in-plane step of the search grid (degrees)",
+    )
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=d.candidates,
+        help="orientations kept from the search for refinement",
+    )
     p.add_argument(
         "--gallery-amplitude",
         type=float,
         default=d.gallery_amplitude,
         help="gallery models deformed by ± this along each mode (0: undeformed only)",
     )
-    p.add_argument("--max-shift-px", type=float, default=d.max_shift_px)
-    p.add_argument("--iterations", type=int, nargs=2, default=list(d.iterations))
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--sigma-angstrom", type=float, default=d.sigma_angstrom)
+    p.add_argument(
+        "--max-shift-px", type=float, default=d.max_shift_px, help="largest shift searched (pixels)"
+    )
+    p.add_argument(
+        "--iterations",
+        type=int,
+        nargs=2,
+        default=list(d.iterations),
+        help="refinement iterations at the coarse box, then at the full box",
+    )
+    p.add_argument("--batch", type=int, default=d.batch, help="images aligned at once")
+    p.add_argument(
+        "--sigma-angstrom", type=float, default=d.sigma_angstrom, help="atom Gaussian width (Å)"
+    )
     p.add_argument(
         "--amplitude-prior",
         type=float,
@@ -789,8 +819,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="search: global search; priors: local refinement from the consensus pose "
         "(_rlnAngleRotPrior...); network: local refinement from the STAR's pose and amplitudes",
     )
-    p.add_argument("--local-max-angle-deg", type=float, default=d.local_max_angle_deg)
-    p.add_argument("--local-max-shift-px", type=float, default=d.local_max_shift_px)
+    p.add_argument(
+        "--local-max-angle-deg",
+        type=float,
+        default=d.local_max_angle_deg,
+        help="local mode: largest rotation from the start (degrees)",
+    )
+    p.add_argument(
+        "--local-max-shift-px",
+        type=float,
+        default=d.local_max_shift_px,
+        help="local mode: largest shift from the start (pixels)",
+    )
     p.add_argument(
         "--local-iterations",
         type=int,

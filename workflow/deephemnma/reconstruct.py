@@ -206,14 +206,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tau2-fudge", type=float, default=1.0, help="× the SSNR from the half-maps' FSC"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the half-set split")
+    p.add_argument("--batch", type=int, default=32, help="images inserted at once")
     p.add_argument(
         "--roots", nargs="*", default=[], help="extra folders the stack paths resolve against"
     )
-    p.add_argument("--out-half1", required=True)
-    p.add_argument("--out-half2", required=True)
-    p.add_argument("--out-map", required=True)
+    p.add_argument("--out-half1", required=True, help="half-map 1 (MRC)")
+    p.add_argument("--out-half2", required=True, help="half-map 2 (MRC)")
+    p.add_argument("--out-map", required=True, help="full map (MRC)")
 
 
 def main(args: argparse.Namespace) -> None:
