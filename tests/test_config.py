@@ -71,7 +71,7 @@ def filled_config(**changes):
             "('particles.simulate.n_images')",
         ),
         (
-            {"hemnma.subset": 1199},
+            {"hemnma.subset": 1199, "hybrid.enabled": True},
             "key 'hybrid.shards': 2 shards for the 1 images without HEMNMA values",
         ),
         (

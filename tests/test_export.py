@@ -7,8 +7,8 @@ import starfile
 
 from deephemnma import export, reconstruct, relion
 from deephemnma.cli import main as cli
+from deephemnma.fsc import model_map
 from deephemnma.io import POSE_COLUMNS, InputError, ParticleSet, load_model, read_star
-from deephemnma.reconstruct import model_map
 
 BOX, PX, WORK = 48, 2.2, 32
 

@@ -206,8 +206,8 @@ def test_pseudo_atoms_recover_gaussian_blobs():
 def test_pseudo_atoms_of_a_protein_map_reach_the_target(adk_atoms, tmp_path):
     """A 10 Å-ish map of AK: the count grows until the relative error is within the target; the
     workflow's prepare-model reads the pseudo-atoms with their weights."""
+    from deephemnma.fsc import model_map
     from deephemnma.io import write_mrc
-    from deephemnma.reconstruct import model_map
 
     vol = model_map(adk_atoms.getCoords(), adk_atoms.getData("weight"), 32, 4.4, 4.4)
     write_mrc(tmp_path / "ak.mrc", vol, 4.4)

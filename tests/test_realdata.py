@@ -12,8 +12,8 @@ import yaml
 
 from deephemnma import model as model_mod
 from deephemnma.cli import main as cli
+from deephemnma.fsc import model_map
 from deephemnma.io import read_mrc, write_mrc
-from deephemnma.reconstruct import model_map
 
 from .conftest import OPEN_PDB, REPO
 

@@ -80,7 +80,7 @@ class AlignSettings:
     start: str = "search"  # search (global) | priors | network (local, from a given pose)
     local_max_angle_deg: float = 10.0  # local mode: rotation kept this close to the start
     local_max_shift_px: float = 3.0  # local mode: shift kept this close to the start
-    local_iterations: tuple[int, int] = (30, 30)
+    local_iterations: tuple[int, int] = (25, 25)
     local_lr_amplitude: float = 12.0  # local mode: fewer iterations, larger amplitude steps
     local_flip: bool = False  # local mode: also start from the 180° in-plane flip
 
