@@ -142,3 +142,26 @@ def test_an_em_map_only_as_the_first_structure(tmp_path):
     assert (
         "config key 'structure': only the first structure may be an EM map" in r.stdout + r.stderr
     )
+
+
+def test_every_cli_option_has_help_and_shows_its_default():
+    """`deephemnma VERB --help` explains every option; defaults come from one formatter."""
+    import argparse
+
+    from deephemnma.cli import VERBS, build_parser
+
+    for verb in VERBS:
+        parser = build_parser(verb)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parsers = [sub.choices[verb]]
+        for action in sub.choices[verb]._actions:  # nested steps (hybrid select|combine)
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += list(action.choices.values())
+        for p in parsers:
+            for action in p._actions:
+                if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                    continue
+                assert action.help, f"{verb} {action.option_strings}: no help"
+                shown = "%(default)" in p._get_formatter()._get_help_string(action)
+                has_default = action.default not in (None, argparse.SUPPRESS) and action.nargs != 0
+                assert shown == (has_default and not action.required), (verb, action.dest)

@@ -53,9 +53,9 @@ def cost_figure(cost: pd.Series, flagged: pd.Series, path: str) -> None:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shards", nargs="+", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--out-figure", required=True)
+    p.add_argument("--shards", nargs="+", required=True, help="aligned HEMNMA shard STARs")
+    p.add_argument("--out", required=True, help="gathered HEMNMA STAR")
+    p.add_argument("--out-figure", required=True, help="cost histogram (PNG)")
     p.add_argument(
         "--flag-z",
         type=float,
