@@ -22,8 +22,8 @@ from .io import InputError, pyplot, read_star, save_figure, write_star
 log = logging.getLogger(__name__)
 
 
-SEPARATION = 3.0  # Ashman's D between the two cost groups for the lower one to be the baseline
-MIN_GROUP = 20  # images in each group (and twice that in all) before a split is considered
+SEPARATION = 4.0  # Ashman's D between the two cost groups for the lower one to be the baseline
+MIN_GROUP = 20  # images in each group (and 5× that in all) before a split is considered
 
 
 def robust_z(cost: np.ndarray, baseline: np.ndarray | None = None) -> np.ndarray:
@@ -43,7 +43,7 @@ def explained_group(cost: np.ndarray) -> np.ndarray:
     (Ashman's D ≥ SEPARATION of a two-component Gaussian mixture), else all of them."""
     cost = np.asarray(cost, dtype=np.float64)
     everything = np.ones(len(cost), dtype=bool)
-    if len(cost) < 2 * MIN_GROUP:
+    if len(cost) < 5 * MIN_GROUP:
         return everything
     from sklearn.mixture import GaussianMixture
 
@@ -95,7 +95,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--flag-z",
         type=float,
         default=3.0,
-        help="flag images whose cost robust z-score exceeds this",
+        help="flag images whose cost robust z-score (against the lower of two clearly separated "
+        "cost groups, if any) exceeds this",
     )
 
 
