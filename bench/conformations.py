@@ -66,11 +66,11 @@ def refine_from_truth(
     """Full-box refinement of every image started at its true pose and least-squares amplitudes:
     (objective (B,), refined Euler angles (B, 3))."""
     t = lambda x: torch.as_tensor(x, dtype=torch.float32)
-    objective, out = [], []
+    objective, found = [], []
     for start in range(0, len(images), 32):
         r = np.arange(start, min(start + 32, len(images)))
         target = hemnma.make_target(t(images[r]), ctf, r, al.box, al.px, True)
-        rot, _, _, _, obj = hemnma.refine(
+        out = hemnma.refine(
             target,
             al.coords,
             al.modes,
@@ -83,9 +83,9 @@ def refine_from_truth(
             al.box,
             al.prior_sd,
         )
-        objective.append(obj.numpy())
-        out.append(geometry.matrix_to_euler(rot.double()).numpy())
-    return np.concatenate(objective), np.concatenate(out)
+        objective.append(out[4].numpy())
+        found.append(geometry.matrix_to_euler(out[0].double()).numpy())
+    return np.concatenate(objective), np.concatenate(found)
 
 
 def main() -> None:
