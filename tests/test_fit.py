@@ -19,7 +19,7 @@ COARSE = 500  # modes on the CA atoms, extended to all: fast enough to recompute
 def open_closed(adk_atoms):
     """Open AK (3 modes) and closed AK superposed on it, as references."""
     refs = []
-    for ag in (adk_atoms, model_mod.prepare_model(CLOSED_PDB, "heavy", None, None, 500)):
+    for ag in (adk_atoms, model_mod.prepare_model(CLOSED_PDB, "heavy", None)):
         _, evals, modes = nma_mod.compute_modes(ag, 3, 15.0, 1.0, COARSE)
         weights = model_mod.scattering_weights(ag.getElements())
         refs.append(
