@@ -51,7 +51,7 @@ def test_fit_moves_the_open_model_to_the_closed_map(open_closed):
     )
     end = rmsd(fitted.coords, cl.coords)
     print(f"RMSD to closed {start:.2f} -> {end:.2f} Å, correlation per round {np.round(cc, 4)}")
-    assert start > 6.5 and end < 4.2 and cc[-1] > 0.93
+    assert start > 6.5 and end < 4.5 and cc[-1] > 0.93
     # fitted into its own map, the model stays where it is
     same, _ = fit_to_map(
         op, model_map(op.coords, op.weights, BOX, PX, SIGMA), PX, SIGMA, 1, coarse_above=COARSE
