@@ -264,6 +264,9 @@ def test_superpose_recovers_a_rigid_motion(two_states):
 
 
 def test_several_references_each_image_keeps_its_own(two_states):
+    """Each image keeps its state's reference, and the mixture separates on PC1 of the space.
+    (Against the open model alone it does not, even without noise: 3 of the 4 closed particles
+    get poses 76-112 degrees off and amplitudes anywhere along the modes.)"""
     refs, images, ctf, table, state = two_states
     cpu, s = torch.device("cpu"), small_settings()
     aligners = [hemnma.Aligner.from_reference(r, 32, 4.4, s, cpu) for r in refs]
@@ -279,6 +282,17 @@ def test_several_references_each_image_keeps_its_own(two_states):
     assert np.abs(lsq - [-212, 111, -35]).max() < 5  # 1AKE on 4AKE modes 7-9
     np.testing.assert_allclose(amps[state == 1], np.tile(lsq, (4, 1)), atol=30)
     assert np.abs(amps[state == 0]).max() < 30
+    assert separated_on_pc1(amps, state)
+
+
+def separated_on_pc1(amps: np.ndarray, state: np.ndarray) -> bool:
+    """Whether PC1 of the space (PCA of the amplitudes) puts the two states on either side."""
+    from deephemnma.space import PCA
+
+    pc1 = PCA.fit(amps).transform(amps)[:, 0]
+    print(f"PC1 open {pc1[state == 0].round(1)}, closed {pc1[state == 1].round(1)}")
+    a, b = pc1[state == 0], pc1[state == 1]
+    return bool(a.max() < b.min() or b.max() < a.min())
 
 
 def test_quality_flag_marks_a_structure_the_model_does_not_explain(two_states):
@@ -296,6 +310,22 @@ def test_quality_flag_marks_a_structure_the_model_does_not_explain(two_states):
         {"dhCost": np.r_[res["cost"], res["cost"] + 1], "dhReference": [1] * 5 + [2] * 5}
     )
     np.testing.assert_allclose(cost_z(two), np.r_[z, z])
+
+
+def test_quality_flag_when_half_the_population_is_unexplained():
+    """Two separated cost groups: the lower sets the baseline, so the upper half is flagged
+    (the median and MAD of all would call it typical); one skewed group is not split."""
+    from deephemnma.gather import cost_z, robust_z
+
+    rng = np.random.default_rng(0)
+    state = np.repeat([0, 1], 100)
+    cost = np.where(state == 0, rng.normal(0.62, 0.012, 200), rng.normal(0.69, 0.015, 200))
+    z = cost_z(pd.DataFrame({"dhCost": cost}))
+    assert (z[state == 1] > 3).mean() > 0.95 and (z[state == 0] > 3).mean() < 0.02
+    assert (robust_z(cost)[state == 1] > 3).mean() < 0.1  # what the plain robust z-score does
+    np.testing.assert_allclose(z[:100], robust_z(cost[:100]), atol=0.3)
+    skewed = 0.5 + rng.gamma(2.0, 0.02, 400)
+    np.testing.assert_array_equal(cost_z(pd.DataFrame({"dhCost": skewed})), robust_z(skewed))
 
 
 def test_amplitude_prior_pulls_noise_to_zero_and_leaves_data_alone(two_states):

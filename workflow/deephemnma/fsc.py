@@ -20,17 +20,25 @@ from .model import read_structure
 log = logging.getLogger(__name__)
 
 
+def density(
+    coords: torch.Tensor, weights: torch.Tensor, box: int, pixel_size: float, sigma_angstrom: float
+) -> torch.Tensor:
+    """Density (D, D, D) [z, y, x] of Gaussian atoms at `coords` (N, 3) Å, centre at D // 2
+    (matches the projector); differentiable in the coordinates."""
+    x = coords / pixel_size + box // 2
+    g = torch.arange(box, dtype=coords.dtype, device=coords.device)
+    s = sigma_angstrom / pixel_size
+    gx, gy, gz = (torch.exp(-((g - x[:, i : i + 1]) ** 2) / (2 * s * s)) for i in range(3))
+    vol = (gz * weights[:, None]).T @ (gy[:, :, None] * gx[:, None, :]).reshape(len(x), -1)
+    return vol.reshape(box, box, box) / ((2 * math.pi) ** 1.5 * sigma_angstrom**3)
+
+
 def model_map(
     coords: np.ndarray, weights: np.ndarray, box: int, pixel_size: float, sigma_angstrom: float
 ) -> np.ndarray:
     """Density (D, D, D) [z, y, x] of Gaussian atoms, centre at D // 2 (matches the projector)."""
-    x = torch.tensor(coords, dtype=torch.float64) / pixel_size + box // 2
-    g = torch.arange(box, dtype=torch.float64)
-    s = sigma_angstrom / pixel_size
-    gx, gy, gz = (torch.exp(-((g - x[:, i : i + 1]) ** 2) / (2 * s * s)) for i in range(3))
-    w = torch.tensor(weights, dtype=torch.float64)[:, None]
-    vol = (gz * w).T @ (gy[:, :, None] * gx[:, None, :]).reshape(len(x), -1)
-    return (vol.reshape(box, box, box) / ((2 * math.pi) ** 1.5 * sigma_angstrom**3)).float().numpy()
+    t = lambda a: torch.tensor(a, dtype=torch.float64)
+    return density(t(coords), t(weights), box, pixel_size, sigma_angstrom).float().numpy()
 
 
 def fsc_curve(a: np.ndarray, b: np.ndarray) -> np.ndarray:

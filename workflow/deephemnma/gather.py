@@ -2,12 +2,17 @@
 
 An image whose cost is far above the population's (robust z-score `dhCostZ` from the median and
 MAD, per reference when there are several) is one the model does not explain: `dhFlagged` = 1.
+When the costs fall in two clearly separated groups (a two-component Gaussian mixture whose
+components are at least `SEPARATION` apart in Ashman's D), e.g. half the particles in a state the
+model does not reach, the median and MAD are those of the lower group: a population that is half
+unexplained does not make its unexplained half typical.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 
 import numpy as np
 import pandas as pd
@@ -17,23 +22,53 @@ from .io import InputError, pyplot, read_star, save_figure, write_star
 log = logging.getLogger(__name__)
 
 
-def robust_z(cost: np.ndarray) -> np.ndarray:
-    """(cost - median) / (1.4826 · MAD): a z-score that outliers do not inflate."""
+SEPARATION = 4.0  # Ashman's D between the two cost groups for the lower one to be the baseline
+MIN_GROUP = 20  # images in each group (and 5× that in all) before a split is considered
+
+
+def robust_z(cost: np.ndarray, baseline: np.ndarray | None = None) -> np.ndarray:
+    """(cost - median) / (1.4826 · MAD), median and MAD of `baseline` (default: all costs): a
+    z-score that outliers do not inflate."""
     cost = np.asarray(cost, dtype=np.float64)
     if len(cost) == 0:
         return cost
-    med = np.median(cost)
-    mad = 1.4826 * np.median(np.abs(cost - med))
+    ref = cost if baseline is None else np.asarray(baseline, dtype=np.float64)
+    med = np.median(ref)
+    mad = 1.4826 * np.median(np.abs(ref - med))
     return (cost - med) / max(mad, 1e-12)
 
 
+def explained_group(cost: np.ndarray) -> np.ndarray:
+    """Boolean mask of the costs that set the baseline: the lower of two clearly separated groups
+    (Ashman's D ≥ SEPARATION of a two-component Gaussian mixture), else all of them."""
+    cost = np.asarray(cost, dtype=np.float64)
+    everything = np.ones(len(cost), dtype=bool)
+    if len(cost) < 5 * MIN_GROUP:
+        return everything
+    from sklearn.mixture import GaussianMixture
+
+    x = robust_z(cost)[:, None]  # unit scale for the mixture's regularisation
+    gm = GaussianMixture(2, n_init=3, random_state=0).fit(x)
+    mu, var = gm.means_[:, 0], gm.covariances_.reshape(2)
+    d = math.sqrt(2.0) * abs(mu[0] - mu[1]) / math.sqrt(var[0] + var[1])
+    low = gm.predict(x) == int(np.argmin(mu))
+    if d < SEPARATION or min(low.sum(), (~low).sum()) < MIN_GROUP:
+        return everything
+    return low
+
+
 def cost_z(parts: pd.DataFrame) -> np.ndarray:
-    """Robust z-score of `dhCost`, per `dhReference` when the column exists."""
-    if "dhReference" not in parts:
-        return robust_z(parts["dhCost"].to_numpy())
+    """Robust z-score of `dhCost` against the explained group's median and MAD, per
+    `dhReference` when the column exists."""
+    cost = parts["dhCost"].to_numpy()
+    groups = (
+        parts.groupby("dhReference").indices.values()
+        if "dhReference" in parts
+        else [np.arange(len(parts))]
+    )
     z = np.zeros(len(parts))
-    for _, rows in parts.groupby("dhReference").indices.items():
-        z[rows] = robust_z(parts["dhCost"].to_numpy()[rows])
+    for rows in groups:
+        z[rows] = robust_z(cost[rows], cost[rows][explained_group(cost[rows])])
     return z
 
 
@@ -60,7 +95,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--flag-z",
         type=float,
         default=3.0,
-        help="flag images whose cost robust z-score exceeds this",
+        help="flag images whose cost robust z-score (against the lower of two clearly separated "
+        "cost groups, if any) exceeds this",
     )
 
 
