@@ -152,3 +152,18 @@ def test_export_errors(originals, tmp_path):
         export.export_group(group, d / "r31.star", BOX)
     with pytest.raises(InputError, match="lacks _dhSourceImageName"):
         export.export_group(group.drop(columns="dhSourceImageName"), d / "r31.star", BOX)
+
+
+def test_export_cli_refuses_an_optics_box_the_stacks_do_not_have(originals, tmp_path, capsys):
+    d, _ = originals
+    blocks = starfile.read(d / "r31.star", always_dict=True)
+    blocks["optics"]["rlnImageSize"] = 32  # the stacks hold 48-pixel images
+    starfile.write(blocks, d / "box32.star", overwrite=True)
+    group = blocks["particles"].iloc[:2][["rlnImageName", *POSE_COLUMNS]].copy()
+    group["dhSourceImageName"] = group["rlnImageName"]
+    starfile.write({"optics": blocks["optics"], "particles": group}, tmp_path / "g.star")
+    argv = ["export", "--group", str(tmp_path / "g.star"), "--original", str(d / "box32.star")]
+    assert cli([*argv, "--out", str(tmp_path / "o.star")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "box32.star: rlnImageSize [32] but the stacks hold 48-pixel" in err[0]
+    assert not (tmp_path / "o.star").exists()

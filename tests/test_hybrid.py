@@ -8,7 +8,15 @@ import torch
 
 from deephemnma import geometry, hemnma, hybrid, relion
 from deephemnma.cli import main as cli
-from deephemnma.io import InputError, ParticleSet, load_model, load_modes, write_mrc
+from deephemnma.io import (
+    InputError,
+    ParticleSet,
+    load_model,
+    load_modes,
+    optics_table,
+    write_mrc,
+    write_star,
+)
 
 from .test_hemnma import simulate
 
@@ -201,3 +209,23 @@ def test_combine_replaces_refined_values_and_marks_them():
     refined["rlnImageName"] = ["9@s.mrcs", "3@s.mrcs"]
     with pytest.raises(InputError, match=r"r\.star: image 9@s\.mrcs is not in the merged STAR"):
         hybrid.combine(t, refined, "r.star")
+
+
+def test_select_and_combine_refuse_a_bad_fraction_and_overlapping_shards(tmp_path, capsys):
+    optics = optics_table(2.2, 64, 200.0, 2.0, 0.1)
+    t = merged_table()
+    write_star(tmp_path / "m.star", optics, t)
+    write_star(tmp_path / "r.star", optics, t.iloc[[2, 3]])
+    runs = [
+        (["select", "--fraction", "2", "--out", str(tmp_path / "s.star")], "--fraction 2: must be"),
+        (
+            ["combine", "--refined", str(tmp_path / "r.star"), str(tmp_path / "r.star")]
+            + ["--out", str(tmp_path / "h.star")],
+            "image 3@s.mrcs is in two refined shards",
+        ),
+    ]
+    for argv, message in runs:
+        rc = cli(["hybrid", argv[0], "--merged", str(tmp_path / "m.star"), *argv[1:]])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "s.star").exists() and not (tmp_path / "h.star").exists()

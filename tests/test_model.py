@@ -278,3 +278,42 @@ def test_nma_cli_explicit_modes_and_overlap(tmp_path):
     assert sorted(p.name for p in (tmp_path / "anim-dir").iterdir()) == [
         "mode12.pdb", "mode7.pdb", "mode9.pdb"
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "modes, message",
+    [
+        (["7", "999"], "993 non-rigid modes asked for, but 214 atoms have only 636 (modes 7-642)"),
+        (["7", "7"], "mode numbers [7, 7]: each must be 7 or more, computed, once"),
+    ],
+)
+def test_nma_cli_refuses_modes_it_cannot_compute(adk_atoms, tmp_path, capsys, modes, message):
+    model = m.prepare_model(OPEN_PDB, "ca", None)
+    m.save_model(model, tmp_path / "m.npz", tmp_path / "m.pdb")
+    args = ["nma", "--model", tmp_path / "m.npz", "--pdb", tmp_path / "m.pdb", "--modes", *modes]
+    for opt in ("npz", "nmd", "table", "anim-dir"):
+        args += [f"--out-{opt}", tmp_path / "out" / opt]
+    rc = cli_main([str(a) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "volume, extra, message",
+    [
+        (np.ones((16, 16), np.float32), [], "not a 3D map (shape (16, 16))"),
+        (None, ["--target-error", "-0.1"], "--target-error -0.1: must be positive"),
+    ],
+)
+def test_pseudo_atoms_cli_refuses_bad_maps_and_targets(tmp_path, capsys, volume, extra, message):
+    from deephemnma.io import write_mrc
+
+    vol = blobs([(10, 16, 16), (20, 16, 16)], np.sqrt(2)) if volume is None else volume
+    write_mrc(tmp_path / "in.mrc", vol, 2.0)
+    out = [f"--out-{k}" for k in ("pdb", "map", "table", "json", "figure")]
+    outs = [a for k in out for a in (k, str(tmp_path / "out" / k[6:]))]
+    rc = cli_main(["pseudo-atoms", "--map", str(tmp_path / "in.mrc"), *extra, *outs])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()

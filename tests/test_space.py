@@ -188,5 +188,6 @@ def test_space_with_one_mode_draws_a_landscape_and_a_path(adk_model_files, tmp_p
     path = pd.read_csv(tmp_path / "out/trajectory_path.csv")
     assert list(path.columns) == ["frame", "PC1", "free_energy_kT"]
     assert path["PC1"].iloc[0] == pytest.approx(-80, abs=2) and path["PC1"].is_monotonic_increasing
-    args[-4:-2] = [0, 0]
+    args[-4:-2], args[-1] = [0, 0], tmp_path / "out2"
     assert cli([str(a) for a in args]) == 2
+    assert not (tmp_path / "out2").exists()  # refused before anything is written

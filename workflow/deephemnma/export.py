@@ -97,8 +97,18 @@ def main(args: argparse.Namespace) -> None:
     group = read_star(require_file(args.group, "group STAR"), ["rlnImageName"])["particles"]
     raw = read_star(original, ["rlnImageName"])["particles"]
     roots = [Path(args.datadir)] if args.datadir else []
-    box = particle_images(original, raw.iloc[:1], roots).box
-    optics, out = export_group(group, original, box)
+    named = raw[raw["rlnImageName"].isin(group.get("dhSourceImageName", pd.Series(dtype=str)))]
+    box = particle_images(original, named if len(named) else raw.iloc[:1], roots).box
+    try:
+        optics, out = export_group(group, original, box)
+    except InputError as exc:
+        text = str(exc) if str(exc).startswith(str(original)) else f"{args.group}: {exc}"
+        raise InputError(text) from exc
+    if "rlnImageSize" in optics and (optics["rlnImageSize"].astype(int) != box).any():
+        raise InputError(
+            f"{original}: rlnImageSize {optics['rlnImageSize'].tolist()} but the stacks hold "
+            f"{box}-pixel images"
+        )
     write_star(args.out, optics, out)
     log.info(
         "%d particles of %s exported against %s (%d px, %.4g Å/px)",

@@ -109,6 +109,8 @@ def main(args: argparse.Namespace) -> None:
     blocks = read_star(require_file(args.merged, "merged STAR"), ["rlnImageName"])
     table = blocks["particles"]
     if args.step == "select":
+        if not 0 < args.fraction <= 1:
+            raise InputError(f"--fraction {args.fraction:g}: must be in (0, 1]")
         rows = select_rows(table, args.select, args.fraction, args.merged)
         try:
             shards = shard_rows(len(rows), None, len(args.out), 0)
@@ -119,6 +121,9 @@ def main(args: argparse.Namespace) -> None:
         log.info("%d of %d images to refine (%s)", len(rows), len(table), args.select)
         return
     refined = [read_star(require_file(s, "refined shard"), ["rlnImageName"]) for s in args.refined]
+    names = pd.concat([b["particles"]["rlnImageName"] for b in refined])
+    if names.duplicated().any():
+        raise InputError(f"image {names[names.duplicated()].iloc[0]} is in two refined shards")
     out = table
     for path, b in zip(args.refined, refined, strict=True):
         out = combine(out, b["particles"], path)

@@ -90,7 +90,14 @@ def compute_modes(
     if len(coords) < 3:
         raise InputError(f"model has {len(coords)} atoms: too few for normal modes")
     ca = atoms.select("name CA")
-    if len(coords) > coarse_above and ca is not None and ca.numAtoms() >= 3:
+    coarse = len(coords) > coarse_above and ca is not None and ca.numAtoms() >= 3
+    n_solved = ca.numAtoms() if coarse else len(coords)
+    if n_modes > 3 * n_solved - 6:
+        raise InputError(
+            f"{n_modes} non-rigid modes asked for, but {n_solved} atoms have only "
+            f"{3 * n_solved - 6} (modes 7-{3 * n_solved})"
+        )
+    if coarse:
         check_connected(ca, cutoff)
         evals, vecs = anm_modes(ca.getCoords(), n_modes, cutoff, gamma)
         anm = prody.ANM("ca")
@@ -127,8 +134,8 @@ def choose_modes(
     computed = np.arange(7, 7 + len(collectivities))
     if numbers:
         missing = sorted(set(numbers) - set(computed.tolist()))
-        if missing or min(numbers) < 7:
-            raise InputError(f"mode numbers {numbers}: each must be 7 or more and computed")
+        if missing or min(numbers) < 7 or len(set(numbers)) < len(numbers):
+            raise InputError(f"mode numbers {numbers}: each must be 7 or more, computed, once")
         return np.array(sorted(numbers))
     chosen = computed[collectivities >= min_collectivity][:n_modes]
     if len(chosen) < n_modes:

@@ -213,6 +213,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     density, voxel = read_mrc(args.map)
+    if density.ndim != 3 or min(density.shape) < 2:
+        raise InputError(f"{args.map}: not a 3D map (shape {density.shape})")
+    if not args.target_error > 0:
+        raise InputError(f"--target-error {args.target_error:g}: must be positive")
     density = density.astype(np.float64)
     try:
         fit, tried = fit_map(

@@ -401,6 +401,15 @@ def main(args: argparse.Namespace) -> None:
     else:
         boxes = json.loads(args.boxes)
         labels, n_groups = box_groups(coords, boxes), len(boxes)
+    empty = [g for g in range(n_groups) if not (labels == g).any()]
+    if empty:
+        raise InputError(f"group {empty[0]} is empty: adjust the boxes or the number of groups")
+    if args.path_groups is not None:
+        a, b = args.path_groups
+        if max(a, b) >= n_groups or min(a, b) < 0:
+            raise InputError(f"path between groups {a} and {b}: there are {n_groups} groups")
+        if a == b:
+            raise InputError(f"path between groups {a} and {b}: two different groups needed")
     out = Path(args.out_dir)
     with atomic_path(out / "pca.npz") as tmp, open(tmp, "wb") as fh:
         np.savez(
@@ -430,8 +439,6 @@ def main(args: argparse.Namespace) -> None:
     summary = []
     for g in range(n_groups):
         sel = labels == g
-        if not sel.any():
-            raise InputError(f"group {g} is empty: adjust the boxes or the number of groups")
         write_star(out / f"group_{g}.star", blocks["optics"], parts[sel].reset_index(drop=True))
         centroid = amps[sel].mean(0)
         write_pdb(out / f"group_{g}_centroid.pdb", atoms, deform(x0, vecs, centroid)[None])
@@ -457,10 +464,6 @@ def main(args: argparse.Namespace) -> None:
     path = None
     if args.path_groups is not None:
         a, b = args.path_groups
-        if max(a, b) >= n_groups or min(a, b) < 0:
-            raise InputError(f"path between groups {a} and {b}: there are {n_groups} groups")
-        if a == b:
-            raise InputError(f"path between groups {a} and {b}: two different groups needed")
         fe = landscapes[0]
         path = group_path(work, labels, (a, b), args.frames, args.path_method, fe)
         pcs = path[:, : coords.shape[1]]
