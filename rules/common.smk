@@ -3,7 +3,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from deephemnma.config import check_sizes
+from deephemnma.config import check_sizes, cli_flags
 from deephemnma.model import is_map
 
 
@@ -139,38 +139,13 @@ def quoted(items):
 
 
 def simulate_args():
-    """CLI arguments of `deephemnma simulate` from config particles.simulate."""
-    c = config["particles"]["simulate"]
-    args = [
-        "--n-images",
-        c["n_images"],
-        "--box",
-        c["box"],
-        "--pixel-size",
-        c["pixel_size"],
-    ]
-    args += ["--oversample", c["oversample"], "--sigma-angstrom", c["sigma_angstrom"]]
-    args += ["--max-shift-px", c["max_shift_px"], "--seed", c["seed"]]
-    args += ["--amplitude-distribution", c["amplitude_distribution"]]
-    args += ["--amplitude-scale", c["amplitude_scale"], "--n-clusters", c["n_clusters"]]
-    args += ["--defocus", *c["defocus_angstrom"], "--voltage-kv", c["voltage_kv"]]
-    args += ["--cs-mm", c["cs_mm"], "--amplitude-contrast", c["amplitude_contrast"]]
-    args += ["--bfactor", c["bfactor"], "--images-per-stack", c["images_per_stack"]]
-    args += [] if c["snr"] is None else ["--snr", c["snr"]]
-    args += [] if c["ctf"] else ["--no-ctf"]
-    return args
+    """CLI arguments of `deephemnma simulate`: config particles.simulate."""
+    return cli_flags(config["particles"]["simulate"], rename={"defocus_angstrom": "defocus"})
 
 
 def import_args():
-    """CLI arguments of `deephemnma import` from config particles.import."""
-    c = config["particles"]["import"]
-    args = [] if c["datadir"] is None else ["--datadir", c["datadir"]]
-    args += [] if c["box"] is None else ["--box", c["box"]]
-    args += [] if c["normalize"] else ["--no-normalize"]
-    args += (
-        [] if c["mask_diameter"] is None else ["--mask-diameter", c["mask_diameter"]]
-    )
-    return args
+    """CLI arguments of `deephemnma import`: config particles.import (the STAR is an input)."""
+    return cli_flags(config["particles"]["import"], skip=["star"])
 
 
 def shard_ids():
@@ -188,34 +163,21 @@ def shard_args():
 
 
 def hemnma_args():
-    """CLI arguments of `deephemnma hemnma` from config hemnma."""
-    c = config["hemnma"]
-    args = ["--coarse-box", c["coarse_box"], "--n-directions", c["n_directions"]]
-    args += ["--psi-step", c["psi_step"], "--candidates", c["candidates"]]
-    args += ["--gallery-amplitude", c["gallery_amplitude"]]
-    args += ["--amplitude-prior", c["amplitude_prior"]]
-    args += ["--max-shift-px", c["max_shift_px"], "--iterations", *c["iterations"]]
-    args += ["--batch", c["batch"], "--sigma-angstrom", sigma_angstrom()]
-    return args + ([] if c["start"] == "search" else local_args(c["start"]))
-
-
-def local_args(start):
-    """CLI arguments of `deephemnma hemnma` for local refinement from `start` (hemnma.local)."""
-    c = config["hemnma"]["local"]
-    args = ["--start", start, "--local-max-angle-deg", c["max_angle_deg"]]
-    args += ["--local-max-shift-px", c["max_shift_px"]]
-    args += ["--local-iterations", *c["iterations"]]
-    return args + (["--local-flip"] if c["flip"] else [])
+    """CLI arguments of `deephemnma hemnma`: config hemnma, less the keys of other rules
+    (subset, seed and shards for shard, ranks for MPI, flag_z for gather); the local settings
+    only for a local start."""
+    skip = ["subset", "seed", "shards", "ranks", "flag_z"]
+    skip += ["start", "local"] if config["hemnma"]["start"] == "search" else []
+    return cli_flags(config["hemnma"], skip) + ["--sigma-angstrom", sigma_angstrom()]
 
 
 def hybrid_args():
-    """CLI arguments of `deephemnma hemnma` in hybrid_refine: HEMNMA's refinement settings
-    (no search), local from the networks' answers."""
+    """CLI arguments of `deephemnma hemnma` in hybrid_refine: HEMNMA's refinement settings and
+    hemnma.local, starting from the networks' answers (no search)."""
     c = config["hemnma"]
-    args = ["--coarse-box", c["coarse_box"], "--amplitude-prior", c["amplitude_prior"]]
-    args += ["--gallery-amplitude", c["gallery_amplitude"]]  # amplitude candidates
-    args += ["--batch", c["batch"], "--sigma-angstrom", sigma_angstrom()]
-    return args + local_args("network")
+    refine = {k: c[k] for k in ("coarse_box", "amplitude_prior", "gallery_amplitude", "batch")}
+    args = cli_flags(refine) + cli_flags(c["local"], prefix="local")
+    return args + ["--start", "network", "--sigma-angstrom", sigma_angstrom()]
 
 
 def hybrid_enabled():
@@ -258,26 +220,14 @@ def network_params():
 def split_args():
     """CLI arguments of `deephemnma split`."""
     c = config["network"]
-    return ["--n-val", c["n_val"], "--n-test", c["n_test"], "--seed", c["seed"]]
+    return cli_flags({k: c[k] for k in ("n_val", "n_test", "seed")})
 
 
 def train_args():
-    """CLI arguments of `deephemnma train` from config network."""
-    c = config["network"]
-    args = [
-        "--arch",
-        c["arch"],
-        "--angle-repr",
-        c["angle_repr"],
-        "--epochs",
-        c["epochs"],
-    ]
-    args += ["--batch-size", c["batch_size"], "--lr", c["lr"]]
-    args += ["--weight-decay", c["weight_decay"], "--patience", c["patience"]]
-    args += ["--workers", c["workers"], "--seed", c["seed"]]
-    args += [] if c["box"] is None else ["--box", c["box"]]
-    args += ["--pretrain-epochs", c["pretrain"]["epochs"]] if pretraining() else []
-    return args + ([] if c["augment"] else ["--no-augment"])
+    """CLI arguments of `deephemnma train`: config network, less the keys of other rules."""
+    skip = ["label_source", "params", "max_error_ratio", "n_test", "n_val", "infer_batch"]
+    skip += ["pretrain.images"] + ([] if pretraining() else ["pretrain.epochs"])
+    return cli_flags(config["network"], skip)
 
 
 def pretraining():

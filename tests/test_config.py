@@ -163,5 +163,8 @@ def test_every_cli_option_has_help_and_shows_its_default():
                     continue
                 assert action.help, f"{verb} {action.option_strings}: no help"
                 shown = "%(default)" in p._get_formatter()._get_help_string(action)
-                has_default = action.default not in (None, argparse.SUPPRESS) and action.nargs != 0
+                switch = isinstance(action, argparse.BooleanOptionalAction)
+                has_default = action.default not in (None, argparse.SUPPRESS) and (
+                    action.nargs != 0 or switch
+                )
                 assert shown == (has_default and not action.required), (verb, action.dest)

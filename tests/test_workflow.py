@@ -227,3 +227,57 @@ def test_report_builds(done):
     snakemake(done, "--report", str(done / "report.html"))
     html = (done / "report.html").read_text(errors="ignore")
     assert len(html) > 10000 and "pca.png" in html and "loss.png" in html
+
+
+def schema_leaves(node: dict, path: str = ""):
+    """Dotted paths of the schema's leaf keys."""
+    for key, sub in node.get("properties", {}).items():
+        dotted = f"{path}.{key}" if path else key
+        if "properties" in sub:
+            yield from schema_leaves(sub, dotted)
+        else:
+            yield dotted
+
+
+def test_job_commands_parse_with_their_verbs_and_every_schema_key_is_read(tmp_path):
+    """Each job's command line is accepted by its verb's own parser (no unknown flag, no missing
+    value), and every key of the schema is read somewhere by the workflow (none silently unused)."""
+    import shlex
+
+    from deephemnma.cli import build_parser
+
+    write_config(tmp_path)
+    out = snakemake(tmp_path, "-n", "-p").stdout
+    commands = re.findall(r"(?:^|\s)(deephemnma [a-z-]+ [^\n]*)", out)
+    verbs = set()
+    for command in commands:
+        words = shlex.split(command)
+        words = words[: words.index(">")] if ">" in words else words
+        verb = words[1]
+        verbs.add(verb)
+        try:
+            build_parser(verb).parse_args(words[1:])
+        except SystemExit as exc:
+            raise AssertionError(f"not accepted by `deephemnma {verb}`: {command}") from exc
+    assert {"simulate", "hemnma", "train", "infer", "space", "reconstruct", "hybrid"} <= verbs
+    schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())
+    code = "".join(p.read_text() for p in [REPO / "Snakefile", *sorted((REPO / "rules").glob("*"))])
+    code += (REPO / "workflow/deephemnma/config.py").read_text()
+    whole = [  # sections turned into flags as a whole: `cli_flags(config["a"]["b"], ...)`
+        ".".join(re.findall(r'"(\w+)"', m)) + "."
+        for m in re.findall(r"cli_flags\(\s*config((?:\[\"\w+\"\])+)", code)
+    ]
+    text = " ".join(commands)
+
+    def read(key: str) -> bool:
+        *_, parent, name = ["", *key.split(".")]
+        flags = {name, f"no-{name}", f"{parent}-{name}"}
+        return (
+            f'["{name}"]' in code
+            or any(key.startswith(w) for w in whole)
+            or any(f"--{f.replace('_', '-')} " in text for f in flags)
+        )
+
+    unread = [k for k in schema_leaves(schema) if not read(k)]
+    assert not unread, f"schema keys nothing reads: {unread}"
+    assert whole, "no section is turned into flags by cli_flags"

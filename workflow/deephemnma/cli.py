@@ -52,7 +52,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        flag = action.nargs == 0  # store_true/false: the flag is the setting
+        # store_true/false: the flag is the setting; a --x/--no-x switch shows its default
+        flag = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
         if (
             "%(default)" in text
             or action.required

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import jsonschema
@@ -24,6 +25,35 @@ def check_config(config: dict, schema_path: str | Path) -> None:
     if error is not None:
         key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
         raise ConfigError(f"invalid config: key '{key}': {error.message}")
+
+
+def cli_flags(
+    section: Mapping,
+    skip: Iterable[str] = (),
+    rename: Mapping[str, str] | None = None,
+    prefix: str = "",
+) -> list:
+    """Command-line arguments of a config section, by one rule: key `a_b` → `--a-b` (a nested
+    section's keys → `--section-key`), a list → the flag and each value, True → `--a-b`, False →
+    `--no-a-b`, None → omitted. `skip` names keys that are not the verb's options (dotted for
+    nested ones); `rename` maps keys whose option is named otherwise."""
+    skip, rename = set(skip), dict(rename or {})
+    args: list = []
+    for key, value in section.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if dotted in skip or value is None:
+            continue
+        if isinstance(value, Mapping):
+            args += cli_flags(value, skip, rename, dotted)
+            continue
+        flag = "--" + rename.get(dotted, dotted.replace(".", "-").replace("_", "-"))
+        if isinstance(value, bool):
+            args.append(flag if value else flag.replace("--", "--no-", 1))
+        elif isinstance(value, (list, tuple)):
+            args += [flag, *value]
+        else:
+            args += [flag, value]
+    return args
 
 
 def particle_count(config: dict) -> tuple[int, str] | None:

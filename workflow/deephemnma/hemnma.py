@@ -839,7 +839,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="local mode: iterations at the coarse box, then at the full box",
     )
     p.add_argument(
-        "--local-flip", action="store_true", help="local mode: also try the 180° in-plane flip"
+        "--local-flip",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="local mode: also try the 180° in-plane flip",
     )
 
 

@@ -182,10 +182,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datadir", default=None, help="extra root against which stack paths resolve")
     p.add_argument("--box", type=int, default=None, help="Fourier-crop to this box (pixels)")
     p.add_argument(
-        "--no-normalize",
-        dest="normalize",
-        action="store_false",
-        help="keep the pixel values as they are",
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="normalise on the background (--no-normalize: keep the pixel values)",
     )
     p.add_argument(
         "--mask-diameter",

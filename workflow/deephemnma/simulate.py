@@ -184,7 +184,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--sigma-angstrom", type=float, default=s.sigma_angstrom, help="Gaussian atom width" + d
     )
     p.add_argument("--snr", type=float, default=s.snr, help="omit for noise-free images")
-    p.add_argument("--no-ctf", dest="ctf", action="store_false", help="images without CTF")
+    p.add_argument(
+        "--ctf", action=argparse.BooleanOptionalAction, default=s.ctf, help="apply the CTF"
+    )
     p.add_argument(
         "--max-shift-px", type=float, default=s.max_shift_px, help="shifts uniform in ±this" + d
     )

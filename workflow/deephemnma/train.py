@@ -627,10 +627,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="early stop after this many epochs without improvement" + d,
     )
     p.add_argument(
-        "--no-augment",
-        dest="augment",
-        action="store_false",
-        help="no quarter-turn and integer-shift augmentation",
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=dflt.augment,
+        help="quarter-turn and integer-shift augmentation",
     )
     p.add_argument(
         "--augment-shift-px",
