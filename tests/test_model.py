@@ -248,7 +248,7 @@ def test_choose_modes():
     assert nma.choose_modes(coll, 2, numbers=[12, 8]).tolist() == [8, 12]
     with pytest.raises(InputError, match="only 2 of modes 7-12 have collectivity >= 0.65"):
         nma.choose_modes(coll, 3, min_collectivity=0.65)
-    with pytest.raises(InputError, match="must be 7 or more and computed"):
+    with pytest.raises(InputError, match="must be 7 or more, computed, once"):
         nma.choose_modes(coll, 3, numbers=[7, 13])
     assert nma.modes_to_compute(3, [7, 9, 12], 0.0, 20) == 6
     assert nma.modes_to_compute(3, None, 0.3, 20) == 20
