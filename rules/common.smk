@@ -120,9 +120,7 @@ def pseudo_atom_sigma():
 def mode_choice_args():
     """CLI arguments of `deephemnma nma` that choose the modes (config nma)."""
     c = config["nma"]
-    args = ["--n-modes", c["n_modes"], "--min-collectivity", c["min_collectivity"]]
-    args += ["--search", c["search"]]
-    return args + ([] if c["modes"] is None else ["--modes", *c["modes"]])
+    return cli_flags({k: c[k] for k in ("n_modes", "min_collectivity", "search", "modes")})
 
 
 def compare_to_args():
@@ -193,8 +191,7 @@ def hybrid_shard_ids():
 
 def hybrid_select_args():
     """CLI arguments of `deephemnma hybrid select`."""
-    c = config["hybrid"]
-    return ["--select", c["select"], "--fraction", c["fraction"]]
+    return cli_flags(config["hybrid"], skip=["enabled", "shards"])
 
 
 def sigma_angstrom():

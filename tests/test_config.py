@@ -79,6 +79,10 @@ def filled_config(**changes):
             "key 'hemnma.start': priors needs the consensus poses of particles.source import",
         ),
         (
+            {"analysis.reconstruct.box": "original"},
+            "key 'analysis.reconstruct.box': original needs particles.source import",
+        ),
+        (
             {"analysis.source": "hybrid", "hybrid.enabled": False},
             "key 'analysis.source': hybrid needs hybrid.enabled and a hemnma.subset",
         ),

@@ -304,13 +304,17 @@ def test_nma_cli_refuses_modes_it_cannot_compute(adk_atoms, tmp_path, capsys, mo
     [
         (np.ones((16, 16), np.float32), [], "not a 3D map (shape (16, 16))"),
         (None, ["--target-error", "-0.1"], "--target-error -0.1: must be positive"),
+        (None, ["--sigma", "0"], "--sigma 0: must be positive"),
+        (None, ["--n-atoms", "0"], "--n-atoms 0: must be at least 1"),
+        ("no voxel size", [], "the header's voxel size is 0 Å (cell dimensions unset)"),
     ],
 )
 def test_pseudo_atoms_cli_refuses_bad_maps_and_targets(tmp_path, capsys, volume, extra, message):
     from deephemnma.io import write_mrc
 
-    vol = blobs([(10, 16, 16), (20, 16, 16)], np.sqrt(2)) if volume is None else volume
-    write_mrc(tmp_path / "in.mrc", vol, 2.0)
+    blob = blobs([(10, 16, 16), (20, 16, 16)], np.sqrt(2))
+    vol = blob if volume is None or isinstance(volume, str) else volume
+    write_mrc(tmp_path / "in.mrc", vol, 0.0 if isinstance(volume, str) else 2.0)
     out = [f"--out-{k}" for k in ("pdb", "map", "table", "json", "figure")]
     outs = [a for k in out for a in (k, str(tmp_path / "out" / k[6:]))]
     rc = cli_main(["pseudo-atoms", "--map", str(tmp_path / "in.mrc"), *extra, *outs])

@@ -95,10 +95,15 @@ def check_sizes(config: dict) -> None:
                 f"invalid config: key 'hybrid.shards': {hybrid['shards']} shards for the "
                 f"{refined} images without HEMNMA values (some would be empty)"
             )
-    if hemnma["start"] == "priors" and config["particles"]["source"] != "import":
+    imported = config["particles"]["source"] == "import"
+    if hemnma["start"] == "priors" and not imported:
         raise ConfigError(
             "invalid config: key 'hemnma.start': priors needs the consensus poses of "
             "particles.source import"
+        )
+    if config["analysis"]["reconstruct"]["box"] == "original" and not imported:
+        raise ConfigError(
+            "invalid config: key 'analysis.reconstruct.box': original needs particles.source import"
         )
     if config["analysis"]["source"] == "hybrid" and not (hybrid["enabled"] and subset):
         raise ConfigError(

@@ -52,6 +52,8 @@ from .io import (
     load_model,
     load_modes,
     pose_columns,
+    table_euler,
+    table_shifts_px,
     write_star,
 )
 from .relion import PRIOR
@@ -121,9 +123,13 @@ def read_start(ps: ParticleSet, mode: str, mode_numbers: Sequence[int]) -> Start
         raise InputError(
             f"{ps.star}: --start {mode} needs column(s) {', '.join('_' + c for c in missing)}"
         )
-    values = ps.particles[cols].to_numpy(np.float64)
-    amplitudes = values[:, 5:] if mode == "network" else np.zeros((len(values), k))
-    return Start(values[:, :3], -values[:, 3:5] / ps.pixel_size, amplitudes)
+    pose = ps.particles
+    if mode == "priors":  # the consensus pose, under the pose columns' names
+        pose = pose.drop(columns=POSE_COLUMNS, errors="ignore")
+        pose = pose.rename(columns={prior: c for c, prior in PRIOR.items()})
+    n = len(pose)
+    amplitudes = pose[cols[5:]].to_numpy(np.float64) if mode == "network" else np.zeros((n, k))
+    return Start(table_euler(pose), table_shifts_px(pose, ps.pixel_size), amplitudes)
 
 
 def local_candidates(start: Start, flip: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

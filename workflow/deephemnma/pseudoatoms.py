@@ -49,7 +49,10 @@ def voxel_size(path) -> float:
     from .io import open_mrc, require_file
 
     with open_mrc(require_file(path, "EM map"), partial(mrcfile.open, header_only=True)) as mrc:
-        return float(mrc.voxel_size.x)
+        size = float(mrc.voxel_size.x)
+    if not size > 0:
+        raise InputError(f"{path}: the header's voxel size is {size:g} Å (cell dimensions unset)")
+    return size
 
 
 def default_threshold(density: np.ndarray) -> float:
@@ -217,6 +220,14 @@ def main(args: argparse.Namespace) -> None:
         raise InputError(f"{args.map}: not a 3D map (shape {density.shape})")
     if not args.target_error > 0:
         raise InputError(f"--target-error {args.target_error:g}: must be positive")
+    if not voxel > 0:
+        raise InputError(
+            f"{args.map}: the header's voxel size is {voxel:g} Å (cell dimensions unset)"
+        )
+    if args.sigma is not None and not args.sigma > 0:
+        raise InputError(f"--sigma {args.sigma:g}: must be positive")
+    if args.n_atoms is not None and args.n_atoms < 1:
+        raise InputError(f"--n-atoms {args.n_atoms}: must be at least 1")
     density = density.astype(np.float64)
     try:
         fit, tried = fit_map(
