@@ -103,9 +103,10 @@ def test_tiny_workflow_runs_in_the_intended_partitions(cluster, tmp_path):
     assert len(gpu_logs) == 6
     for name, (_, partition, _) in seen.items():
         want = "gpu" if name in gpu_logs else "cpu"
-        if not name.startswith("hemnma/"):
+        if not name.startswith(("hemnma/", "hybrid/")):  # MPI ranks: checked with scontrol
             assert partition == want, f"{name} ran in {partition}, expected {want}"
-    for shard in ("hemnma/shard_0.log", "hemnma/shard_1.log"):
+    shards = [f"{rule}/shard_{i}.log" for rule in ("hemnma", "hybrid") for i in (0, 1)]
+    for shard in shards:
         text = (tmp_path / "results/logs" / shard).read_text()
         assert "on 2 rank(s)" in text
         info = subprocess.run(
