@@ -16,6 +16,25 @@ OPEN_PDB = REPO / "resources" / "adk_open.pdb"
 CLOSED_PDB = REPO / "resources" / "adk_closed.pdb"
 
 
+def simulate_as_relion(folder: Path, model: Path, modes: Path, *options) -> tuple:
+    """Simulate particles in `folder` (`deephemnma simulate` with `options`, stacks under the
+    folder) and return (optics, particles, truth): the STAR as RELION would hold it, without our
+    `_dh*` columns, and the particle table with them."""
+    import starfile
+
+    from deephemnma.cli import main as cli
+
+    args = ["simulate", "--model", model, "--modes", modes, *options]
+    args += ["--out-star", folder / "sim.star", "--out-montage", folder / "montage.png"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        assert cli([str(a) for a in args]) == 0
+    blocks = starfile.read(folder / "sim.star", always_dict=True)
+    truth = blocks["particles"]
+    parts = truth[[c for c in truth.columns if not c.startswith("dh")]].copy()
+    return blocks["optics"].drop(columns="dhCtf"), parts, truth
+
+
 def sim_config(**overrides) -> SimulationSettings:
     """The simulator's defaults, with overrides, for tests that call its functions directly."""
     return SimulationSettings(**overrides)

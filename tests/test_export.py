@@ -10,6 +10,8 @@ from deephemnma.cli import main as cli
 from deephemnma.fsc import model_map
 from deephemnma.io import POSE_COLUMNS, InputError, ParticleSet, load_model, read_star
 
+from .conftest import simulate_as_relion
+
 BOX, PX, WORK = 48, 2.2, 32
 
 
@@ -17,18 +19,12 @@ BOX, PX, WORK = 48, 2.2, 32
 def originals(adk_model_files, tmp_path_factory):
     """Noise-free simulated particles (48 px, CTF) as RELION 3.1 and 3.0 STARs without our columns."""
     d = tmp_path_factory.mktemp("orig")
-    args = ["simulate", "--model", adk_model_files / "model.npz", "--modes"]
-    args += [adk_model_files / "modes.npz", "--n-images", 40, "--box", BOX, "--pixel-size", PX]
-    args += ["--max-shift-px", 3.0, "--seed", 3, "--out-star", d / "sim.star"]
-    args += ["--out-stacks", "stacks", "--out-montage", d / "montage.png"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(d)
-        assert cli([str(a) for a in args]) == 0
-    blocks = starfile.read(d / "sim.star", always_dict=True)
-    truth = blocks["particles"]
-    parts = truth[[c for c in truth.columns if not c.startswith("dh")]].copy()
+    optics, parts, truth = simulate_as_relion(
+        d, adk_model_files / "model.npz", adk_model_files / "modes.npz", "--n-images", 40,
+        "--box", BOX, "--pixel-size", PX, "--max-shift-px", 3.0, "--seed", 3,
+        "--out-stacks", "stacks",
+    )  # fmt: skip
     parts["rlnMicrographName"] = "mic.mrc"  # a column we never use, to be kept
-    optics = blocks["optics"].drop(columns="dhCtf")
     starfile.write({"optics": optics, "particles": parts}, d / "r31.star", overwrite=True)
     r30 = parts.drop(columns=["rlnOpticsGroup", "rlnOriginXAngst", "rlnOriginYAngst"])
     r30["rlnOriginX"] = parts["rlnOriginXAngst"] / PX

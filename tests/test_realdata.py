@@ -15,7 +15,7 @@ from deephemnma.cli import main as cli
 from deephemnma.fsc import model_map
 from deephemnma.io import read_mrc, write_mrc
 
-from .conftest import OPEN_PDB, REPO
+from .conftest import OPEN_PDB, REPO, simulate_as_relion
 
 pytestmark = pytest.mark.slow
 
@@ -31,16 +31,10 @@ def relion_input(d):
     args = ["nma", "--model", d / "ca.npz", "--pdb", d / "ca.pdb", "--out-npz", d / "modes.npz"]
     args += ["--out-nmd", d / "m.nmd", "--out-table", d / "m.csv", "--out-anim-dir", d / "anim"]
     assert cli([str(a) for a in args]) == 0
-    args = ["simulate", "--model", d / "ca.npz", "--modes", d / "modes.npz", "--n-images", 120]
-    args += ["--box", ORIGINAL_BOX, "--pixel-size", PX, "--snr", 0.3, "--out-star", d / "sim.star"]
-    args += ["--out-stacks", "data/stacks", "--out-montage", d / "montage.png"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(d)
-        assert cli([str(a) for a in args]) == 0
-    blocks = starfile.read(d / "sim.star", always_dict=True)
-    parts = blocks["particles"]
-    parts = parts[[c for c in parts.columns if not c.startswith("dh")]]
-    optics = blocks["optics"].drop(columns="dhCtf")
+    optics, parts, _ = simulate_as_relion(
+        d, d / "ca.npz", d / "modes.npz", "--n-images", 120, "--box", ORIGINAL_BOX,
+        "--pixel-size", PX, "--snr", 0.3, "--out-stacks", "data/stacks",
+    )  # fmt: skip
     starfile.write({"optics": optics, "particles": parts}, d / "particles.star", overwrite=True)
 
 
