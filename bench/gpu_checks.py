@@ -8,7 +8,8 @@ and printed as it finishes:
   4. split 14,055 train / rest val / 2,000 test; render synthetic pretraining images; train
      ResNet-34 (working box 64, angles over the SO(3) grid) on the truth for amplitudes, angles
      and shifts — pretraining, then fine-tuning — and evaluate on the test images next to the
-     baselines;
+     baselines (amplitudes with views at the angle and shift networks' poses, unless
+     --no-views);
   5. inference throughput (ResNet-34, bf16) end to end from the memory-mapped stacks;
   6. the same networks trained on HEMNMA's labels of part of the training/validation images.
 
@@ -41,13 +42,15 @@ def cli_args(verb: str, argv: list[str]) -> argparse.Namespace:
     return build_parser(verb).parse_args([verb, *argv])
 
 
-def inference_benchmark(work: Path, ps: ParticleSet, dev: torch.device, a, summary: dict) -> None:
+def inference_benchmark(
+    work: Path, ps: ParticleSet, dev: torch.device, a, summary: dict, poses
+) -> None:
     """5. inference throughput (bf16 on CUDA) end to end from the memory-mapped stacks."""
     net, meta = infer.load_network(str(work / "amplitudes" / "model.pt"), dev)
-    infer.predict(net, meta, ps, dev, 1024, a.workers)  # warm-up
+    infer.predict(net, meta, ps, dev, 1024, a.workers, poses)  # warm-up
     t = time.perf_counter()
     for _ in range(a.infer_repeats):
-        infer.predict(net, meta, ps, dev, 1024, a.workers)
+        infer.predict(net, meta, ps, dev, 1024, a.workers, poses)
     dt = time.perf_counter() - t
     rate = a.infer_repeats * len(ps) / dt
     summary["inference_images_per_s"] = rate
@@ -75,6 +78,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--infer-repeats", type=int, default=5)
+    p.add_argument(
+        "--views",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="amplitude networks also see the reference's views",
+    )
     a = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
@@ -228,7 +237,8 @@ def main() -> None:
     def train_and_test(labels: Path, split_csv: Path, tag: str) -> None:
         """Train the three networks on `labels`, judge them on the test images against truth."""
         summary[tag] = {}
-        for param in ("amplitudes", "angles", "shifts"):
+        poses = {}  # the angle and shift networks' answers for every image
+        for param in ("angles", "shifts", "amplitudes"):
             folder = work / tag / param
             argv = ["--param", param, "--labels", str(labels), "--split", str(split_csv)]
             argv += ["--arch", a.arch, "--epochs", str(a.epochs), "--box", str(a.net_box)]
@@ -236,12 +246,20 @@ def main() -> None:
             argv += ["--lr", "2e-3", "--patience", "10", "--out-dir", str(folder)]
             if a.pretrain_images:
                 argv += ["--pretrain", str(syn_dir), "--pretrain-epochs", str(a.pretrain_epochs)]
+            views = param == "amplitudes" and a.views
+            if views:
+                argv += ["--views", "--model", str(inp / "model.npz")]
+                argv += ["--modes", str(inp / "modes.npz")]
             t = time.perf_counter()
             train.main(cli_args("train", argv))
             dt = time.perf_counter() - t
             hist = pd.read_csv(folder / "history.csv")
             net, meta = infer.load_network(str(folder / "model.pt"), dev)
-            pred = infer.predict(net, meta, ps, dev, 512, a.workers)[test_rows]
+            given = (poses["angles"], poses["shifts"]) if views else None
+            pred = infer.predict(net, meta, ps, dev, 512, a.workers, given)
+            if param != "amplitudes":
+                poses[param] = pred[:, :3] if param == "angles" else pred[:, :2]
+            pred = pred[test_rows]
             names = ps.particles["rlnImageName"].iloc[test_rows]
             table = infer.prediction_table(meta, names, pred, px)
             est = {**truth, **quality.labels_of(table, px, [7, 8, 9])}
@@ -266,7 +284,7 @@ def main() -> None:
             )
             (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
             if param == "amplitudes" and tag == "train_truth":
-                inference_benchmark(work / tag, ps, dev, a, summary)
+                inference_benchmark(work / tag, ps, dev, a, summary, given)
 
     train_and_test(star, work / "split.csv", "train_truth")
 

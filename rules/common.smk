@@ -19,6 +19,14 @@ def check_config_files():
             "config key 'structure': only the first structure may be an EM map "
             "(further references need atoms shared with it)"
         )
+    params = config["network"]["params"]
+    if config["network"]["views"] and "amplitudes" in params:
+        if not {"angles", "shifts"} <= set(params):
+            raise WorkflowError(
+                "config key 'network.views': the amplitude network is shown views at the "
+                "angle and shift networks' poses; add angles and shifts to network.params "
+                "or set network.views: false"
+            )
 
 
 def structures():
@@ -120,7 +128,9 @@ def pseudo_atom_sigma():
 def mode_choice_args():
     """CLI arguments of `deephemnma nma` that choose the modes (config nma)."""
     c = config["nma"]
-    return cli_flags({k: c[k] for k in ("n_modes", "min_collectivity", "search", "modes")})
+    return cli_flags(
+        {k: c[k] for k in ("n_modes", "min_collectivity", "search", "modes")}
+    )
 
 
 def compare_to_args():
@@ -138,7 +148,9 @@ def quoted(items):
 
 def simulate_args():
     """CLI arguments of `deephemnma simulate`: config particles.simulate."""
-    return cli_flags(config["particles"]["simulate"], rename={"defocus_angstrom": "defocus"})
+    return cli_flags(
+        config["particles"]["simulate"], rename={"defocus_angstrom": "defocus"}
+    )
 
 
 def import_args():
@@ -173,7 +185,9 @@ def hybrid_args():
     """CLI arguments of `deephemnma hemnma` in hybrid_refine: HEMNMA's refinement settings and
     hemnma.local, starting from the networks' answers (no search)."""
     c = config["hemnma"]
-    refine = {k: c[k] for k in ("coarse_box", "amplitude_prior", "gallery_amplitude", "batch")}
+    refine = {
+        k: c[k] for k in ("coarse_box", "amplitude_prior", "gallery_amplitude", "batch")
+    }
     args = cli_flags(refine) + cli_flags(c["local"], prefix="local")
     return args + ["--start", "network", "--sigma-angstrom", sigma_angstrom()]
 
@@ -222,9 +236,36 @@ def split_args():
 
 def train_args():
     """CLI arguments of `deephemnma train`: config network, less the keys of other rules."""
-    skip = ["label_source", "params", "max_error_ratio", "n_test", "n_val", "infer_batch"]
+    skip = [
+        "label_source",
+        "params",
+        "max_error_ratio",
+        "n_test",
+        "n_val",
+        "infer_batch",
+    ]
     skip += ["pretrain.images"] + ([] if pretraining() else ["pretrain.epochs"])
     return cli_flags(config["network"], skip)
+
+
+def amplitude_views(wildcards):
+    """Whether network {param} is an amplitude network shown the reference's views."""
+    return wildcards.param == "amplitudes" and config["network"]["views"]
+
+
+def views_train_args(wildcards, input):
+    """The flexible model an amplitude network with views is trained with."""
+    if not amplitude_views(wildcards):
+        return ""
+    args = ["--model", input.model, "--modes", input.modes]
+    return quoted(args + ["--sigma-angstrom", sigma_angstrom()])
+
+
+def pose_inputs(wildcards):
+    """The angle and shift networks' answers an amplitude network with views is shown."""
+    if not amplitude_views(wildcards):
+        return []
+    return [res(f"network/{p}/inferred.star") for p in ("angles", "shifts")]
 
 
 def pretraining():

@@ -51,6 +51,8 @@ rule train:
         split=rules.split.output[0],
         stacks=res("particles/stacks"),
         synthetic=synthetic_input(),
+        model=res("model/model.npz"),
+        modes=res("model/modes.npz"),
     output:
         model=res("network/{param}/model.pt"),
         history=res("network/{param}/history.csv"),
@@ -74,10 +76,11 @@ rule train:
         pretrain=quoted(
             ["--pretrain", res("network/synthetic")] if pretraining() else []
         ),
+        views=views_train_args,
         out_dir=output_dir,
     shell:
         "deephemnma train --param {wildcards.param} --labels {input.labels:q} "
-        "--split {input.split:q} {params.args} {params.pretrain} "
+        "--split {input.split:q} {params.args} {params.pretrain} {params.views} "
         "--out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
@@ -86,6 +89,7 @@ rule infer:
         model=rules.train.output.model,
         particles=res("particles/particles.star"),
         stacks=res("particles/stacks"),
+        poses=pose_inputs,
     output:
         res("network/{param}/inferred.star"),
     log:
@@ -100,9 +104,13 @@ rule infer:
     params:
         batch=config["network"]["infer_batch"],
         workers=config["network"]["workers"],
+        poses=lambda wildcards, input: quoted(
+            ["--poses", *input.poses] if input.poses else []
+        ),
     shell:
         "deephemnma infer --network {input.model:q} --particles {input.particles:q} "
-        "--batch {params.batch} --workers {params.workers} --out {output:q} > {log:q} 2>&1"
+        "{params.poses} --batch {params.batch} --workers {params.workers} --out {output:q} "
+        "> {log:q} 2>&1"
 
 
 rule quality:

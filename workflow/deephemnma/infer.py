@@ -3,7 +3,9 @@
 Images are read memory-mapped in contiguous chunks by DataLoader workers, preprocessed on the
 device exactly as in training, and predicted in large batches (channels_last; bf16 autocast on CUDA
 and on CPUs with native bf16), so
-memory does not grow with the number of images beyond the (n, outputs) result array.
+memory does not grow with the number of images beyond the (n, outputs) result array. An
+amplitude network trained with views (`views.ModeViews`) is also shown the reference's views at
+each image's pose, taken from the angle and shift networks' answers (`--poses`).
 """
 
 from __future__ import annotations
@@ -18,17 +20,23 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import geometry
+from . import geometry, imaging
 from .io import (
+    EULER_COLUMNS,
+    ORIGIN_COLUMNS,
     InputError,
     ParticleSet,
     amplitude_column,
     pose_columns,
+    read_star,
     require_file,
+    table_euler,
+    table_shifts_px,
     uncertainty_column,
     write_star,
 )
 from .nets import bf16_supported, build_network, decode_angles, preprocess
+from .views import ModeViews
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +63,7 @@ def load_network(path: str, device: torch.device) -> tuple[torch.nn.Module, dict
         missing = [k for k in ("box", "particle_box", "angle_repr") if k not in meta]
         if missing:
             raise InputError(f"{path}: lacks {', '.join(missing)}: retrain it with this version")
-        net = build_network(meta["arch"], meta["n_out"])
+        net = build_network(meta["arch"], meta["n_out"], meta.get("in_channels", 1))
         net.load_state_dict(meta["state_dict"])
     except pickle.UnpicklingError as exc:
         raise InputError(f"{path}: refusing to load (not a DeepHEMNMA network)") from exc
@@ -77,6 +85,22 @@ def check_geometry(meta: dict, ps: ParticleSet, path: str) -> None:
         log.info("images are Fourier-cropped from %d to the network's %d px", ps.box, meta["box"])
 
 
+def read_poses(paths: list[str], ps: ParticleSet) -> tuple[np.ndarray, np.ndarray]:
+    """Euler angles (n, 3) and shifts (n, 2, pixels) of every particle of `ps`, in its row
+    order, from STAR files that together hold them (e.g. the angle and shift networks')."""
+    table = ps.particles[["rlnImageName"]]
+    for path in paths:
+        t = read_star(require_file(path, "pose STAR"), ["rlnImageName"])["particles"]
+        cols = [c for c in (*EULER_COLUMNS, *ORIGIN_COLUMNS) if c in t and c not in table]
+        table = table.merge(t[["rlnImageName", *cols]], on="rlnImageName", how="left")
+    missing = [c for c in (*EULER_COLUMNS, *ORIGIN_COLUMNS) if c not in table]
+    if missing:
+        raise InputError(f"{', '.join(paths)}: no {', '.join(missing)} columns")
+    if table[[*EULER_COLUMNS, *ORIGIN_COLUMNS]].isna().any().any():
+        raise InputError(f"{', '.join(paths)}: poses missing for some images of {ps.star}")
+    return table_euler(table), table_shifts_px(table, ps.pixel_size)
+
+
 @torch.no_grad()
 def predict(
     net: torch.nn.Module,
@@ -85,9 +109,11 @@ def predict(
     device: torch.device,
     batch: int,
     workers: int,
+    poses: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Predictions for every image, in row order: amplitudes (n, K), shifts (n, 2), or Euler
-    angles and their predicted spread in degrees (n, 4; NaN spread for regressed angles)."""
+    angles and their predicted spread in degrees (n, 4; NaN spread for regressed angles).
+    `poses` (Euler angles, shifts in pixels): for an amplitude network with views."""
     loader = DataLoader(
         Chunks(ps, batch), batch_size=None, num_workers=workers, pin_memory=device.type == "cuda"
     )
@@ -96,8 +122,23 @@ def predict(
     out = np.empty((len(ps), 4 if angles else meta["n_out"]), dtype=np.float32)
     pos = 0
     bf16 = bf16_supported(device)
+    views = ModeViews(**meta["views"]) if "views" in meta else None
+    if views is not None and poses is None:
+        raise InputError("this amplitude network sees views: give the images' poses (--poses)")
+    ctf = ps.ctf_params() if ps.has_ctf else None
     for imgs in tqdm(loader, desc=f"infer {meta['param']}", unit="batch", mininterval=10):
         x = preprocess(imgs.to(device, non_blocking=True).float(), meta["box"])
+        if views is not None:
+            rows = np.arange(pos, pos + len(x))
+            box = meta["box"]
+            c = (
+                imaging.particle_ctf(ctf, rows, views.pixel_size, box, device)
+                if ctf is not None
+                else None
+            )
+            euler = torch.tensor(poses[0][rows], device=device)
+            shifts = torch.tensor(poses[1][rows] * box / ps.box, device=device)
+            x = torch.cat([x, views.render(euler, shifts, c).to(x.dtype)], 1)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             y = net(x)
@@ -130,6 +171,12 @@ def prediction_table(
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--network", required=True, help="model.pt from train")
     p.add_argument("--particles", required=True, help="all particles (STAR)")
+    p.add_argument(
+        "--poses",
+        nargs="+",
+        default=None,
+        help="STARs holding every image's angles and shifts (amplitude networks with views)",
+    )
     p.add_argument("--batch", type=int, default=256, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--out", required=True, help="STAR with the predicted columns")
@@ -140,7 +187,8 @@ def main(args: argparse.Namespace) -> None:
     net, meta = load_network(args.network, device)
     ps = ParticleSet(require_file(args.particles, "particle STAR"))
     check_geometry(meta, ps, args.network)
-    values = predict(net, meta, ps, device, args.batch, args.workers)
+    poses = read_poses(args.poses, ps) if args.poses else None
+    values = predict(net, meta, ps, device, args.batch, args.workers, poses)
     table = prediction_table(meta, ps.particles["rlnImageName"], values, ps.pixel_size)
     write_star(args.out, ps.optics, table)
     log.info("inferred %s for %d images", meta["param"], len(ps))

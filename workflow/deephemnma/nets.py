@@ -73,14 +73,14 @@ def _downsample(cin: int, cout: int, stride: int) -> nn.Module:
 
 
 class ResNet(nn.Module):
-    """ResNet trunk (1-channel input) + MLP head with `n_out` outputs."""
+    """ResNet trunk (`in_channels` input) + MLP head with `n_out` outputs."""
 
-    def __init__(self, arch: str, n_out: int, head_width: int = 1024):
+    def __init__(self, arch: str, n_out: int, in_channels: int = 1, head_width: int = 1024):
         super().__init__()
         kind, counts = LAYERS[arch]
         block = BasicBlock if kind == "basic" else Bottleneck
         self.stem = nn.Sequential(
-            nn.Conv2d(1, 64, 7, 2, 3, bias=False),
+            nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False),
             nn.BatchNorm2d(64),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2, 1),
@@ -112,13 +112,13 @@ class ConvNet(nn.Module):
     """Four stages of 3x3 conv-BN-ReLU at `width` x 1, 2, 4, 8 channels (two convs then a 2x2
     max-pool in the first three), global average pool, MLP head with `n_out` outputs."""
 
-    def __init__(self, width: int, n_out: int, head_width: int = 512):
+    def __init__(self, width: int, n_out: int, in_channels: int = 1, head_width: int = 512):
         super().__init__()
 
         def conv(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
 
-        layers, cin = [], 1
+        layers, cin = [], in_channels
         for i in range(3):
             cout = width * 2**i
             layers += [*conv(cin, cout), *conv(cout, cout), nn.MaxPool2d(2)]
@@ -140,9 +140,11 @@ CONVNETS = {"convnet16": 16, "convnet32": 32}
 ARCHS = [*LAYERS, *CONVNETS]
 
 
-def build_network(arch: str, n_out: int) -> nn.Module:
-    """A network of one of `ARCHS` with `n_out` outputs."""
-    return ConvNet(CONVNETS[arch], n_out) if arch in CONVNETS else ResNet(arch, n_out)
+def build_network(arch: str, n_out: int, in_channels: int = 1) -> nn.Module:
+    """A network of one of `ARCHS` with `n_out` outputs and `in_channels` input channels."""
+    if arch in CONVNETS:
+        return ConvNet(CONVNETS[arch], n_out, in_channels)
+    return ResNet(arch, n_out, in_channels)
 
 
 def n_outputs(param: str, angle_repr: str, n_modes: int) -> int:

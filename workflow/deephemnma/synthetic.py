@@ -5,7 +5,8 @@ from the model itself have exact labels and can be made in any number. Each synt
 amplitudes uniformly within the range of the labelled amplitudes (per mode), an orientation uniform
 on SO(3), a shift uniform within the labelled shift range (per axis) and the CTF of a particle of
 the data set chosen at random; the model is deformed, projected at the networks' working box and
-multiplied by that CTF. Images are stored noise-free; training adds fresh white noise every epoch.
+multiplied by that CTF (its parameters are stored with the labels). Images are stored
+noise-free; training adds fresh white noise every epoch.
 
 Noise estimator (at the working box, after the same Fourier crop as the networks' input): the mean
 radial power spectrum of the real images, P(k), is fitted by least squares as a·S(k) + b over the
@@ -257,7 +258,8 @@ def main(args: argparse.Namespace) -> None:
         images.flush()
         del images
     with atomic_path(out / "labels.npz") as tmp:
-        np.savez(tmp, **labels_of(params, ps.pixel_size, prior.mode_numbers))
+        ctf = {f"ctf_{k}": v for k, v in ps.ctf_params(rows).items()} if ps.has_ctf else {}
+        np.savez(tmp, **labels_of(params, ps.pixel_size, prior.mode_numbers), **ctf)
     meta = {
         "n_images": args.n_images,
         "box": box,

@@ -6,7 +6,9 @@ labelled images. Images are Fourier-cropped to a working box and normalised per 
 training and inference (`nets.preprocess`). Targets are standardised with training-set statistics
 stored in the checkpoint; orientations are classified over a rotation grid with soft targets by
 default (`nets.ANGLE_OUTPUTS`), or regressed in the 6D representation (chordal loss), as
-quaternions or Euler angles (the paper's ablation). Augmentation is
+quaternions or Euler angles (the paper's ablation). With views, the amplitude network also sees
+the reference's views (`views.ModeViews`) at each image's labelled pose moved by the view noise
+(as the angle and shift networks' answers will be at inference), rendered once. Augmentation is
 label-consistent: an in-plane rotation by α and a translation t turn (psi, d) into
 (psi + α, Rz(α) d + t) and leave amplitudes unchanged; only exact pixel permutations are used
 (quarter turns, integer shifts), so augmented images keep the noise statistics of real ones.
@@ -36,13 +38,15 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from . import geometry, quality
+from . import geometry, imaging, quality
 from .io import (
     InputError,
     ParticleImages,
     ParticleSet,
     amplitude_modes,
     atomic_path,
+    load_model,
+    load_modes,
     pyplot,
     require_file,
     save_figure,
@@ -58,6 +62,7 @@ from .nets import (
     n_parameters,
     preprocess,
 )
+from .views import ModeViews, perturb_poses, shift_images
 
 log = logging.getLogger(__name__)
 PARAMS = ("amplitudes", "angles", "shifts")
@@ -116,6 +121,18 @@ def transform_images(
     return torch.gather(flat, 1, (sy * d + sx).reshape(b, -1)).reshape(b, d, d)
 
 
+def transform_views(
+    views: torch.Tensor, quarter_turns: torch.Tensor, t_px: torch.Tensor
+) -> torch.Tensor:
+    """Views (B, C, d, d) moved as `transform_images` moves their images: the same quarter
+    turns about d // 2, then shifts t_px (B, 2) in pixels of the views' box (a Fourier phase:
+    fractional when the views' box is smaller than the images')."""
+    b, c, d = views.shape[:3]
+    zero = torch.zeros(b * c, 2, device=views.device)
+    turned = transform_images(views.reshape(b * c, d, d), quarter_turns.repeat_interleave(c), zero)
+    return shift_images(turned.reshape(b, c, d, d), t_px)
+
+
 def transform_labels(
     euler: torch.Tensor, shifts: torch.Tensor, alpha_deg: torch.Tensor, t_px: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +149,7 @@ def transform_labels(
 
 
 class ImageRows(Dataset):
-    """Items (image, euler, shift, amplitudes) of given rows of images and label arrays."""
+    """Items (image, euler, shift, amplitudes, row) of given rows of images and label arrays."""
 
     def __init__(self, images: ParticleImages, rows: np.ndarray, labels: dict[str, np.ndarray]):
         self.images, self.rows, self.labels = images, rows, labels
@@ -145,6 +162,7 @@ class ImageRows(Dataset):
         return (
             torch.from_numpy(self.images[np.array([r])][0]),
             *(torch.from_numpy(self.labels[k][r]).float() for k in LABEL_KEYS),
+            torch.tensor(r),
         )
 
 
@@ -158,6 +176,7 @@ class Synthetic:
     noise_sigma: float
     box: int
     meta_text: str  # meta.json as written, for the checkpoint fingerprint
+    ctf: dict[str, np.ndarray] | None  # CTF parameters per image (`ParticleSet.ctf_params`)
 
     @classmethod
     def load(cls, folder: str | Path, device: torch.device) -> Synthetic:
@@ -167,23 +186,24 @@ class Synthetic:
         images = np.load(require_file(folder / "images.npy", "synthetic images"))
         with np.load(require_file(folder / "labels.npz", "synthetic labels")) as z:
             labels = {k: torch.tensor(z[k]).float().to(device) for k in LABEL_KEYS}
+            ctf = {k[4:]: z[k] for k in z.files if k.startswith("ctf_")} or None
         if images.shape[0] != len(labels["euler"]):
             raise InputError(
                 f"{folder}: {images.shape[0]} images but {len(labels['euler'])} labels"
             )
         images = torch.from_numpy(images).to(device)
-        return cls(images, labels, float(meta["noise_sigma"]), int(meta["box"]), meta_text)
+        return cls(images, labels, float(meta["noise_sigma"]), int(meta["box"]), meta_text, ctf)
 
     def n_batches(self, batch_size: int, world: int) -> int:
         return len(self.images) // world // batch_size
 
     def batches(self, batch_size: int, epoch: int, rank: int, world: int, seed: int):
-        """Shuffled full batches (image, euler, shift, amplitudes) of this rank's share."""
+        """Shuffled full batches (image, euler, shift, amplitudes, index) of this rank's share."""
         gen = torch.Generator().manual_seed(seed + epoch)
         perm = torch.randperm(len(self.images), generator=gen)[rank::world]
         for idx in perm[: self.n_batches(batch_size, world) * batch_size].split(batch_size):
             idx = idx.to(self.images.device)
-            yield self.images[idx], *(self.labels[k][idx] for k in LABEL_KEYS)
+            yield self.images[idx], *(self.labels[k][idx] for k in LABEL_KEYS), idx
 
 
 # ----------------------------------------------------------------------------- training
@@ -308,6 +328,9 @@ class TrainSettings:
     patience: int = 8
     augment: bool = True
     augment_shift_px: int = 2
+    views: bool = False  # amplitudes: also see the reference's views at the image's pose
+    view_noise_deg: float = 10.0
+    view_noise_px: float = 0.5
     workers: int = 2  # data-loading processes (not part of the checkpoint fingerprint)
     seed: int = 0
 
@@ -321,6 +344,7 @@ class Trainer:
 
     `fit` resumes from `out_dir/checkpoint.pt` when it was written with the same settings and
     the same labels, split and synthetic set (its fingerprint), and starts afresh otherwise.
+    `flexible` (model.npz, modes.npz, atom σ in Å) is needed by amplitude networks with views.
     """
 
     def __init__(
@@ -330,6 +354,7 @@ class Trainer:
         split: str | Path,
         out_dir: str | Path,
         pretrain: str | Path | None = None,
+        flexible: tuple[str | Path, str | Path, float] | None = None,
     ):
         s = self.s = settings
         self.device, self.rank, self.world = setup_device()
@@ -356,7 +381,9 @@ class Trainer:
         self.pretrain_epochs = s.pretrain_epochs if syn is not None else 0
         self.n_train, self.n_val = len(train_rows), len(val_rows)
         self._targets_and_baseline(train_rows, val_rows)
-        self.model = build_network(s.arch, self.n_out).to(self.device)
+        self._views_setup(flexible)
+        in_channels = 1 if self.views is None else 1 + self.views.volumes.shape[0]
+        self.model = build_network(s.arch, self.n_out, in_channels).to(self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.net = (
             torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
@@ -379,6 +406,7 @@ class Trainer:
             sets.to_numpy(str),
             *(self.labels[k] for k in LABEL_KEYS),
             syn.meta_text if syn else "",
+            self.views.volumes.numpy() if self.views is not None else "",
         )
         self.bf16 = bf16_supported(self.device)
         self.gen = torch.Generator(device=self.device).manual_seed(s.seed + 1000 * self.rank)
@@ -399,6 +427,53 @@ class Trainer:
         val_labels = {k: v[val_rows] for k, v in lab.items()}
         self.baseline_error = float(quality.errors(s.param, base, val_labels).mean())
 
+    def _views_setup(self, flexible: tuple[str | Path, str | Path, float] | None) -> None:
+        """Amplitudes with views: the reference's views (`views.ModeViews`, one step of one
+        training-amplitude standard deviation per mode) at every labelled and synthetic image's
+        pose, perturbed by the view noise, rendered once with the image's CTF."""
+        s, ps = self.s, self.ps
+        self.views = self.view_cache = self.syn_view_cache = None
+        if not (s.views and s.param == "amplitudes"):
+            return
+        if flexible is None:
+            raise InputError("amplitude networks with views need the model and its modes")
+        model, md = load_model(flexible[0]), load_modes(flexible[1])
+        if [int(k) for k in md["mode_numbers"]] != self.modes:
+            raise InputError(
+                f"{flexible[1]}: modes {md['mode_numbers'].tolist()} differ from the labels' "
+                f"{self.modes}"
+            )
+        px = ps.pixel_size * ps.box / self.box
+        self.views = ModeViews.from_model(
+            model["coords"], md["modes"], model["weights"], self.std.cpu().numpy(), self.box,
+            px, flexible[2],
+        )  # fmt: skip
+        lab = self.labels
+        ctf = ps.ctf_params() if ps.has_ctf else None
+        self.view_cache = self._render_views(lab["euler"], lab["shifts"], ctf, s.seed)
+        if self.synthetic is not None:
+            syn = self.synthetic
+            if ps.has_ctf and syn.ctf is None:
+                raise InputError("the synthetic set has no CTF parameters: synthesize it again")
+            euler, shifts = (syn.labels[k].double().cpu().numpy() for k in ("euler", "shifts"))
+            self.syn_view_cache = self._render_views(euler, shifts, syn.ctf, s.seed + 1)
+        log.info("amplitudes with views: %d channels of the reference", len(self.views.volumes))
+
+    def _render_views(
+        self, euler: np.ndarray, shifts_px: np.ndarray, ctf: dict | None, seed: int
+    ) -> torch.Tensor:
+        """Views (n, K + 1, box, box) at perturbed poses (shifts in pixels of the particles)."""
+        s, box = self.s, self.box
+        euler, shifts = perturb_poses(euler, shifts_px, s.view_noise_deg, s.view_noise_px, seed)
+        shifts = shifts * box / self.ps.box
+        px = self.views.pixel_size
+        out = []
+        for i in range(0, len(euler), 512):
+            rows = np.arange(i, min(i + 512, len(euler)))
+            c = imaging.particle_ctf(ctf, rows, px, box) if ctf is not None else None
+            out.append(self.views.render(torch.tensor(euler[rows]), torch.tensor(shifts[rows]), c))
+        return torch.cat(out).to(self.device)
+
     def _loader(self, rows: np.ndarray, shuffle: bool):
         ds = ImageRows(self.ps.images, rows, self.labels)
         s = self.s
@@ -415,11 +490,13 @@ class Trainer:
         )
         return loader, sampler
 
-    def _inputs(self, items, augment: bool, noise_sigma: float = 0.0):
-        """(network input, target) batches: fresh noise, label-consistent augmentation."""
+    def _inputs(self, items, augment: bool, noise_sigma: float = 0.0, views=None):
+        """(network input, target) batches: fresh noise, label-consistent augmentation, and
+        the images' views (`views`: a cache indexed by the items' last element) as channels."""
         s, dev = self.s, self.device
-        for img, eul, sh, amp in items:
+        for img, eul, sh, amp, idx in items:
             img, eul, sh, amp = (x.to(dev, non_blocking=True) for x in (img, eul, sh, amp))
+            v = views[idx.to(dev)] if views is not None else None
             if noise_sigma:
                 noise = torch.randn(img.shape, generator=self.gen, device=dev, dtype=img.dtype)
                 img = img + noise_sigma * noise
@@ -429,7 +506,12 @@ class Trainer:
                 t = torch.randint(-r, r + 1, (len(img), 2), device=dev).float()
                 img = transform_images(img, turns, t)
                 eul, sh = transform_labels(eul, sh, 90.0 * turns.float(), t)
-            x = preprocess(img, self.box).contiguous(memory_format=torch.channels_last)
+                if v is not None:
+                    v = transform_views(v, turns, t * self.box / self.ps.box)
+            x = preprocess(img, self.box)
+            if v is not None:
+                x = torch.cat([x, v.to(x.dtype)], 1)
+            x = x.contiguous(memory_format=torch.channels_last)
             yield x, target_values(s.param, s.angle_repr, eul, sh, amp).float()
 
     def _loss(self, pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,14 +522,14 @@ class Trainer:
         s, dev = self.s, self.device
         if epoch <= self.pretrain_epochs:
             data = self.synthetic.batches(s.batch_size, epoch, self.rank, self.world, s.seed)
-            noise = self.synthetic.noise_sigma
+            noise, views = self.synthetic.noise_sigma, self.syn_view_cache
         else:
-            data, noise = self.train_loader, 0.0
+            data, noise, views = self.train_loader, 0.0, self.view_cache
             if self.train_sampler is not None:
                 self.train_sampler.set_epoch(epoch)
         self.net.train()
         tot = torch.zeros(2, device=dev)
-        for x, y in self._inputs(data, s.augment, noise):
+        for x, y in self._inputs(data, s.augment, noise, views):
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
                 pred = self.net(x)
             loss, _ = self._loss(pred, y)
@@ -465,7 +547,7 @@ class Trainer:
         self.net.eval()
         val = torch.zeros(3, device=self.device)
         with torch.no_grad():
-            for x, y in self._inputs(self.val_loader, False):
+            for x, y in self._inputs(self.val_loader, False, views=self.view_cache):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     pred = self.net(x)
                 loss, metric = self._loss(pred, y)
@@ -574,7 +656,10 @@ class Trainer:
             "best_val_loss": self.state["best_val"],
             "val_error": float(best["val_metric"]),
             "val_baseline": self.baseline_error,
+            "in_channels": 1 if self.views is None else 1 + len(self.views.volumes),
         }
+        if self.views is not None:
+            final["views"] = {"volumes": self.views.volumes, "pixel_size": self.views.pixel_size}
         with atomic_path(out / "model.pt") as tmp:
             torch.save(final, tmp)
         with atomic_path(out / "history.csv") as tmp:
@@ -638,6 +723,28 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=dflt.augment_shift_px,
         help="largest augmentation shift in pixels" + d,
     )
+    p.add_argument(
+        "--views",
+        action=argparse.BooleanOptionalAction,
+        default=dflt.views,
+        help="amplitudes: also feed the reference's views at each image's pose (needs --model, "
+        "--modes; inference then needs the angle and shift networks' answers)",
+    )
+    p.add_argument(
+        "--view-noise-deg",
+        type=float,
+        default=dflt.view_noise_deg,
+        help="training views are rotated by |N(0, this)| degrees off the labelled pose" + d,
+    )
+    p.add_argument(
+        "--view-noise-px",
+        type=float,
+        default=dflt.view_noise_px,
+        help="and shifted by N(0, this) pixels per axis" + d,
+    )
+    p.add_argument("--model", default=None, help="model.npz (for --views)")
+    p.add_argument("--modes", default=None, help="modes.npz (for --views)")
+    p.add_argument("--sigma-angstrom", type=float, default=1.0, help="atom Gaussian width (Å)" + d)
     p.add_argument("--workers", type=int, default=dflt.workers, help="data-loading processes" + d)
     p.add_argument("--seed", type=int, default=dflt.seed, help="random seed" + d)
     p.add_argument(
@@ -646,8 +753,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    Trainer(
-        TrainSettings.from_args(args), args.labels, args.split, args.out_dir, args.pretrain
-    ).fit()
+    flexible = (args.model, args.modes, args.sigma_angstrom) if args.model and args.modes else None
+    settings = TrainSettings.from_args(args)
+    Trainer(settings, args.labels, args.split, args.out_dir, args.pretrain, flexible).fit()
     if dist.is_initialized():
         dist.destroy_process_group()

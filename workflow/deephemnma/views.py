@@ -1,0 +1,121 @@
+"""views: what the reference looks like at a pose — the extra input of the pose-conditioned
+amplitude network.
+
+A network that sees only the image must learn, for every view of the molecule, how each mode
+changes the projection; at a 32-px working box and a few thousand images it barely beats the mean.
+Given the pose (from the angle and shift networks, or the labels while training), it can instead
+be shown, next to the image, the reference's projection at that pose and how that projection
+changes along each mode: channels [P(0), P(h₁e₁) − P(0), …, P(h_K e_K) − P(0)] (h_k: one step per
+mode), all with the image's CTF and scaled by P(0)'s standard deviation. Estimating amplitudes then
+looks like the fixed-view task a small network learns well.
+
+The K + 1 densities are computed once (Gaussian atoms, oversampled and Fourier-cropped to the
+working box like the simulator's images) and projected by central slices of their Fourier
+transforms (torch-fourier-slice): RELION's matrix A projects along z after rotating by A, so the
+slice is taken with Aᵀ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.spatial.transform import Rotation
+from torch_fourier_slice import project_3d_to_2d_multichannel
+
+from . import geometry, imaging
+
+ATOM_CHUNK = 512  # atoms per density pass: bounds memory to ATOM_CHUNK × (box·oversample)² floats
+
+
+def density(
+    coords: torch.Tensor, weights: torch.Tensor, box: int, pixel_size: float, sigma: float
+) -> torch.Tensor:
+    """Density (box, box, box) [z, y, x] of Gaussian atoms (coords in Å, centre at box // 2),
+    sampled finely enough for the atoms (≤ 1.1 σ per voxel) and Fourier-cropped to `box`."""
+    over = max(1, math.ceil(pixel_size / (1.1 * sigma)))
+    big, step = box * over, pixel_size / over
+    g = torch.arange(big, dtype=coords.dtype)
+    vol = torch.zeros(big, big * big, dtype=coords.dtype)
+    for i in range(0, len(coords), ATOM_CHUNK):
+        x = coords[i : i + ATOM_CHUNK] / step + big // 2
+        gx, gy, gz = (
+            torch.exp(-((g - x[:, j : j + 1]) ** 2) / (2 * (sigma / step) ** 2)) for j in range(3)
+        )
+        w = weights[i : i + ATOM_CHUNK, None]
+        vol += (gz * w).T @ (gy[:, :, None] * gx[:, None, :]).reshape(len(x), -1)
+    vol = vol.reshape(big, big, big) / ((2 * math.pi) ** 1.5 * sigma**3)
+    if over == 1:
+        return vol
+    f = torch.fft.fftshift(torch.fft.fftn(vol), dim=(0, 1, 2))
+    lo = big // 2 - box // 2
+    f = f[lo : lo + box, lo : lo + box, lo : lo + box]
+    return torch.fft.ifftn(torch.fft.ifftshift(f, dim=(0, 1, 2))).real / over**3
+
+
+def perturb_poses(
+    euler: np.ndarray, shifts_px: np.ndarray, sigma_deg: float, sigma_px: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Poses moved as an estimate would be wrong: each rotation by an angle |N(0, sigma_deg)|
+    about a random axis, each shift by N(0, sigma_px) per axis (training the amplitude network
+    on such views makes it robust to the angle and shift networks' errors)."""
+    rng = np.random.default_rng(seed)
+    n = len(euler)
+    axis = rng.normal(size=(n, 3))
+    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+    angle = np.radians(np.abs(rng.normal(0.0, sigma_deg, n)))
+    turn = Rotation.from_rotvec(axis * angle[:, None]).as_matrix()
+    rot = turn @ geometry.euler_to_matrix(np.asarray(euler, dtype=np.float64))
+    return geometry.matrix_to_euler(rot), shifts_px + rng.normal(0.0, sigma_px, (n, 2))
+
+
+def shift_images(images: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
+    """Images (B, ..., D, D) moved by (x, y) shifts (B, 2) in pixels (Fourier phase ramp)."""
+    box = images.shape[-1]
+    ky = torch.fft.fftfreq(box, device=images.device)[:, None]
+    kx = torch.fft.rfftfreq(box, device=images.device)[None, :]
+    s = shifts_px.float().reshape(len(shifts_px), *[1] * (images.dim() - 3), 2)
+    phase = torch.exp(-2j * math.pi * (kx * s[..., 0, None, None] + ky * s[..., 1, None, None]))
+    return torch.fft.irfft2(torch.fft.rfft2(images) * phase, s=(box, box))
+
+
+@dataclass
+class ModeViews:
+    """Densities of the reference and of its deformation by one step along each mode."""
+
+    volumes: torch.Tensor  # (K + 1, box, box, box): V(0), V(h_k e_k)
+    pixel_size: float  # Å per voxel (the working box's)
+
+    @classmethod
+    def from_model(
+        cls,
+        coords: np.ndarray,
+        modes: np.ndarray,
+        weights: np.ndarray,
+        steps: np.ndarray,
+        box: int,
+        pixel_size: float,
+        sigma_angstrom: float = 1.0,
+    ) -> ModeViews:
+        """From an atomic model (N, 3), its modes (K, N, 3) and one step per mode (K,)."""
+        t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)
+        c, m, w = t(coords), t(modes), t(weights)
+        moved = [c] + [c + float(h) * m[k] for k, h in enumerate(steps)]
+        vols = [density(x, w, box, pixel_size, sigma_angstrom) for x in moved]
+        return cls(torch.stack(vols).float(), pixel_size)
+
+    def render(
+        self, euler: torch.Tensor, shifts_px: torch.Tensor, ctf: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Channels (B, K + 1, box, box) at RELION Euler angles (B, 3) degrees and shifts (B, 2)
+        in pixels of the working box, times the CTFs (B, box, box // 2 + 1) when given."""
+        vol = self.volumes.to(euler.device)
+        rot = geometry.euler_to_matrix(euler.double()).float().transpose(-1, -2)
+        proj = project_3d_to_2d_multichannel(vol, rot) * self.pixel_size  # (B, C, box, box)
+        views = shift_images(proj, shifts_px)
+        if ctf is not None:
+            views = imaging.apply_ctf(views, ctf[:, None].to(views.dtype))
+        views = torch.cat([views[:, :1], views[:, 1:] - views[:, :1]], 1)
+        return views / views[:, :1].std(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
