@@ -28,7 +28,8 @@ import torch
 
 from deephemnma import geometry, hemnma, imaging, infer, quality, simulate, split, synthetic, train
 from deephemnma.cli import build_parser
-from deephemnma.io import ParticleSet, load_model, load_modes, write_star
+from deephemnma.flexible import FlexibleModel, load_model
+from deephemnma.io import ParticleSet, write_star
 
 T0 = time.perf_counter()
 
@@ -83,7 +84,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"device": name}
-    m, md = load_model(inp / "model.npz"), load_modes(inp / "modes.npz")
+    m = load_model(inp / "model.npz")
 
     # 1. projector CPU == GPU
     rng = np.random.default_rng(0)
@@ -146,7 +147,11 @@ def main() -> None:
         batch=128 if dev.type == "cuda" else 8, max_shift_px=6.0 * a.box / 128
     )
     al = hemnma.Aligner(
-        m["coords"], md["modes"], m["weights"], ps.box, ps.pixel_size, settings, dev
+        FlexibleModel.load(inp / "model.npz", inp / "modes.npz"),
+        ps.box,
+        ps.pixel_size,
+        settings,
+        dev,
     )
     hemnma.align_rows(ps, np.arange(min(n_h, settings.batch)), al)  # warm-up
     if dev.type == "cuda":
@@ -281,7 +286,7 @@ def main() -> None:
         dt = time.perf_counter() - t
         say(f"HEMNMA labels for {len(sub)} images in {dt:.0f} s ({len(sub) / dt:.0f} img/s)")
         labels = work / "hemnma.star"
-        write_star(labels, ps.optics, hemnma.result_table(sub, res, md["mode_numbers"]))
+        write_star(labels, ps.optics, hemnma.result_table(sub, res, al.model.mode_numbers))
         split_h = work / "split_hemnma.csv"
         names = ps.particles["rlnImageName"].iloc[labelled]
         pd.DataFrame({"rlnImageName": names, "set": sets[labelled]}).to_csv(split_h, index=False)

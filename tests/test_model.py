@@ -11,6 +11,7 @@ from deephemnma import model as m
 from deephemnma import nma
 from deephemnma import pseudoatoms as pa
 from deephemnma.cli import main as cli_main
+from deephemnma.flexible import FlexibleModel
 from deephemnma.io import InputError, read_mrc
 
 from .conftest import CLOSED_PDB, OPEN_PDB
@@ -39,7 +40,7 @@ def test_modes_unit_norm_and_deformation_rmsd(adk_atoms, adk_modes):
     x0 = adk_atoms.getCoords()
     n = len(x0)
     for q in ([150.0, 0, 0], [0, -80.0, 0], [30.0, 40.0, 0.0]):
-        x = nma.deform(x0, modes, np.array(q))
+        x = FlexibleModel(x0, modes).deform(np.array(q))
         rmsd = np.sqrt(((x - x0) ** 2).sum(1).mean())
         # modes are orthonormal, so |sum q_k v_k| = |q|
         assert rmsd == pytest.approx(np.linalg.norm(q) / np.sqrt(n), rel=1e-9)

@@ -9,8 +9,9 @@ import torch
 
 from deephemnma import geometry, infer, quality, simulate, synthetic, train
 from deephemnma.cli import main as cli
+from deephemnma.flexible import FlexibleModel
 from deephemnma.imaging import fourier_crop
-from deephemnma.io import ParticleSet, load_model, load_modes, write_star
+from deephemnma.io import ParticleSet, write_star
 from deephemnma.nets import (
     ResNet,
     decode_angles,
@@ -58,7 +59,7 @@ def test_resnet_parameter_counts():
 
 def test_rotation_augmentation_matches_resimulation(adk_model_files):
     """Rotating an image by α and updating (psi, shift) gives the image simulated with the new labels."""
-    m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
+    model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
     cfg = sim_config(
         seed=5,
         amplitude_scale=100.0,
@@ -69,14 +70,11 @@ def test_rotation_augmentation_matches_resimulation(adk_model_files):
         sigma_angstrom=2.5,
         ctf=False,
     )
-    params = simulate.draw_parameters(4, md["mode_numbers"], cfg)
+    params = simulate.draw_parameters(4, model.mode_numbers, cfg)
     t = lambda a: torch.tensor(a, dtype=torch.float64)
     render = lambda p: simulate.render(
-        t(m["coords"]),
-        t(md["modes"]),
-        t(m["weights"]),
+        model.to(dtype=torch.float64),
         p,
-        md["mode_numbers"],
         cfg,
         torch.Generator(),
     )["clean"]
@@ -344,12 +342,9 @@ def test_pretraining_images_match_particles(adk_model_files, tmp_path, monkeypat
     argv += ["--pixel-size", "2.2", "--snr", "0.1", "--defocus", "4000", "9000"]
     assert cli([*argv, "--out-star", "p.star", "--out-stacks", "s"]) == 0
     ps = ParticleSet("p.star")
-    m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
-    t = lambda a: torch.tensor(a, dtype=torch.float32)
+    model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz").to()
     box = 32
-    renderer = synthetic.FlexibleRenderer(
-        t(m["coords"]), t(md["modes"]), t(m["weights"]), md["mode_numbers"], ps, box, 1.0
-    )
+    renderer = synthetic.FlexibleRenderer(model, ps, box, 1.0)
     params = ps.particles.assign(row=np.arange(len(ps)))
     clean = renderer.render(params)
     real = fourier_crop(torch.from_numpy(ps.images[np.arange(len(ps))]), box)
@@ -370,9 +365,7 @@ def test_pretraining_images_match_particles(adk_model_files, tmp_path, monkeypat
     # a wrong CTF (defocus doubled) no longer fits
     ps.table["rlnDefocusU"] *= 2
     ps.table["rlnDefocusV"] *= 2
-    wrong = synthetic.FlexibleRenderer(
-        t(m["coords"]), t(md["modes"]), t(m["weights"]), md["mode_numbers"], ps, box, 1.0
-    ).render(params)
+    wrong = synthetic.FlexibleRenderer(model, ps, box, 1.0).render(params)
     fit_w = synthetic.fit_noise(real, wrong)
     noisy_w = np.sqrt(fit_w.signal_scale) * wrong + fit_w.noise_sigma * torch.randn(
         clean.shape, generator=g
@@ -383,16 +376,13 @@ def test_pretraining_images_match_particles(adk_model_files, tmp_path, monkeypat
 def test_easy_task_learns(adk_model_files, tmp_path, monkeypatch):
     """Noise-free images at a fixed pose: the amplitude network gets well below its baseline."""
     monkeypatch.chdir(tmp_path)
-    m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
+    model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
     cfg = sim_config(box=32, pixel_size=4.4, ctf=False, snr=None, seed=2)
-    params = simulate.draw_parameters(600, md["mode_numbers"], cfg)
+    params = simulate.draw_parameters(600, model.mode_numbers, cfg)
     params[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]] = [30.0, 60.0, 0.0]
     params[["rlnOriginXAngst", "rlnOriginYAngst"]] = 0.0
-    t = lambda a: torch.tensor(a, dtype=torch.float32)
-    out = simulate.render(
-        t(m["coords"]), t(md["modes"]), t(m["weights"]), params, md["mode_numbers"], cfg, None
-    )
-    net, base, err = train_in_memory(out["final"], params, md["mode_numbers"], epochs=12)
+    out = simulate.render(model.to(), params, cfg, None)
+    net, base, err = train_in_memory(out["final"], params, model.mode_numbers, epochs=12)
     print(f"easy task: error {err:.1f}, baseline {base:.1f}")
     assert err < 0.3 * base
 

@@ -14,7 +14,8 @@ import pandas as pd
 import torch
 from torch_fourier_shell_correlation import fourier_shell_correlation
 
-from .io import InputError, atomic_path, load_model, pyplot, read_mrc, save_figure, write_mrc
+from .flexible import load_model
+from .io import InputError, atomic_path, pyplot, read_mrc, save_figure, write_mrc
 from .model import read_structure
 
 log = logging.getLogger(__name__)

@@ -77,21 +77,6 @@ def require_file(path: str | os.PathLike, what: str = "file") -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------- model files
-
-
-def load_model(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read model.npz (coords, weights, elements, center) written by prepare-model."""
-    with np.load(require_file(path, "model file")) as z:
-        return {k: z[k] for k in z.files}
-
-
-def load_modes(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read modes.npz written by nma."""
-    with np.load(require_file(path, "modes file")) as z:
-        return {k: z[k] for k in z.files}
-
-
 # ----------------------------------------------------------------------------- MRC
 
 

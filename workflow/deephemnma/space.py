@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .flexible import FlexibleModel
 from .io import (
     InputError,
     amplitude_column,
     amplitude_modes,
     atomic_path,
-    load_modes,
     pyplot,
     read_star,
     require_file,
@@ -34,7 +34,6 @@ from .io import (
     write_star,
 )
 from .model import read_structure, write_pdb
-from .nma import deform
 
 log = logging.getLogger(__name__)
 
@@ -382,8 +381,8 @@ def main(args: argparse.Namespace) -> None:
         parts = parts[keep].reset_index(drop=True)
         if len(parts) < 2:
             raise InputError(f"{args.particles}: fewer than 2 trusted images to analyse")
-    modes_npz = load_modes(args.modes)
-    numbers = [int(k) for k in modes_npz["mode_numbers"]]
+    model = FlexibleModel.load_modes(args.modes)
+    numbers = [int(k) for k in model.mode_numbers]
     if amplitude_modes(parts) != numbers:
         raise InputError(
             f"{args.particles}: amplitude columns {amplitude_modes(parts)} do not match "
@@ -435,13 +434,12 @@ def main(args: argparse.Namespace) -> None:
     with atomic_path(out / "free_energy.csv") as tmp:
         free_energy_table(landscapes).to_csv(tmp, index=False, float_format="%.4f")
     atoms = read_structure(args.pdb)
-    x0, vecs = modes_npz["coords"], modes_npz["modes"]
     summary = []
     for g in range(n_groups):
         sel = labels == g
         write_star(out / f"group_{g}.star", blocks["optics"], parts[sel].reset_index(drop=True))
         centroid = amps[sel].mean(0)
-        write_pdb(out / f"group_{g}_centroid.pdb", atoms, deform(x0, vecs, centroid)[None])
+        write_pdb(out / f"group_{g}_centroid.pdb", atoms, model.deform(centroid)[None])
         summary.append(
             {
                 "group": g,
@@ -459,7 +457,7 @@ def main(args: argparse.Namespace) -> None:
     for axis in range(min(2, coords.shape[1])):
         pts = np.zeros((args.frames, coords.shape[1]))
         pts[:, axis] = t * np.sqrt(pca.variance[axis])
-        frames = np.stack([deform(x0, vecs, a) for a in pca.inverse(pts)])
+        frames = np.stack([model.deform(a) for a in pca.inverse(pts)])
         write_pdb(out / f"trajectory_pc{axis + 1}.pdb", atoms, frames)
     path = None
     if args.path_groups is not None:
@@ -467,7 +465,7 @@ def main(args: argparse.Namespace) -> None:
         fe = landscapes[0]
         path = group_path(work, labels, (a, b), args.frames, args.path_method, fe)
         pcs = path[:, : coords.shape[1]]
-        frames = np.stack([deform(x0, vecs, q) for q in pca.inverse(pcs)])
+        frames = np.stack([model.deform(q) for q in pca.inverse(pcs)])
         write_pdb(out / "trajectory_path.pdb", atoms, frames)
         along = pc_table(pcs)
         i = np.clip(np.searchsorted(fe.edges[0], path[:, 0]) - 1, 0, fe.energy.shape[0] - 1)
