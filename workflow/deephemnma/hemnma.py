@@ -546,45 +546,25 @@ class Aligner:
         """Estimate (euler (B,3), shifts_px (B,2), amplitudes (B,K), cost (B,), objective (B,))
         for one batch; the objective is what the refinement minimised (-NCC without a prior).
         Candidates come from the global search, or with `start` from local_candidates."""
-        s, dev = self.s, self.dev
-        imgs = torch.as_tensor(images, dtype=torch.float32, device=dev)
-        b, k = len(imgs), self.model.n_modes
+        imgs = torch.as_tensor(images, dtype=torch.float32, device=self.dev)
         coarse = make_target(imgs, ctf_params, rows, self.coarse, self.px, has_ctf)
-        if start is None:
-            if self.gallery is None:
-                raise ValueError(f"start {s.start!r} needs starting values")
-            eul, sh, amp_init = global_search(coarse, self.gallery, s, self.box)
-            iterations = s.iterations
-        else:
-            eul, sh, amp_init = local_candidates(start, s.local_flip)
-            iterations = s.local_iterations
-            s = replace(s, lr_amplitude=s.local_lr_amplitude)
-        c = eul.shape[1]
+        eul, sh, amp_init, iterations, s = self.candidates(coarse, start)
         # stage 1: all candidates at the coarse box
+        c = eul.shape[1]
         rep = lambda x: x.repeat_interleave(c, 0)
         coarse_c = Target(rep(coarse.images_f), rep(coarse.ctf), coarse.box, coarse.pixel_size)
-        rot0 = geometry.euler_to_matrix(
-            torch.tensor(eul.reshape(-1, 3), dtype=torch.float32, device=dev)
-        )
-        shift0 = torch.tensor(sh.reshape(-1, 2), dtype=torch.float32, device=dev)
-        amp0 = torch.tensor(amp_init.reshape(-1, k), dtype=torch.float32, device=dev)
+        f32 = lambda x: torch.tensor(x, dtype=torch.float32, device=self.dev)
+        rot0 = geometry.euler_to_matrix(f32(eul.reshape(-1, 3)))
+        shift0, amp0 = f32(sh.reshape(-1, 2)), f32(amp_init.reshape(-1, self.model.n_modes))
         bound = None
         if start is not None:
             bound = Bound(s.local_max_angle_deg, s.local_max_shift_px, shift0)
             amp0 = self.start_amplitudes(coarse_c, rot0, shift0, amp0)
         rot, shift, amp, _, objective, omega = refine(
-            coarse_c,
-            self.model,
-            rot0,
-            shift0,
-            amp0,
-            iterations[0],
-            s,
-            self.box,
-            self.prior_sd,
+            coarse_c, self.model, rot0, shift0, amp0, iterations[0], s, self.box, self.prior_sd,
             bound=bound,
-        )
-        best = objective.view(b, c).argmin(1) + torch.arange(b, device=dev) * c
+        )  # fmt: skip
+        best = objective.view(len(imgs), c).argmin(1) + torch.arange(len(imgs), device=self.dev) * c
         # stage 2: the best candidate at the full box (local: still bound to its start)
         full = make_target(imgs, ctf_params, rows, self.box, self.px, has_ctf)
         if bound is None:
@@ -592,26 +572,44 @@ class Aligner:
         else:
             anchor, omega0 = rot0[best], omega[best]
             bound = Bound(bound.max_angle_deg, bound.max_shift_px, shift0[best])
-        rot, shift, amp, score, objective, _ = refine(
-            full,
-            self.model,
-            anchor,
-            shift[best],
-            amp[best],
-            iterations[1],
-            s,
-            self.box,
-            self.prior_sd,
-            omega0,
-            bound,
-        )
-        return {
-            "euler": geometry.matrix_to_euler(rot.double()).cpu().numpy(),
-            "shifts_px": shift.cpu().numpy().astype(np.float64),
-            "amplitudes": amp.cpu().numpy().astype(np.float64),
-            "cost": (1.0 - score).cpu().numpy().astype(np.float64),
-            "objective": objective.cpu().numpy().astype(np.float64),
-        }
+        out = refine(
+            full, self.model, anchor, shift[best], amp[best], iterations[1], s, self.box,
+            self.prior_sd, omega0, bound,
+        )  # fmt: skip
+        return alignment_result(*out[:5])
+
+    def candidates(
+        self, coarse: Target, start: Start | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int], AlignSettings]:
+        """(Euler angles, shifts, amplitudes) of the candidates (B, C, ·), the iterations of the
+        two stages and the refinement settings: from the global search, or around `start` with
+        the local iterations and amplitude step."""
+        s = self.s
+        if start is None:
+            if self.gallery is None:
+                raise ValueError(f"start {s.start!r} needs starting values")
+            eul, sh, amp = global_search(coarse, self.gallery, s, self.box)
+            return eul, sh, amp, s.iterations, s
+        eul, sh, amp = local_candidates(start, s.local_flip)
+        return eul, sh, amp, s.local_iterations, replace(s, lr_amplitude=s.local_lr_amplitude)
+
+
+def alignment_result(
+    rot: torch.Tensor,
+    shift: torch.Tensor,
+    amp: torch.Tensor,
+    score: torch.Tensor,
+    objective: torch.Tensor,
+) -> dict[str, np.ndarray]:
+    """The refinement's answer as float64 numpy arrays: euler, shifts_px, amplitudes, cost
+    (1 - NCC) and objective."""
+    return {
+        "euler": geometry.matrix_to_euler(rot.double()).cpu().numpy(),
+        "shifts_px": shift.cpu().numpy().astype(np.float64),
+        "amplitudes": amp.cpu().numpy().astype(np.float64),
+        "cost": (1.0 - score).cpu().numpy().astype(np.float64),
+        "objective": objective.cpu().numpy().astype(np.float64),
+    }
 
 
 def align_best(
