@@ -100,13 +100,25 @@ def model_structure():
     return res("model/pseudo_atoms.pdb") if is_map(s) else s
 
 
+PREPARE_MODEL_KEYS = [
+    "atoms",
+    "chains",
+]  # config model: prepare-model's; the rest pseudo-atoms'
+
+
+def prepare_model_args():
+    """CLI arguments of `deephemnma prepare-model`: config model's atom selection."""
+    return cli_flags({k: config["model"][k] for k in PREPARE_MODEL_KEYS})
+
+
 def pseudo_atom_args():
-    """CLI arguments of `deephemnma pseudo-atoms` from config model."""
-    c = config["model"]
-    args = ["--target-error", c["pseudo_atom_error"]]
-    args += [] if c["pseudo_atoms"] is None else ["--n-atoms", c["pseudo_atoms"]]
-    args += [] if c["map_threshold"] is None else ["--threshold", c["map_threshold"]]
-    return args + ["--sigma", pseudo_atom_sigma()]
+    """CLI arguments of `deephemnma pseudo-atoms`: config model less the atom selection, its
+    keys named after the pseudo-atoms (`pseudo_atoms` -> `--n-atoms`, ...); the width derived.
+    """
+    rename = {"pseudo_atoms": "n-atoms", "pseudo_atom_error": "target-error"}
+    rename["map_threshold"] = "threshold"
+    skip = PREPARE_MODEL_KEYS + ["pseudo_atom_sigma"]
+    return cli_flags(config["model"], skip, rename) + ["--sigma", pseudo_atom_sigma()]
 
 
 def pseudo_atom_sigma():
@@ -117,16 +129,9 @@ def pseudo_atom_sigma():
     return voxel_size(structures()[0]) if sigma is None else sigma
 
 
-def mode_choice_args():
-    """CLI arguments of `deephemnma nma` that choose the modes (config nma)."""
-    c = config["nma"]
-    return cli_flags({k: c[k] for k in ("n_modes", "min_collectivity", "search", "modes")})
-
-
-def compare_to_args():
-    """CLI flag for the optional comparison structure."""
-    target = config["nma"]["compare_to"]
-    return [] if target is None else ["--compare-to", target]
+def nma_args():
+    """CLI arguments of `deephemnma nma`: config nma (compare_to is also the rule's input)."""
+    return cli_flags(config["nma"])
 
 
 def quoted(items):
@@ -138,7 +143,9 @@ def quoted(items):
 
 def simulate_args():
     """CLI arguments of `deephemnma simulate`: config particles.simulate."""
-    return cli_flags(config["particles"]["simulate"], rename={"defocus_angstrom": "defocus"})
+    return cli_flags(
+        config["particles"]["simulate"], rename={"defocus_angstrom": "defocus"}
+    )
 
 
 def import_args():
@@ -152,12 +159,8 @@ def shard_ids():
 
 
 def shard_args():
-    """CLI arguments of `deephemnma shard`."""
-    c = config["hemnma"]
-    return ([] if c["subset"] is None else ["--subset", c["subset"]]) + [
-        "--seed",
-        c["seed"],
-    ]
+    """CLI arguments of `deephemnma shard`: the subset of config hemnma."""
+    return cli_flags({k: config["hemnma"][k] for k in ("subset", "seed")})
 
 
 def hemnma_args():
@@ -173,7 +176,9 @@ def hybrid_args():
     """CLI arguments of `deephemnma hemnma` in hybrid_refine: HEMNMA's refinement settings and
     hemnma.local, starting from the networks' answers (no search)."""
     c = config["hemnma"]
-    refine = {k: c[k] for k in ("coarse_box", "amplitude_prior", "gallery_amplitude", "batch")}
+    refine = {
+        k: c[k] for k in ("coarse_box", "amplitude_prior", "gallery_amplitude", "batch")
+    }
     args = cli_flags(refine) + cli_flags(c["local"], prefix="local")
     return args + ["--start", "network", "--sigma-angstrom", sigma_angstrom()]
 
@@ -222,7 +227,14 @@ def split_args():
 
 def train_args():
     """CLI arguments of `deephemnma train`: config network, less the keys of other rules."""
-    skip = ["label_source", "params", "max_error_ratio", "n_test", "n_val", "infer_batch"]
+    skip = [
+        "label_source",
+        "params",
+        "max_error_ratio",
+        "n_test",
+        "n_val",
+        "infer_batch",
+    ]
     skip += ["pretrain.images"] + ([] if pretraining() else ["pretrain.epochs"])
     return cli_flags(config["network"], skip)
 
@@ -240,11 +252,18 @@ def synthetic_input():
 
 
 def synthesize_args():
-    """CLI arguments of `deephemnma synthesize`."""
+    """CLI arguments of `deephemnma synthesize`: network.pretrain.images, network.seed and .box,
+    the atoms' width."""
     c = config["network"]
-    args = ["--n-images", c["pretrain"]["images"], "--seed", c["seed"]]
-    args += ["--sigma-angstrom", sigma_angstrom()]
-    return args + ([] if c["box"] is None else ["--box", c["box"]])
+    n_images = c["pretrain"]["images"]
+    return cli_flags(
+        {
+            "n_images": n_images,
+            "seed": c["seed"],
+            "box": c["box"],
+            "sigma_angstrom": sigma_angstrom(),
+        }
+    )
 
 
 def output_dir(wildcards, output):
@@ -300,31 +319,21 @@ def group_ids():
 
 
 def space_args():
-    """CLI arguments of `deephemnma space`."""
+    """CLI arguments of `deephemnma space`: config analysis less the keys of other rules (source:
+    the input, reconstruct), the boxes as JSON."""
     import json
 
-    a = config["analysis"]
-    g = a["groups"]
-    args = [
-        "--method",
-        g["method"],
-        "--n-groups",
-        g["n_groups"],
-        "--boxes",
-        json.dumps(g["boxes"]),
-    ]
-    args += ["--bins", a["free_energy_bins"], "--path-method", a["path"]["method"]]
-    args += (
-        [] if a["path"]["groups"] is None else ["--path-groups", *a["path"]["groups"]]
-    )
-    return args + [
-        "--frames",
-        a["trajectory_frames"],
-        "--span-std",
-        a["trajectory_span_std"],
-        "--untrusted",
-        a["untrusted"],
-    ]
+    rename = {"groups.method": "method", "groups.n_groups": "n-groups"}
+    rename |= {"trajectory_frames": "frames", "trajectory_span_std": "span-std"}
+    rename["free_energy_bins"] = "bins"
+    skip = ["source", "reconstruct", "groups.boxes"]
+    boxes = json.dumps(config["analysis"]["groups"]["boxes"])
+    return cli_flags(config["analysis"], skip, rename) + ["--boxes", boxes]
+
+
+def reconstruct_args():
+    """CLI arguments of `deephemnma reconstruct`: config analysis.reconstruct (box: the input)."""
+    return cli_flags(config["analysis"]["reconstruct"], skip=["box"])
 
 
 def all_outputs():
