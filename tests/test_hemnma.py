@@ -12,8 +12,9 @@ import torch
 
 from deephemnma import geometry, hemnma
 from deephemnma.cli import main as cli
+from deephemnma.files import InputError
 from deephemnma.flexible import FlexibleModel, load_model
-from deephemnma.io import InputError, ParticleSet
+from deephemnma.io import ParticleSet
 from deephemnma.shard import shard_rows
 
 

@@ -8,14 +8,10 @@ import torch
 
 from deephemnma import geometry, hemnma, hybrid, relion
 from deephemnma.cli import main as cli
+from deephemnma.files import InputError
 from deephemnma.flexible import FlexibleModel
-from deephemnma.io import (
-    InputError,
-    ParticleSet,
-    optics_table,
-    write_mrc,
-    write_star,
-)
+from deephemnma.io import ParticleSet, optics_table, write_star
+from deephemnma.mrc import write_mrc
 
 from .test_hemnma import simulate
 

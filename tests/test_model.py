@@ -11,8 +11,9 @@ from deephemnma import model as m
 from deephemnma import nma
 from deephemnma import pseudoatoms as pa
 from deephemnma.cli import main as cli_main
+from deephemnma.files import InputError
 from deephemnma.flexible import FlexibleModel
-from deephemnma.io import InputError, read_mrc
+from deephemnma.mrc import read_mrc
 
 from .conftest import CLOSED_PDB, OPEN_PDB
 
@@ -208,7 +209,7 @@ def test_pseudo_atoms_of_a_protein_map_reach_the_target(adk_atoms, tmp_path):
     """A 10 Å-ish map of AK: the count grows until the relative error is within the target; the
     workflow's prepare-model reads the pseudo-atoms with their weights."""
     from deephemnma.fsc import model_map
-    from deephemnma.io import write_mrc
+    from deephemnma.mrc import write_mrc
 
     vol = model_map(adk_atoms.getCoords(), adk_atoms.getData("weight"), 32, 4.4, 4.4)
     write_mrc(tmp_path / "ak.mrc", vol, 4.4)
@@ -311,7 +312,7 @@ def test_nma_cli_refuses_modes_it_cannot_compute(adk_atoms, tmp_path, capsys, mo
     ],
 )
 def test_pseudo_atoms_cli_refuses_bad_maps_and_targets(tmp_path, capsys, volume, extra, message):
-    from deephemnma.io import write_mrc
+    from deephemnma.mrc import write_mrc
 
     blob = blobs([(10, 16, 16), (20, 16, 16)], np.sqrt(2))
     vol = blob if volume is None or isinstance(volume, str) else volume

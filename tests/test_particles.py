@@ -9,7 +9,9 @@ import torch
 
 from deephemnma import geometry, imaging, relion, simulate
 from deephemnma.cli import main as cli
-from deephemnma.io import InputError, ParticleSet, write_mrc
+from deephemnma.files import InputError
+from deephemnma.io import ParticleSet
+from deephemnma.mrc import write_mrc
 
 from .conftest import sim_config
 

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from .io import InputError
+from .files import InputError
 
 # verb -> (module, one-line help)
 VERBS = {

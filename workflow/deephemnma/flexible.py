@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import InputError, require_file
+from .files import InputError, require_file
 
 
 def load_model(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -44,10 +44,10 @@ import torch
 from tqdm import tqdm
 
 from . import geometry, imaging
+from .files import InputError
 from .flexible import FlexibleModel
 from .io import (
     POSE_COLUMNS,
-    InputError,
     ParticleSet,
     amplitude_column,
     pose_columns,

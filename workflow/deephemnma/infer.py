@@ -19,15 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import geometry
-from .io import (
-    InputError,
-    ParticleSet,
-    amplitude_column,
-    pose_columns,
-    require_file,
-    uncertainty_column,
-    write_star,
-)
+from .files import InputError, require_file
+from .io import ParticleSet, amplitude_column, pose_columns, uncertainty_column, write_star
 from .nets import bf16_supported, build_network, decode_angles, preprocess
 
 log = logging.getLogger(__name__)

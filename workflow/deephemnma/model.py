@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import prody
 
-from .io import InputError, atomic_path, require_file
+from .files import InputError, atomic_path, require_file
 from .pseudoatoms import RESNAME
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from scipy.sparse import coo_array
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from .files import InputError, atomic_path, require_file
 from .flexible import FlexibleModel, load_model
-from .io import InputError, atomic_path, require_file
 from .model import read_structure, write_pdb
 
 log = logging.getLogger(__name__)

@@ -21,15 +21,9 @@ import torch
 from tqdm import tqdm
 
 from . import imaging
-from .io import (
-    InputError,
-    ParticleImages,
-    StackWriter,
-    optics_table,
-    read_star,
-    require_file,
-    write_star,
-)
+from .files import InputError, require_file
+from .io import optics_table, read_star, write_star
+from .mrc import ParticleImages, StackWriter
 
 log = logging.getLogger(__name__)
 

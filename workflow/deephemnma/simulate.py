@@ -19,18 +19,17 @@ import torch
 from tqdm import tqdm
 
 from . import geometry, imaging
+from .figures import pyplot, save_figure
 from .flexible import FlexibleModel
 from .io import (
-    StackWriter,
     amplitude_column,
     optics_table,
     pose_columns,
-    pyplot,
-    save_figure,
     table_euler,
     table_shifts_px,
     write_star,
 )
+from .mrc import StackWriter
 
 log = logging.getLogger(__name__)
 

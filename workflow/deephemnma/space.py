@@ -21,18 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .figures import pyplot, save_figure
+from .files import InputError, atomic_path, require_file
 from .flexible import FlexibleModel
-from .io import (
-    InputError,
-    amplitude_column,
-    amplitude_modes,
-    atomic_path,
-    pyplot,
-    read_star,
-    require_file,
-    save_figure,
-    write_star,
-)
+from .io import amplitude_column, amplitude_modes, read_star, write_star
 from .model import read_structure, write_pdb
 
 log = logging.getLogger(__name__)

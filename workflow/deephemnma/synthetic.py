@@ -30,18 +30,10 @@ import torch
 from tqdm import tqdm
 
 from . import geometry, imaging, simulate
+from .figures import pyplot, save_figure
+from .files import InputError, atomic_path, require_file
 from .flexible import FlexibleModel
-from .io import (
-    InputError,
-    ParticleSet,
-    amplitude_column,
-    amplitude_modes,
-    atomic_path,
-    pose_columns,
-    pyplot,
-    require_file,
-    save_figure,
-)
+from .io import ParticleSet, amplitude_column, amplitude_modes, pose_columns
 from .quality import labels_of
 
 log = logging.getLogger(__name__)

@@ -37,16 +37,10 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from . import geometry, quality
-from .io import (
-    InputError,
-    ParticleImages,
-    ParticleSet,
-    amplitude_modes,
-    atomic_path,
-    pyplot,
-    require_file,
-    save_figure,
-)
+from .figures import pyplot, save_figure
+from .files import InputError, atomic_path, require_file
+from .io import ParticleSet, amplitude_modes
+from .mrc import ParticleImages
 from .nets import (
     ANGLE_OUTPUTS,
     ARCHS,
