@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from deephemnma import geometry, hemnma, imaging, infer, quality, simulate, split, synthetic, train
+from deephemnma import geometry, hemnma, imaging, infer, quality, simulate, split, synthesize, train
 from deephemnma.cli import build_parser
 from deephemnma.flexible import FlexibleModel, load_model
 from deephemnma.io import ParticleSet, write_star
@@ -44,7 +44,7 @@ def cli_args(verb: str, argv: list[str]) -> argparse.Namespace:
 
 def inference_benchmark(work: Path, ps: ParticleSet, dev: torch.device, a, summary: dict) -> None:
     """5. inference throughput (bf16 on CUDA) end to end from the memory-mapped stacks."""
-    net, meta = infer.load_network(str(work / "amplitudes" / "model.pt"), dev)
+    net, meta = infer.load_network(str(work / "amplitudes" / "network.pt"), dev)
     infer.predict(net, meta, ps, dev, 1024, a.workers)  # warm-up
     t = time.perf_counter()
     for _ in range(a.infer_repeats):
@@ -187,7 +187,7 @@ def main() -> None:
     syn_dir = work / "synthetic"
     if a.pretrain_images:
         t = time.perf_counter()
-        synthetic.main(
+        synthesize.main(
             cli_args(
                 "synthesize",
                 [
@@ -245,7 +245,7 @@ def main() -> None:
             train.main(cli_args("train", argv))
             dt = time.perf_counter() - t
             hist = pd.read_csv(folder / "history.csv")
-            net, meta = infer.load_network(str(folder / "model.pt"), dev)
+            net, meta = infer.load_network(str(folder / "network.pt"), dev)
             pred = infer.predict(net, meta, ps, dev, 512, a.workers)[test_rows]
             names = ps.particles["rlnImageName"].iloc[test_rows]
             table = infer.prediction_table(meta, names, pred, px)

@@ -123,7 +123,7 @@ def pseudo_atom_args():
 
 def pseudo_atom_sigma():
     """Width (Å) of the pseudo-atoms: model.pseudo_atom_sigma, else the map's voxel size."""
-    from deephemnma.pseudoatoms import voxel_size
+    from deephemnma.pseudo_atoms import voxel_size
 
     sigma = config["model"]["pseudo_atom_sigma"]
     return voxel_size(structures()[0]) if sigma is None else sigma

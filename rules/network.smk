@@ -52,7 +52,7 @@ rule train:
         stacks=res("particles/stacks"),
         synthetic=synthetic_input(),
     output:
-        model=res("network/{param}/model.pt"),
+        network=res("network/{param}/network.pt"),
         history=res("network/{param}/history.csv"),
         loss=report(
             res("network/{param}/loss.png"),
@@ -83,7 +83,7 @@ rule train:
 
 rule infer:
     input:
-        model=rules.train.output.model,
+        network=rules.train.output.network,
         particles=res("particles/particles.star"),
         stacks=res("particles/stacks"),
     output:
@@ -101,7 +101,7 @@ rule infer:
         batch=config["network"]["infer_batch"],
         workers=config["network"]["workers"],
     shell:
-        "deephemnma infer --network {input.model:q} --particles {input.particles:q} "
+        "deephemnma infer --network {input.network:q} --particles {input.particles:q} "
         "--batch {params.batch} --workers {params.workers} --out {output:q} > {log:q} 2>&1"
 
 

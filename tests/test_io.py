@@ -16,7 +16,7 @@ from deephemnma.mrc import ParticleImages, StackWriter, open_stack, read_mrc, wr
 
 def test_atomic_path_removes_temp_files_of_a_killed_write(tmp_path, caplog):
     stale = [tmp_path / ".checkpoint.pt.k1ll3d__.pt", tmp_path / ".checkpoint.pt.abc.pt"]
-    others = [tmp_path / ".model.pt.k1ll3d__.pt", tmp_path / "checkpoint.pt.bak.pt"]
+    others = [tmp_path / ".network.pt.k1ll3d__.pt", tmp_path / "checkpoint.pt.bak.pt"]
     for f in stale + others:
         f.write_bytes(b"partial")
     with caplog.at_level(logging.INFO, logger="deephemnma.files"):

@@ -9,7 +9,7 @@ import pytest
 
 from deephemnma import model as m
 from deephemnma import nma
-from deephemnma import pseudoatoms as pa
+from deephemnma import pseudo_atoms as pa
 from deephemnma.cli import main as cli_main
 from deephemnma.files import InputError
 from deephemnma.flexible import FlexibleModel

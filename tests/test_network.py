@@ -7,7 +7,7 @@ import pytest
 import starfile
 import torch
 
-from deephemnma import geometry, infer, quality, simulate, synthetic, train
+from deephemnma import geometry, infer, quality, simulate, synthesize, train
 from deephemnma.cli import main as cli
 from deephemnma.flexible import FlexibleModel
 from deephemnma.imaging import fourier_crop
@@ -206,7 +206,7 @@ def test_tiny_training_lowers_validation_loss(labelled, monkeypatch):
     print(hist[["epoch", "train_loss", "val_loss", "val_metric"]].to_string(index=False))
     assert hist["val_loss"].min() < 0.6 * hist["val_loss"].iloc[0] or hist["val_loss"].min() < 0.5
     assert not (labelled / "shifts" / "checkpoint.pt").exists()
-    meta = torch.load(labelled / "shifts" / "model.pt", weights_only=True)
+    meta = torch.load(labelled / "shifts" / "network.pt", weights_only=True)
     assert meta["param"] == "shifts" and meta["std"].shape == (2,)
 
 
@@ -215,7 +215,7 @@ def test_resume_after_kill(labelled, monkeypatch):
     out = labelled / "amplitudes"
     assert not trainer(labelled, "amplitudes", 3).fit(max_epochs=2)  # as if killed after 2
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 2 and not (out / "model.pt").exists()
+    assert ckpt["epoch"] == 2 and not (out / "network.pt").exists()
     assert cli(train_args(labelled, "amplitudes", 3)) == 0
     hist = pd.read_csv(out / "history.csv")
     assert hist["epoch"].tolist() == [1, 2, 3]  # epochs 1-2 from the checkpoint, 3 resumed
@@ -227,17 +227,17 @@ def test_resume_after_kill(labelled, monkeypatch):
 
 def test_inference_one_row_per_image_and_merge(labelled, monkeypatch, tmp_path):
     monkeypatch.chdir(labelled)
-    if not (labelled / "angles" / "model.pt").exists():
+    if not (labelled / "angles" / "network.pt").exists():
         assert cli(train_args(labelled, "angles", 1)) == 0
     for param in ("angles", "shifts", "amplitudes"):
-        if not (labelled / param / "model.pt").exists():
+        if not (labelled / param / "network.pt").exists():
             assert cli(train_args(labelled, param, 1)) == 0
         assert (
             cli(
                 [
                     "infer",
                     "--network",
-                    str(labelled / param / "model.pt"),
+                    str(labelled / param / "network.pt"),
                     "--particles",
                     "p.star",
                     "--batch",
@@ -277,9 +277,9 @@ def test_inference_one_row_per_image_and_merge(labelled, monkeypatch, tmp_path):
 
 def test_predict_matches_direct_forward(labelled, monkeypatch):
     monkeypatch.chdir(labelled)
-    if not (labelled / "shifts" / "model.pt").exists():
+    if not (labelled / "shifts" / "network.pt").exists():
         assert cli(train_args(labelled, "shifts", 1)) == 0
-    net, meta = infer.load_network(str(labelled / "shifts" / "model.pt"), torch.device("cpu"))
+    net, meta = infer.load_network(str(labelled / "shifts" / "network.pt"), torch.device("cpu"))
     ps = ParticleSet(labelled / "p.star")
     streamed = infer.predict(net, meta, ps, torch.device("cpu"), 64, 0)
     bf16 = infer.bf16_supported(torch.device("cpu"))  # predict uses bf16 where the CPU has it
@@ -344,11 +344,11 @@ def test_pretraining_images_match_particles(adk_model_files, tmp_path, monkeypat
     ps = ParticleSet("p.star")
     model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz").to()
     box = 32
-    renderer = synthetic.FlexibleRenderer(model, ps, box, 1.0)
+    renderer = synthesize.FlexibleRenderer(model, ps, box, 1.0)
     params = ps.particles.assign(row=np.arange(len(ps)))
     clean = renderer.render(params)
     real = fourier_crop(torch.from_numpy(ps.images[np.arange(len(ps))]), box)
-    fit = synthetic.fit_noise(real, clean)
+    fit = synthesize.fit_noise(real, clean)
     # the simulator's noise has unit variance at 64 px: sigma (32 / 64) after the crop
     assert fit.noise_sigma == pytest.approx(0.5, rel=0.05)
     g = torch.Generator().manual_seed(0)
@@ -356,7 +356,7 @@ def test_pretraining_images_match_particles(adk_model_files, tmp_path, monkeypat
         clean.shape, generator=g
     )
     shells = slice(1, box // 2)  # the fitted shells (the corner shell at Nyquist is sparse)
-    p_real, p_syn = synthetic.radial_power(real)[shells], synthetic.radial_power(noisy)[shells]
+    p_real, p_syn = synthesize.radial_power(real)[shells], synthesize.radial_power(noisy)[shells]
     print("power ratio per shell:", np.round(p_syn / p_real, 3))
     assert np.abs(p_syn / p_real - 1).max() < 0.08
     # same poses and CTFs: the fitted synthetic signal correlates with each particle's
@@ -365,12 +365,12 @@ def test_pretraining_images_match_particles(adk_model_files, tmp_path, monkeypat
     # a wrong CTF (defocus doubled) no longer fits
     ps.table["rlnDefocusU"] *= 2
     ps.table["rlnDefocusV"] *= 2
-    wrong = synthetic.FlexibleRenderer(model, ps, box, 1.0).render(params)
-    fit_w = synthetic.fit_noise(real, wrong)
+    wrong = synthesize.FlexibleRenderer(model, ps, box, 1.0).render(params)
+    fit_w = synthesize.fit_noise(real, wrong)
     noisy_w = np.sqrt(fit_w.signal_scale) * wrong + fit_w.noise_sigma * torch.randn(
         clean.shape, generator=g
     )
-    assert np.abs(synthetic.radial_power(noisy_w)[shells] / p_real - 1).max() > 0.15
+    assert np.abs(synthesize.radial_power(noisy_w)[shells] / p_real - 1).max() > 0.15
 
 
 def test_easy_task_learns(adk_model_files, tmp_path, monkeypatch):
@@ -430,7 +430,7 @@ def test_quality_verdict_flags_shuffled_labels_and_merge_falls_back(
     args[args.index("--out-dir") + 1] = str(tmp_path / "net")
     assert cli(args) == 0
     inferred = tmp_path / "amplitudes.star"
-    assert cli(["infer", "--network", str(tmp_path / "net" / "model.pt"), "--particles", "p.star",
+    assert cli(["infer", "--network", str(tmp_path / "net" / "network.pt"), "--particles", "p.star",
                 "--workers", "0", "--out", str(inferred)]) == 0  # fmt: skip
     q = ["quality", "--labels", str(labelled / "shuffled.star"), "--split", "split.csv"]
     q += ["--inferred", str(inferred), "--out-json", str(tmp_path / "q.json")]
@@ -532,12 +532,12 @@ def test_changed_labels_do_not_resume_a_checkpoint(labelled, monkeypatch, tmp_pa
     hist = pd.read_csv(tmp_path / "net" / "history.csv")
     assert hist["epoch"].tolist() == [1, 2, 3]
     assert abs(hist["val_metric"].iloc[0] - killed[0]["val_metric"]) > 1e-3  # epoch 1 redone
-    assert torch.load(tmp_path / "net" / "model.pt", weights_only=True)["val_baseline"] > 0
+    assert torch.load(tmp_path / "net" / "network.pt", weights_only=True)["val_baseline"] > 0
 
 
 def test_infer_refuses_other_geometry_and_foreign_pickles(labelled, monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(labelled)
-    if not (labelled / "shifts" / "model.pt").exists():
+    if not (labelled / "shifts" / "network.pt").exists():
         assert cli(train_args(labelled, "shifts", 1)) == 0
     star = starfile.read(labelled / "p.star")
     star["optics"]["rlnImagePixelSize"] = 2.2  # same box, half the field of view
@@ -547,7 +547,7 @@ def test_infer_refuses_other_geometry_and_foreign_pickles(labelled, monkeypatch,
         (tmp_path / stack).write_bytes((labelled / stack).read_bytes())
     base = ["infer", "--workers", "0", "--out", str(tmp_path / "o.star")]
     monkeypatch.chdir(tmp_path)
-    net = str(labelled / "shifts" / "model.pt")
+    net = str(labelled / "shifts" / "network.pt")
     assert cli([*base, "--network", net, "--particles", "other.star"]) == 2
     assert "32 px at 2.2 Å/px, but" in capsys.readouterr().err
     assert not (tmp_path / "o.star").exists()

@@ -121,7 +121,7 @@ def prediction_table(
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--network", required=True, help="model.pt from train")
+    p.add_argument("--network", required=True, help="network.pt from train")
     p.add_argument("--particles", required=True, help="all particles (STAR)")
     p.add_argument("--batch", type=int, default=256, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")

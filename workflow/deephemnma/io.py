@@ -14,7 +14,6 @@ import starfile
 from .files import InputError, atomic_path, require_file
 from .mrc import ParticleImages
 
-
 OPTICS_COLUMNS = [
     "rlnOpticsGroup",
     "rlnImagePixelSize",

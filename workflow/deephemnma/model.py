@@ -18,7 +18,7 @@ import numpy as np
 import prody
 
 from .files import InputError, atomic_path, require_file
-from .pseudoatoms import RESNAME
+from .pseudo_atoms import RESNAME
 
 log = logging.getLogger(__name__)
 

@@ -549,7 +549,7 @@ class Trainer:
         return True
 
     def export(self) -> None:
-        """model.pt (the best epoch and what inference needs), history.csv, loss.png."""
+        """network.pt (the best epoch and what inference needs), history.csv, loss.png."""
         s, out = self.s, self.out
         history = pd.DataFrame(self.state["history"])
         best = history.loc[history["val_loss"].idxmin()]
@@ -569,7 +569,7 @@ class Trainer:
             "val_error": float(best["val_metric"]),
             "val_baseline": self.baseline_error,
         }
-        with atomic_path(out / "model.pt") as tmp:
+        with atomic_path(out / "network.pt") as tmp:
             torch.save(final, tmp)
         with atomic_path(out / "history.csv") as tmp:
             history.to_csv(tmp, index=False, float_format="%.6g")
@@ -635,7 +635,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=dflt.workers, help="data-loading processes" + d)
     p.add_argument("--seed", type=int, default=dflt.seed, help="random seed" + d)
     p.add_argument(
-        "--out-dir", required=True, help="model.pt, history.csv, loss.png, checkpoint.pt"
+        "--out-dir", required=True, help="network.pt, history.csv, loss.png, checkpoint.pt"
     )
 
 
