@@ -62,7 +62,7 @@ class FlexibleModel:
         )
 
     @classmethod
-    def load_modes(cls, modes_path: str | os.PathLike) -> FlexibleModel:
+    def from_modes(cls, modes_path: str | os.PathLike) -> FlexibleModel:
         """From modes.npz alone (its coords and modes; no weights)."""
         modes = load_modes(modes_path)
         return cls(

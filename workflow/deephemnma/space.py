@@ -515,7 +515,7 @@ def write_group_path(
 def main(args: argparse.Namespace) -> None:
     blocks = read_star(require_file(args.particles, "particle STAR"), ["rlnImageName"])
     parts = trusted_rows(blocks["particles"], args.untrusted, args.particles)
-    model = FlexibleModel.load_modes(args.modes)
+    model = FlexibleModel.from_modes(args.modes)
     numbers = [int(k) for k in model.mode_numbers]
     amps = read_amplitudes(parts, numbers, args.particles, args.modes)
     source = amplitude_source(parts)
