@@ -32,26 +32,28 @@ from sklearn.metrics import roc_auc_score
 from deephemnma import geometry, hemnma, simulate
 from deephemnma import model as model_mod
 from deephemnma import nma as nma_mod
+from deephemnma.flexible import FlexibleModel
 from deephemnma.gather import cost_z
 from deephemnma.io import amplitude_column
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def reference(pdb: Path, n_modes: int) -> hemnma.Reference:
+def reference(pdb: Path, n_modes: int) -> FlexibleModel:
     """Heavy atoms of `pdb`, centred, with ANM modes 7..6+n_modes in HEMNMA units."""
     ag = model_mod.prepare_model(pdb, "heavy", None)
     _, evals, modes = nma_mod.compute_modes(ag, n_modes, 15.0, 1.0, 5000)
     weights = model_mod.scattering_weights(ag.getElements())
-    return hemnma.Reference(ag.getCoords(), modes, weights, evals, model_mod.atom_labels(ag))
+    numbers = np.arange(7, 7 + n_modes)
+    return FlexibleModel(ag.getCoords(), modes, weights, numbers, evals, model_mod.atom_labels(ag))
 
 
-def lsq_amplitudes(structures: np.ndarray, ref: hemnma.Reference) -> tuple[np.ndarray, np.ndarray]:
+def lsq_amplitudes(structures: np.ndarray, ref: FlexibleModel) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares amplitudes (B, K) of structures (B, N, 3) on `ref`'s modes and the RMSD left."""
     basis = ref.modes.reshape(len(ref.modes), -1).T
     rhs = (structures - ref.coords[None]).reshape(len(structures), -1).T
     q = np.linalg.lstsq(basis, rhs, rcond=None)[0].T
-    left = structures - ref.coords[None] - np.einsum("bk,knc->bnc", q, ref.modes)
+    left = structures - ref.deform(q)
     return q, np.sqrt((left**2).sum(-1).mean(-1))
 
 
@@ -72,9 +74,7 @@ def refine_from_truth(
         target = hemnma.make_target(t(images[r]), ctf, r, al.box, al.px, True)
         out = hemnma.refine(
             target,
-            al.coords,
-            al.modes,
-            al.weights,
+            al.model,
             geometry.euler_to_matrix(t(euler[r])),
             t(shifts_px[r]),
             t(amps[r]),
@@ -127,18 +127,15 @@ def main() -> None:
         state[rng.permutation(a.n_images)[:n_open]] = 0
     refs = [open_ref, closed_ref]
     gen = torch.Generator().manual_seed(a.seed + 1)
-    t = lambda x: torch.tensor(x, dtype=torch.float32)
     images = np.zeros((a.n_images, cfg.box, cfg.box), dtype=np.float32)
     truth_xyz = np.zeros((a.n_images, len(open_ref.coords), 3))
     for s, ref in enumerate(refs):
         rows = np.flatnonzero(state == s)
         for start in range(0, len(rows), 32):
             r = rows[start : start + 32]
-            out = simulate.render(
-                t(ref.coords), t(ref.modes), t(ref.weights), params.iloc[r], numbers, cfg, gen
-            )
+            out = simulate.render(ref.to(), params.iloc[r], cfg, gen)
             images[r] = out["final"].numpy()
-        truth_xyz[rows] = nma_mod.deform(ref.coords, ref.modes, own[rows])
+        truth_xyz[rows] = ref.deform(own[rows])
     truth_amp, rmsd_left = lsq_amplitudes(truth_xyz, open_ref)
 
     # alignment

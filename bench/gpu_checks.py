@@ -27,9 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from deephemnma import geometry, hemnma, imaging, infer, quality, simulate, split, synthetic, train
+from deephemnma import geometry, hemnma, imaging, infer, quality, simulate, split, synthesize, train
 from deephemnma.cli import build_parser
-from deephemnma.io import ParticleSet, load_model, load_modes, write_star
+from deephemnma.flexible import FlexibleModel, load_model
+from deephemnma.io import ParticleSet, write_star
 
 T0 = time.perf_counter()
 
@@ -46,7 +47,7 @@ def inference_benchmark(
     work: Path, ps: ParticleSet, dev: torch.device, a, summary: dict, poses
 ) -> None:
     """5. inference throughput (bf16 on CUDA) end to end from the memory-mapped stacks."""
-    net, meta = infer.load_network(str(work / "amplitudes" / "model.pt"), dev)
+    net, meta = infer.load_network(str(work / "amplitudes" / "network.pt"), dev)
     infer.predict(net, meta, ps, dev, 1024, a.workers, poses)  # warm-up
     t = time.perf_counter()
     for _ in range(a.infer_repeats):
@@ -92,7 +93,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"device": name}
-    m, md = load_model(inp / "model.npz"), load_modes(inp / "modes.npz")
+    m = load_model(inp / "model.npz")
 
     # 1. projector CPU == GPU
     rng = np.random.default_rng(0)
@@ -155,7 +156,11 @@ def main() -> None:
         batch=128 if dev.type == "cuda" else 8, max_shift_px=6.0 * a.box / 128
     )
     al = hemnma.Aligner(
-        m["coords"], md["modes"], m["weights"], ps.box, ps.pixel_size, settings, dev
+        FlexibleModel.load(inp / "model.npz", inp / "modes.npz"),
+        ps.box,
+        ps.pixel_size,
+        settings,
+        dev,
     )
     hemnma.align_rows(ps, np.arange(min(n_h, settings.batch)), al)  # warm-up
     if dev.type == "cuda":
@@ -191,7 +196,7 @@ def main() -> None:
     syn_dir = work / "synthetic"
     if a.pretrain_images:
         t = time.perf_counter()
-        synthetic.main(
+        synthesize.main(
             cli_args(
                 "synthesize",
                 [
@@ -254,7 +259,7 @@ def main() -> None:
             train.main(cli_args("train", argv))
             dt = time.perf_counter() - t
             hist = pd.read_csv(folder / "history.csv")
-            net, meta = infer.load_network(str(folder / "model.pt"), dev)
+            net, meta = infer.load_network(str(folder / "network.pt"), dev)
             given = (poses["angles"], poses["shifts"]) if views else None
             pred = infer.predict(net, meta, ps, dev, 512, a.workers, given)
             if param != "amplitudes":
@@ -299,7 +304,7 @@ def main() -> None:
         dt = time.perf_counter() - t
         say(f"HEMNMA labels for {len(sub)} images in {dt:.0f} s ({len(sub) / dt:.0f} img/s)")
         labels = work / "hemnma.star"
-        write_star(labels, ps.optics, hemnma.result_table(sub, res, md["mode_numbers"]))
+        write_star(labels, ps.optics, hemnma.result_table(sub, res, al.model.mode_numbers))
         split_h = work / "split_hemnma.csv"
         names = ps.particles["rlnImageName"].iloc[labelled]
         pd.DataFrame({"rlnImageName": names, "set": sets[labelled]}).to_csv(split_h, index=False)

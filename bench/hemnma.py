@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from deephemnma import geometry, hemnma
-from deephemnma.io import ParticleSet, load_model, load_modes
+from deephemnma.flexible import FlexibleModel
+from deephemnma.io import ParticleSet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,7 @@ def main() -> None:
         cwd = os.getcwd()
         os.chdir(d)
         ps = ParticleSet("p.star")
-        m, md = load_model("model.npz"), load_modes("modes.npz")
+        model = FlexibleModel.load("model.npz", "modes.npz")
         settings = hemnma.AlignSettings(
             batch=a.batch,
             max_shift_px=6.0 * a.box / 128,
@@ -75,14 +76,11 @@ def main() -> None:
         )
         t0 = time.perf_counter()
         al = hemnma.Aligner(
-            m["coords"],
-            md["modes"],
-            m["weights"],
+            model,
             ps.box,
             ps.pixel_size,
             settings,
             device,
-            md["eigenvalues"],
         )
         t1 = time.perf_counter()
         res = hemnma.align_rows(ps, np.arange(len(ps)), al)

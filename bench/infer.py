@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from deephemnma import infer
-from deephemnma.io import ParticleSet, StackWriter, optics_table, write_star
+from deephemnma.io import ParticleSet, optics_table, write_star
+from deephemnma.mrc import StackWriter
 from deephemnma.nets import ResNet, preprocess
 
 

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 
 from deephemnma import geometry, imaging, model, nma, quality, simulate, train, views  # noqa: E402
+from deephemnma.flexible import FlexibleModel  # noqa: E402
 from deephemnma.nets import (  # noqa: E402
     ANGLE_OUTPUTS,
     ARCHS,
@@ -51,20 +52,19 @@ ROWS = [
 ]
 
 
-def flexible_model(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
-    """Coordinates, modes 7-9 and weights of open AK (heavy atoms)."""
+def flexible_model(folder: Path) -> FlexibleModel:
+    """Open AK (heavy atoms) with modes 7-9, torch arrays."""
     atoms = model.prepare_model(REPO / "resources/adk_open.pdb", "heavy", None)
     model.save_model(atoms, folder / "model.npz", folder / "model.pdb")
     _, _, modes = nma.compute_modes(atoms, 3, 15.0, 1.0, 5000)
     m = np.load(folder / "model.npz")
-    t = lambda a: torch.tensor(a, dtype=torch.float32)
-    return t(m["coords"]), t(modes), t(m["weights"]), np.arange(7, 10)
+    return FlexibleModel(m["coords"], modes, m["weights"], np.arange(7, 10)).to()
 
 
 def render_row(flex, n: int, row: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Noise-free images (n, 64, 64) (with CTF on noisy rows), per-image noise sigma, labels
-    (and the CTFs at the working box `box` of noisy rows)."""
-    coords, modes, weights, numbers = flex
+    (with the CTF parameters on noisy rows)."""
+    numbers = flex.mode_numbers
     cfg = simulate.SimulationSettings(seed=seed, ctf=row["noisy"])
     params = simulate.draw_parameters(n, numbers, cfg)
     if not row["so3"]:
@@ -75,12 +75,7 @@ def render_row(flex, n: int, row: dict, seed: int) -> tuple[torch.Tensor, torch.
         params[["rlnOriginXAngst", "rlnOriginYAngst"]] = 0.0
     key = "ctf" if row["noisy"] else "clean"
     images = torch.cat(
-        [
-            simulate.render(coords, modes, weights, params.iloc[i : i + 64], numbers, cfg, None)[
-                key
-            ]
-            for i in range(0, n, 64)
-        ]
+        [simulate.render(flex, params.iloc[i : i + 64], cfg, None)[key] for i in range(0, n, 64)]
     )
     sigma = (images.var(dim=(-2, -1)) / 0.1).sqrt() if row["noisy"] else torch.zeros(n)
     labels = {
@@ -97,10 +92,9 @@ def render_row(flex, n: int, row: dict, seed: int) -> tuple[torch.Tensor, torch.
 def row_views(flex, labels: dict, poses: dict, box: int, n_train: int) -> torch.Tensor:
     """Views (n, 4, box, box) of the reference: training images at their perturbed true pose,
     held-out images at `poses` (the networks' Euler angles and shifts in 64-px pixels)."""
-    coords, modes, weights, _ = flex
     steps = labels["amplitudes"][:n_train].std(0)
     px = 2.2 * 64 / box
-    mv = views.ModeViews.from_model(coords.numpy(), modes.numpy(), weights.numpy(), steps, box, px)
+    mv = views.ModeViews.from_model(flex, steps, box, px)
     e, s = views.perturb_poses(labels["euler"][:n_train], labels["shifts"][:n_train], 10, 0.5, 0)
     euler = np.concatenate([e, poses["euler"]])
     shifts = np.concatenate([s, poses["shifts"]]) * box / 64

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hemnma import reference_set  # noqa: E402
 
 from deephemnma import geometry, hemnma, quality  # noqa: E402
-from deephemnma.io import ParticleSet, load_model, load_modes, read_star  # noqa: E402
+from deephemnma.flexible import FlexibleModel  # noqa: E402
+from deephemnma.io import ParticleSet, read_star  # noqa: E402
 
 MODES = [7, 8, 9]
 LABELS = {"euler": "euler", "shifts_px": "shifts", "amplitudes": "amplitudes"}  # result: label
@@ -87,12 +88,10 @@ def priors_figure(a: argparse.Namespace, settings: hemnma.AlignSettings) -> None
         os.chdir(d)
         try:
             ps = ParticleSet("p.star")
-            m, md = load_model("model.npz"), load_modes("modes.npz")
+            model = FlexibleModel.load("model.npz", "modes.npz")
             rows = np.arange(len(ps))
             truth = hemnma.Start(ps.euler(), ps.shifts_px(), ps.amplitudes(MODES))
-            new = lambda s: hemnma.Aligner(
-                m["coords"], md["modes"], m["weights"], ps.box, ps.pixel_size, s, a.device
-            )
+            new = lambda s: hemnma.Aligner(model, ps.box, ps.pixel_size, s, a.device)
             full, t_full = timed(ps, rows, new(settings))
             local = new(replace(settings, start="priors"))
             lines = [row("full HEMNMA (global search + refinement)", errors(full, truth), t_full)]
@@ -146,11 +145,8 @@ def hybrid_figure(a: argparse.Namespace, settings: hemnma.AlignSettings) -> None
         start = hemnma.Start(*(np.zeros((len(ps), v.shape[1])) for v in vars(net).values()))
         for full, value in zip(vars(start).values(), vars(net).values(), strict=True):
             full[rows] = value  # align_rows takes starting values by particle row
-        m = load_model(results / "model/model.npz")
-        md = load_modes(results / "model/modes.npz")
-        new = lambda s: hemnma.Aligner(
-            m["coords"], md["modes"], m["weights"], ps.box, ps.pixel_size, s, a.device
-        )
+        model = FlexibleModel.load(results / "model/model.npz", results / "model/modes.npz")
+        new = lambda s: hemnma.Aligner(model, ps.box, ps.pixel_size, s, a.device)
         hem_res = {k: hem_lab[v] for k, v in LABELS.items()}
         lines = [
             row("network", errors(vars(net), truth), None),

@@ -26,7 +26,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from deephemnma import hemnma, imaging
 from deephemnma.cli import main as cli
-from deephemnma.io import ParticleSet, load_model, load_modes
+from deephemnma.flexible import FlexibleModel
+from deephemnma.io import ParticleSet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,11 +75,10 @@ def profile_box(box: int, n: int, batch: int) -> None:
         d = Path(tmp)
         simulate(d, box, n)
         ps = ParticleSet(d / "p.star")
-        m, md = load_model(d / "model.npz"), load_modes(d / "modes.npz")
+        model = FlexibleModel.load(d / "model.npz", d / "modes.npz")
         settings = hemnma.AlignSettings(batch=batch, max_shift_px=6.0 * box / 128)
         t = time.perf_counter()
-        al = hemnma.Aligner(m["coords"], md["modes"], m["weights"], ps.box, ps.pixel_size,
-                            settings, torch.device("cpu"), md["eigenvalues"])  # fmt: skip
+        al = hemnma.Aligner(model, ps.box, ps.pixel_size, settings, torch.device("cpu"))
         gallery = time.perf_counter() - t
         rows = np.arange(n)
         hemnma.align_rows(ps, rows[:batch], al)  # warm-up (first calls, allocator)

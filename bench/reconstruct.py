@@ -33,8 +33,10 @@ import torch
 from torch_ctf import calculate_ctf_2d
 
 from deephemnma import geometry
+from deephemnma.flexible import load_model
 from deephemnma.fsc import fsc_curve, resolution
-from deephemnma.io import ParticleSet, StackWriter, load_model, optics_table, write_star
+from deephemnma.io import ParticleSet, optics_table, write_star
+from deephemnma.mrc import StackWriter
 from deephemnma.reconstruct import reconstruct_halves, soft_sphere
 
 REPO = Path(__file__).resolve().parents[1]

@@ -76,12 +76,11 @@ rule reconstruct:
         "../envs/deephemnma.yaml"
     threads: 2
     params:
-        tau2_fudge=config["analysis"]["reconstruct"]["tau2_fudge"],
-        seed=config["analysis"]["reconstruct"]["seed"],
+        args=quoted(reconstruct_args()),
         roots=quoted(stack_roots()),
     shell:
-        "deephemnma reconstruct --particles {input.star:q} --tau2-fudge {params.tau2_fudge} "
-        "--seed {params.seed} --roots {params.roots} --out-half1 {output.half1:q} --out-half2 {output.half2:q} "
+        "deephemnma reconstruct --particles {input.star:q} {params.args} "
+        "--roots {params.roots} --out-half1 {output.half1:q} --out-half2 {output.half2:q} "
         "--out-map {output.map:q} > {log:q} 2>&1"
 
 

@@ -108,35 +108,38 @@ def model_structure():
     return res("model/pseudo_atoms.pdb") if is_map(s) else s
 
 
+PREPARE_MODEL_KEYS = [
+    "atoms",
+    "chains",
+]  # config model: prepare-model's; the rest pseudo-atoms'
+
+
+def prepare_model_args():
+    """CLI arguments of `deephemnma prepare-model`: config model's atom selection."""
+    return cli_flags({k: config["model"][k] for k in PREPARE_MODEL_KEYS})
+
+
 def pseudo_atom_args():
-    """CLI arguments of `deephemnma pseudo-atoms` from config model."""
-    c = config["model"]
-    args = ["--target-error", c["pseudo_atom_error"]]
-    args += [] if c["pseudo_atoms"] is None else ["--n-atoms", c["pseudo_atoms"]]
-    args += [] if c["map_threshold"] is None else ["--threshold", c["map_threshold"]]
-    return args + ["--sigma", pseudo_atom_sigma()]
+    """CLI arguments of `deephemnma pseudo-atoms`: config model less the atom selection, its
+    keys named after the pseudo-atoms (`pseudo_atoms` -> `--n-atoms`, ...); the width derived.
+    """
+    rename = {"pseudo_atoms": "n-atoms", "pseudo_atom_error": "target-error"}
+    rename["map_threshold"] = "threshold"
+    skip = PREPARE_MODEL_KEYS + ["pseudo_atom_sigma"]
+    return cli_flags(config["model"], skip, rename) + ["--sigma", pseudo_atom_sigma()]
 
 
 def pseudo_atom_sigma():
     """Width (Å) of the pseudo-atoms: model.pseudo_atom_sigma, else the map's voxel size."""
-    from deephemnma.pseudoatoms import voxel_size
+    from deephemnma.pseudo_atoms import voxel_size
 
     sigma = config["model"]["pseudo_atom_sigma"]
     return voxel_size(structures()[0]) if sigma is None else sigma
 
 
-def mode_choice_args():
-    """CLI arguments of `deephemnma nma` that choose the modes (config nma)."""
-    c = config["nma"]
-    return cli_flags(
-        {k: c[k] for k in ("n_modes", "min_collectivity", "search", "modes")}
-    )
-
-
-def compare_to_args():
-    """CLI flag for the optional comparison structure."""
-    target = config["nma"]["compare_to"]
-    return [] if target is None else ["--compare-to", target]
+def nma_args():
+    """CLI arguments of `deephemnma nma`: config nma (compare_to is also the rule's input)."""
+    return cli_flags(config["nma"])
 
 
 def quoted(items):
@@ -164,12 +167,8 @@ def shard_ids():
 
 
 def shard_args():
-    """CLI arguments of `deephemnma shard`."""
-    c = config["hemnma"]
-    return ([] if c["subset"] is None else ["--subset", c["subset"]]) + [
-        "--seed",
-        c["seed"],
-    ]
+    """CLI arguments of `deephemnma shard`: the subset of config hemnma."""
+    return cli_flags({k: config["hemnma"][k] for k in ("subset", "seed")})
 
 
 def hemnma_args():
@@ -281,11 +280,18 @@ def synthetic_input():
 
 
 def synthesize_args():
-    """CLI arguments of `deephemnma synthesize`."""
+    """CLI arguments of `deephemnma synthesize`: network.pretrain.images, network.seed and .box,
+    the atoms' width."""
     c = config["network"]
-    args = ["--n-images", c["pretrain"]["images"], "--seed", c["seed"]]
-    args += ["--sigma-angstrom", sigma_angstrom()]
-    return args + ([] if c["box"] is None else ["--box", c["box"]])
+    n_images = c["pretrain"]["images"]
+    return cli_flags(
+        {
+            "n_images": n_images,
+            "seed": c["seed"],
+            "box": c["box"],
+            "sigma_angstrom": sigma_angstrom(),
+        }
+    )
 
 
 def output_dir(wildcards, output):
@@ -341,31 +347,21 @@ def group_ids():
 
 
 def space_args():
-    """CLI arguments of `deephemnma space`."""
+    """CLI arguments of `deephemnma space`: config analysis less the keys of other rules (source:
+    the input, reconstruct), the boxes as JSON."""
     import json
 
-    a = config["analysis"]
-    g = a["groups"]
-    args = [
-        "--method",
-        g["method"],
-        "--n-groups",
-        g["n_groups"],
-        "--boxes",
-        json.dumps(g["boxes"]),
-    ]
-    args += ["--bins", a["free_energy_bins"], "--path-method", a["path"]["method"]]
-    args += (
-        [] if a["path"]["groups"] is None else ["--path-groups", *a["path"]["groups"]]
-    )
-    return args + [
-        "--frames",
-        a["trajectory_frames"],
-        "--span-std",
-        a["trajectory_span_std"],
-        "--untrusted",
-        a["untrusted"],
-    ]
+    rename = {"groups.method": "method", "groups.n_groups": "n-groups"}
+    rename |= {"trajectory_frames": "frames", "trajectory_span_std": "span-std"}
+    rename["free_energy_bins"] = "bins"
+    skip = ["source", "reconstruct", "groups.boxes"]
+    boxes = json.dumps(config["analysis"]["groups"]["boxes"])
+    return cli_flags(config["analysis"], skip, rename) + ["--boxes", boxes]
+
+
+def reconstruct_args():
+    """CLI arguments of `deephemnma reconstruct`: config analysis.reconstruct (box: the input)."""
+    return cli_flags(config["analysis"]["reconstruct"], skip=["box"])
 
 
 def all_outputs():

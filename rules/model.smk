@@ -42,12 +42,10 @@ rule prepare_model:
     conda:
         "../envs/deephemnma.yaml"
     params:
-        atoms=config["model"]["atoms"],
-        chains=quoted(config["model"]["chains"]),
+        args=quoted(prepare_model_args()),
     shell:
-        "deephemnma prepare-model --structure {input.structure:q} --atoms {params.atoms:q} "
-        "--chains {params.chains} --out-npz {output.npz:q} --out-pdb {output.pdb:q} "
-        "> {log:q} 2>&1"
+        "deephemnma prepare-model --structure {input.structure:q} {params.args} "
+        "--out-npz {output.npz:q} --out-pdb {output.pdb:q} > {log:q} 2>&1"
 
 
 rule nma:
@@ -71,16 +69,9 @@ rule nma:
     conda:
         "../envs/deephemnma.yaml"
     params:
-        choice=quoted(mode_choice_args()),
-        cutoff=config["nma"]["cutoff"],
-        gamma=config["nma"]["gamma"],
-        coarse_above=config["nma"]["coarse_above"],
-        amplitude=config["nma"]["animate_amplitude"],
-        compare=quoted(compare_to_args()),
+        args=quoted(nma_args()),
     shell:
-        "deephemnma nma --model {input.npz:q} --pdb {input.pdb:q} {params.choice} "
-        "--cutoff {params.cutoff} --gamma {params.gamma} --coarse-above {params.coarse_above} "
-        "--animate-amplitude {params.amplitude} {params.compare} "
+        "deephemnma nma --model {input.npz:q} --pdb {input.pdb:q} {params.args} "
         "--out-npz {output.npz:q} --out-nmd {output.nmd:q} --out-table {output.table:q} "
         "--out-anim-dir {output.anim:q} > {log:q} 2>&1"
 

@@ -54,7 +54,7 @@ rule train:
         model=res("model/model.npz"),
         modes=res("model/modes.npz"),
     output:
-        model=res("network/{param}/model.pt"),
+        network=res("network/{param}/network.pt"),
         history=res("network/{param}/history.csv"),
         loss=report(
             res("network/{param}/loss.png"),
@@ -86,7 +86,7 @@ rule train:
 
 rule infer:
     input:
-        model=rules.train.output.model,
+        network=rules.train.output.network,
         particles=res("particles/particles.star"),
         stacks=res("particles/stacks"),
         poses=pose_inputs,
@@ -108,7 +108,7 @@ rule infer:
             ["--poses", *input.poses] if input.poses else []
         ),
     shell:
-        "deephemnma infer --network {input.model:q} --particles {input.particles:q} "
+        "deephemnma infer --network {input.network:q} --particles {input.particles:q} "
         "{params.poses} --batch {params.batch} --workers {params.workers} --out {output:q} "
         "> {log:q} 2>&1"
 

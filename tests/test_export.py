@@ -7,8 +7,10 @@ import starfile
 
 from deephemnma import export, reconstruct, relion
 from deephemnma.cli import main as cli
+from deephemnma.files import InputError
+from deephemnma.flexible import load_model
 from deephemnma.fsc import model_map
-from deephemnma.io import POSE_COLUMNS, InputError, ParticleSet, load_model, read_star
+from deephemnma.io import POSE_COLUMNS, ParticleSet, read_star
 
 from .conftest import simulate_as_relion
 

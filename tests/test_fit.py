@@ -5,6 +5,7 @@ from deephemnma import hemnma
 from deephemnma import model as model_mod
 from deephemnma import nma as nma_mod
 from deephemnma.fit import fit_to_map, refined_modes
+from deephemnma.flexible import FlexibleModel
 from deephemnma.fsc import model_map
 
 from .conftest import CLOSED_PDB
@@ -23,7 +24,9 @@ def open_closed(adk_atoms):
         _, evals, modes = nma_mod.compute_modes(ag, 3, 15.0, 1.0, COARSE)
         weights = model_mod.scattering_weights(ag.getElements())
         refs.append(
-            hemnma.Reference(ag.getCoords(), modes, weights, evals, model_mod.atom_labels(ag))
+            FlexibleModel(
+                ag.getCoords(), modes, weights, np.arange(7, 10), evals, model_mod.atom_labels(ag)
+            )
         )
     return refs[0], hemnma.superpose(refs[1], refs[0])
 

@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,9 @@ import torch
 
 from deephemnma import geometry, hemnma
 from deephemnma.cli import main as cli
-from deephemnma.io import InputError, ParticleSet, load_model, load_modes
+from deephemnma.files import InputError
+from deephemnma.flexible import FlexibleModel, load_model
+from deephemnma.io import ParticleSet
 from deephemnma.shard import shard_rows
 
 
@@ -58,11 +61,9 @@ def test_noise_free_recovery(adk_model_files, tmp_path, monkeypatch, ctf):
     star = simulate(tmp_path, adk_model_files, 8, 48, 3.0, ctf, seed=11)
     monkeypatch.chdir(tmp_path)
     ps = ParticleSet(star)
-    m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
+    model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
     settings = hemnma.AlignSettings(iterations=(30, 60))
-    al = hemnma.Aligner(
-        m["coords"], md["modes"], m["weights"], ps.box, ps.pixel_size, settings, torch.device("cpu")
-    )
+    al = hemnma.Aligner(model, ps.box, ps.pixel_size, settings, torch.device("cpu"))
     res = hemnma.align_rows(ps, np.arange(len(ps)), al)
     ang, amp, shift = errors(ps, res)
     print(
@@ -79,10 +80,10 @@ def test_global_search_finds_the_orientation(adk_model_files, tmp_path, monkeypa
     star = simulate(tmp_path, adk_model_files, 6, 32, 4.4, True, seed=2)
     monkeypatch.chdir(tmp_path)
     ps = ParticleSet(star)
-    m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
+    model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
     settings = hemnma.AlignSettings(n_directions=400, psi_step=10, candidates=3)
     t = lambda a: torch.tensor(a, dtype=torch.float32)
-    gallery = hemnma.Gallery(t(m["coords"]), t(md["modes"]), t(m["weights"]), 32, 4.4, settings)
+    gallery = hemnma.Gallery(model.to(), 32, 4.4, settings)
     target = hemnma.make_target(t(ps.images[:]), ps.ctf_params(), np.arange(6), 32, 4.4, True)
     eul, _, amps = hemnma.global_search(target, gallery, settings, 32)
     assert amps.shape == (6, 3, 3) and set(np.unique(amps)) <= {-100.0, 0.0, 100.0}
@@ -95,9 +96,8 @@ def test_gallery_rotation_matches_projection(adk_model_files):
     m = load_model(adk_model_files / "model.npz")
     t = lambda a: torch.tensor(a, dtype=torch.float32)
     settings = hemnma.AlignSettings(n_directions=20, psi_step=30, gallery_amplitude=0.0)
-    g = hemnma.Gallery(
-        t(m["coords"]), torch.zeros(3, len(m["coords"]), 3), t(m["weights"]), 32, 4.4, settings
-    )
+    rigid = FlexibleModel(t(m["coords"]), torch.zeros(3, len(m["coords"]), 3), t(m["weights"]))
+    g = hemnma.Gallery(rigid, 32, 4.4, settings)
     from deephemnma import imaging
 
     rot = geometry.euler_to_matrix(t(g.euler))
@@ -207,7 +207,9 @@ def two_states(adk_atoms, adk_modes):
         _, evals, modes = nma_mod.compute_modes(ag, 3, 15.0, 1.0, 5000)
         weights = model_mod.scattering_weights(ag.getElements())
         refs.append(
-            hemnma.Reference(ag.getCoords(), modes, weights, evals, model_mod.atom_labels(ag))
+            FlexibleModel(
+                ag.getCoords(), modes, weights, np.arange(7, 10), evals, model_mod.atom_labels(ag)
+            )
         )
     refs[1] = hemnma.superpose(refs[1], refs[0])
     cfg = sim_config(box=32, pixel_size=4.4, max_shift_px=1.5, seed=5)
@@ -216,19 +218,10 @@ def two_states(adk_atoms, adk_modes):
         table[f"dhAmplitudeMode{k}"] = 0.0
     state = np.array([0, 1] * 4)
     images = np.zeros((8, 32, 32), dtype=np.float32)
-    t = lambda a: torch.tensor(a, dtype=torch.float32)
     gen = torch.Generator().manual_seed(0)
     for s, ref in enumerate(refs):
         rows = np.flatnonzero(state == s)
-        out = simulate.render(
-            t(ref.coords),
-            t(ref.modes),
-            t(ref.weights),
-            table.iloc[rows],
-            np.arange(7, 10),
-            cfg,
-            gen,
-        )
+        out = simulate.render(ref.to(), table.iloc[rows], cfg, gen)
         images[rows] = out["final"].numpy()
     n = len(table)
     ctf = {
@@ -251,13 +244,7 @@ def small_settings(**kw) -> hemnma.AlignSettings:
 def test_superpose_recovers_a_rigid_motion(two_states):
     refs = two_states[0]
     rot = geometry.euler_to_matrix(np.array([30.0, 50.0, -20.0]))
-    moved = hemnma.Reference(
-        refs[1].coords @ rot + 5.0,
-        refs[1].modes @ rot,
-        refs[1].weights,
-        refs[1].eigenvalues,
-        refs[1].atom_ids,
-    )
+    moved = replace(refs[1], coords=refs[1].coords @ rot + 5.0, modes=refs[1].modes @ rot)
     back = hemnma.superpose(moved, refs[0])
     np.testing.assert_allclose(back.coords, refs[1].coords, atol=1e-6)
     np.testing.assert_allclose(back.modes, refs[1].modes, atol=1e-9)
@@ -269,7 +256,7 @@ def test_several_references_each_image_keeps_its_own(two_states):
     get poses 76-112 degrees off and amplitudes anywhere along the modes.)"""
     refs, images, ctf, table, state = two_states
     cpu, s = torch.device("cpu"), small_settings()
-    aligners = [hemnma.Aligner.from_reference(r, 32, 4.4, s, cpu) for r in refs]
+    aligners = [hemnma.Aligner(r, 32, 4.4, s, cpu) for r in refs]
     res = hemnma.align_best(aligners, images, ctf, np.arange(8), True)
     truth = table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
     ang = geometry.euler_distance_deg(res["euler"], truth)
@@ -300,7 +287,7 @@ def test_quality_flag_marks_a_structure_the_model_does_not_explain(two_states):
 
     refs, images, ctf, _, state = two_states
     keep = np.array([0, 1, 2, 4, 6])  # four open, one closed
-    al = hemnma.Aligner.from_reference(refs[0], 32, 4.4, small_settings(), torch.device("cpu"))
+    al = hemnma.Aligner(refs[0], 32, 4.4, small_settings(), torch.device("cpu"))
     res = hemnma.align_best([al], images[keep], ctf, keep, True)
     z = cost_z(pd.DataFrame({"dhCost": res["cost"]}))
     print(f"costs {res['cost'].round(4)}, z {z.round(1)}")
@@ -346,25 +333,11 @@ def test_amplitude_prior_pulls_noise_to_zero_and_leaves_data_alone(two_states):
     cfg = sim_config(box=32, pixel_size=4.4, snr=None)
     row = table.iloc[:1].copy()
     row[["dhAmplitudeMode7", "dhAmplitudeMode8", "dhAmplitudeMode9"]] = truth
-    clean = simulate.render(
-        t(ref.coords), t(ref.modes), t(ref.weights), row, np.arange(7, 10), cfg, torch.Generator()
-    )["final"].numpy()
+    clean = simulate.render(ref.to(), row, cfg, torch.Generator())["final"].numpy()
 
     def fit(img, prior, amp0):
         target = hemnma.make_target(t(img), ctf, np.arange(1), 32, 4.4, True)
-        out = hemnma.refine(
-            target,
-            t(ref.coords),
-            t(ref.modes),
-            t(ref.weights),
-            rot,
-            shift,
-            t(amp0),
-            60,
-            s,
-            32,
-            prior,
-        )
+        out = hemnma.refine(target, ref.to(), rot, shift, t(amp0), 60, s, 32, prior)
         return out[2].numpy()[0]
 
     start = np.full((1, 3), 100.0)

@@ -8,15 +8,10 @@ import torch
 
 from deephemnma import geometry, hemnma, hybrid, relion
 from deephemnma.cli import main as cli
-from deephemnma.io import (
-    InputError,
-    ParticleSet,
-    load_model,
-    load_modes,
-    optics_table,
-    write_mrc,
-    write_star,
-)
+from deephemnma.files import InputError
+from deephemnma.flexible import FlexibleModel
+from deephemnma.io import ParticleSet, optics_table, write_star
+from deephemnma.mrc import write_mrc
 
 from .test_hemnma import simulate
 
@@ -34,12 +29,12 @@ def noise_free(adk_model_files, tmp_path_factory):
     """8 noise-free CTF particles (32 px, 4.4 Å/px) and an aligner factory."""
     d = tmp_path_factory.mktemp("local")
     star = simulate(d, adk_model_files, 8, 32, 4.4, True, seed=3)
-    m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
+    model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
 
     def aligner(ps, **kw):
         s = hemnma.AlignSettings(start="priors", **kw)
         cpu = torch.device("cpu")
-        return hemnma.Aligner(m["coords"], md["modes"], m["weights"], ps.box, ps.pixel_size, s, cpu)
+        return hemnma.Aligner(model, ps.box, ps.pixel_size, s, cpu)
 
     return d, star, aligner
 

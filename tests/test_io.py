@@ -9,27 +9,17 @@ import starfile
 import torch
 
 from deephemnma.cli import one_line
-from deephemnma.io import (
-    InputError,
-    ParticleImages,
-    StackWriter,
-    atomic_path,
-    count_star_rows,
-    open_stack,
-    optics_table,
-    read_mrc,
-    read_star,
-    write_mrc,
-    write_star,
-)
+from deephemnma.files import InputError, atomic_path
+from deephemnma.io import count_star_rows, optics_table, read_star, write_star
+from deephemnma.mrc import ParticleImages, StackWriter, open_stack, read_mrc, write_mrc
 
 
 def test_atomic_path_removes_temp_files_of_a_killed_write(tmp_path, caplog):
     stale = [tmp_path / ".checkpoint.pt.k1ll3d__.pt", tmp_path / ".checkpoint.pt.abc.pt"]
-    others = [tmp_path / ".model.pt.k1ll3d__.pt", tmp_path / "checkpoint.pt.bak.pt"]
+    others = [tmp_path / ".network.pt.k1ll3d__.pt", tmp_path / "checkpoint.pt.bak.pt"]
     for f in stale + others:
         f.write_bytes(b"partial")
-    with caplog.at_level(logging.INFO, logger="deephemnma.io"):
+    with caplog.at_level(logging.INFO, logger="deephemnma.files"):
         with atomic_path(tmp_path / "checkpoint.pt") as tmp:
             tmp.write_bytes(b"new")
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"new"
@@ -82,3 +72,24 @@ def test_count_star_rows_matches_the_parsed_particle_table(tmp_path):
     starfile.write(parts, tmp_path / "30.star")
     for name in ("31.star", "30.star"):
         assert count_star_rows(tmp_path / name) == len(read_star(tmp_path / name)["particles"]) == 5
+
+
+def test_flexible_model_loads_deforms_and_moves_to_torch(adk_model_files, tmp_path):
+    """x = x0 + sum_k q_k v_k, batched, the same in numpy and torch; mismatched files are an
+    InputError naming the modes file."""
+    from deephemnma.flexible import FlexibleModel
+
+    model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
+    assert model.n_modes == 3 and list(model.mode_numbers) == [7, 8, 9]
+    q = np.array([[150.0, 0.0, 0.0], [10.0, -20.0, 30.0]])
+    x = model.deform(q)
+    expected = model.coords + sum(q[:, k, None, None] * model.modes[k] for k in range(3))
+    np.testing.assert_allclose(x, expected, atol=1e-10)
+    np.testing.assert_allclose(model.deform(q[1]), x[1], atol=1e-10)
+    t = model.to(dtype=torch.float64)
+    np.testing.assert_allclose(t.deform(torch.tensor(q)).numpy(), x, atol=1e-10)
+    assert t.weights.dtype == torch.float64 and model.to().coords.dtype == torch.float32
+    with np.load(adk_model_files / "modes.npz") as z:
+        np.savez(tmp_path / "modes.npz", **{**z, "modes": z["modes"][:, :-1]})
+    with pytest.raises(InputError, match="modes.npz: modes of"):
+        FlexibleModel.load(adk_model_files / "model.npz", tmp_path / "modes.npz")

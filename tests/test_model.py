@@ -9,9 +9,11 @@ import pytest
 
 from deephemnma import model as m
 from deephemnma import nma
-from deephemnma import pseudoatoms as pa
+from deephemnma import pseudo_atoms as pa
 from deephemnma.cli import main as cli_main
-from deephemnma.io import InputError, read_mrc
+from deephemnma.files import InputError
+from deephemnma.flexible import FlexibleModel
+from deephemnma.mrc import read_mrc
 
 from .conftest import CLOSED_PDB, OPEN_PDB
 
@@ -39,7 +41,7 @@ def test_modes_unit_norm_and_deformation_rmsd(adk_atoms, adk_modes):
     x0 = adk_atoms.getCoords()
     n = len(x0)
     for q in ([150.0, 0, 0], [0, -80.0, 0], [30.0, 40.0, 0.0]):
-        x = nma.deform(x0, modes, np.array(q))
+        x = FlexibleModel(x0, modes).deform(np.array(q))
         rmsd = np.sqrt(((x - x0) ** 2).sum(1).mean())
         # modes are orthonormal, so |sum q_k v_k| = |q|
         assert rmsd == pytest.approx(np.linalg.norm(q) / np.sqrt(n), rel=1e-9)
@@ -207,7 +209,7 @@ def test_pseudo_atoms_of_a_protein_map_reach_the_target(adk_atoms, tmp_path):
     """A 10 Å-ish map of AK: the count grows until the relative error is within the target; the
     workflow's prepare-model reads the pseudo-atoms with their weights."""
     from deephemnma.fsc import model_map
-    from deephemnma.io import write_mrc
+    from deephemnma.mrc import write_mrc
 
     vol = model_map(adk_atoms.getCoords(), adk_atoms.getData("weight"), 32, 4.4, 4.4)
     write_mrc(tmp_path / "ak.mrc", vol, 4.4)
@@ -310,7 +312,7 @@ def test_nma_cli_refuses_modes_it_cannot_compute(adk_atoms, tmp_path, capsys, mo
     ],
 )
 def test_pseudo_atoms_cli_refuses_bad_maps_and_targets(tmp_path, capsys, volume, extra, message):
-    from deephemnma.io import write_mrc
+    from deephemnma.mrc import write_mrc
 
     blob = blobs([(10, 16, 16), (20, 16, 16)], np.sqrt(2))
     vol = blob if volume is None or isinstance(volume, str) else volume

@@ -7,18 +7,12 @@ import pytest
 import starfile
 import torch
 
-from deephemnma import geometry, infer, quality, simulate, synthetic, train, views
+from deephemnma import geometry, infer, quality, simulate, synthesize, train, views
 from deephemnma.cli import main as cli
+from deephemnma.flexible import FlexibleModel
 from deephemnma.imaging import ctf as ctf_fn
 from deephemnma.imaging import fourier_crop
-from deephemnma.io import (
-    ParticleSet,
-    load_model,
-    load_modes,
-    table_euler,
-    table_shifts_px,
-    write_star,
-)
+from deephemnma.io import ParticleSet, table_euler, table_shifts_px, write_star
 from deephemnma.nets import (
     ResNet,
     build_network,
@@ -67,7 +61,7 @@ def test_resnet_parameter_counts():
 
 def test_rotation_augmentation_matches_resimulation(adk_model_files):
     """Rotating an image by α and updating (psi, shift) gives the image simulated with the new labels."""
-    m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
+    model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
     cfg = sim_config(
         seed=5,
         amplitude_scale=100.0,
@@ -78,14 +72,11 @@ def test_rotation_augmentation_matches_resimulation(adk_model_files):
         sigma_angstrom=2.5,
         ctf=False,
     )
-    params = simulate.draw_parameters(4, md["mode_numbers"], cfg)
+    params = simulate.draw_parameters(4, model.mode_numbers, cfg)
     t = lambda a: torch.tensor(a, dtype=torch.float64)
     render = lambda p: simulate.render(
-        t(m["coords"]),
-        t(md["modes"]),
-        t(m["weights"]),
+        model.to(dtype=torch.float64),
         p,
-        md["mode_numbers"],
         cfg,
         torch.Generator(),
     )["clean"]
@@ -217,7 +208,7 @@ def test_tiny_training_lowers_validation_loss(labelled, monkeypatch):
     print(hist[["epoch", "train_loss", "val_loss", "val_metric"]].to_string(index=False))
     assert hist["val_loss"].min() < 0.6 * hist["val_loss"].iloc[0] or hist["val_loss"].min() < 0.5
     assert not (labelled / "shifts" / "checkpoint.pt").exists()
-    meta = torch.load(labelled / "shifts" / "model.pt", weights_only=True)
+    meta = torch.load(labelled / "shifts" / "network.pt", weights_only=True)
     assert meta["param"] == "shifts" and meta["std"].shape == (2,)
 
 
@@ -226,7 +217,7 @@ def test_resume_after_kill(labelled, monkeypatch):
     out = labelled / "amplitudes"
     assert not trainer(labelled, "amplitudes", 3).fit(max_epochs=2)  # as if killed after 2
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 2 and not (out / "model.pt").exists()
+    assert ckpt["epoch"] == 2 and not (out / "network.pt").exists()
     assert cli(train_args(labelled, "amplitudes", 3)) == 0
     hist = pd.read_csv(out / "history.csv")
     assert hist["epoch"].tolist() == [1, 2, 3]  # epochs 1-2 from the checkpoint, 3 resumed
@@ -238,17 +229,17 @@ def test_resume_after_kill(labelled, monkeypatch):
 
 def test_inference_one_row_per_image_and_merge(labelled, monkeypatch, tmp_path):
     monkeypatch.chdir(labelled)
-    if not (labelled / "angles" / "model.pt").exists():
+    if not (labelled / "angles" / "network.pt").exists():
         assert cli(train_args(labelled, "angles", 1)) == 0
     for param in ("angles", "shifts", "amplitudes"):
-        if not (labelled / param / "model.pt").exists():
+        if not (labelled / param / "network.pt").exists():
             assert cli(train_args(labelled, param, 1)) == 0
         assert (
             cli(
                 [
                     "infer",
                     "--network",
-                    str(labelled / param / "model.pt"),
+                    str(labelled / param / "network.pt"),
                     "--particles",
                     "p.star",
                     "--batch",
@@ -288,9 +279,9 @@ def test_inference_one_row_per_image_and_merge(labelled, monkeypatch, tmp_path):
 
 def test_predict_matches_direct_forward(labelled, monkeypatch):
     monkeypatch.chdir(labelled)
-    if not (labelled / "shifts" / "model.pt").exists():
+    if not (labelled / "shifts" / "network.pt").exists():
         assert cli(train_args(labelled, "shifts", 1)) == 0
-    net, meta = infer.load_network(str(labelled / "shifts" / "model.pt"), torch.device("cpu"))
+    net, meta = infer.load_network(str(labelled / "shifts" / "network.pt"), torch.device("cpu"))
     ps = ParticleSet(labelled / "p.star")
     streamed = infer.predict(net, meta, ps, torch.device("cpu"), 64, 0)
     bf16 = infer.bf16_supported(torch.device("cpu"))  # predict uses bf16 where the CPU has it
@@ -353,16 +344,13 @@ def test_pretraining_images_match_particles(adk_model_files, tmp_path, monkeypat
     argv += ["--pixel-size", "2.2", "--snr", "0.1", "--defocus", "4000", "9000"]
     assert cli([*argv, "--out-star", "p.star", "--out-stacks", "s"]) == 0
     ps = ParticleSet("p.star")
-    m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
-    t = lambda a: torch.tensor(a, dtype=torch.float32)
+    model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz").to()
     box = 32
-    renderer = synthetic.FlexibleRenderer(
-        t(m["coords"]), t(md["modes"]), t(m["weights"]), md["mode_numbers"], ps, box, 1.0
-    )
+    renderer = synthesize.FlexibleRenderer(model, ps, box, 1.0)
     params = ps.particles.assign(row=np.arange(len(ps)))
     clean = renderer.render(params)
     real = fourier_crop(torch.from_numpy(ps.images[np.arange(len(ps))]), box)
-    fit = synthetic.fit_noise(real, clean)
+    fit = synthesize.fit_noise(real, clean)
     # the simulator's noise has unit variance at 64 px: sigma (32 / 64) after the crop
     assert fit.noise_sigma == pytest.approx(0.5, rel=0.05)
     g = torch.Generator().manual_seed(0)
@@ -370,7 +358,7 @@ def test_pretraining_images_match_particles(adk_model_files, tmp_path, monkeypat
         clean.shape, generator=g
     )
     shells = slice(1, box // 2)  # the fitted shells (the corner shell at Nyquist is sparse)
-    p_real, p_syn = synthetic.radial_power(real)[shells], synthetic.radial_power(noisy)[shells]
+    p_real, p_syn = synthesize.radial_power(real)[shells], synthesize.radial_power(noisy)[shells]
     print("power ratio per shell:", np.round(p_syn / p_real, 3))
     assert np.abs(p_syn / p_real - 1).max() < 0.08
     # same poses and CTFs: the fitted synthetic signal correlates with each particle's
@@ -379,29 +367,24 @@ def test_pretraining_images_match_particles(adk_model_files, tmp_path, monkeypat
     # a wrong CTF (defocus doubled) no longer fits
     ps.table["rlnDefocusU"] *= 2
     ps.table["rlnDefocusV"] *= 2
-    wrong = synthetic.FlexibleRenderer(
-        t(m["coords"]), t(md["modes"]), t(m["weights"]), md["mode_numbers"], ps, box, 1.0
-    ).render(params)
-    fit_w = synthetic.fit_noise(real, wrong)
+    wrong = synthesize.FlexibleRenderer(model, ps, box, 1.0).render(params)
+    fit_w = synthesize.fit_noise(real, wrong)
     noisy_w = np.sqrt(fit_w.signal_scale) * wrong + fit_w.noise_sigma * torch.randn(
         clean.shape, generator=g
     )
-    assert np.abs(synthetic.radial_power(noisy_w)[shells] / p_real - 1).max() > 0.15
+    assert np.abs(synthesize.radial_power(noisy_w)[shells] / p_real - 1).max() > 0.15
 
 
 def test_easy_task_learns(adk_model_files, tmp_path, monkeypatch):
     """Noise-free images at a fixed pose: the amplitude network gets well below its baseline."""
     monkeypatch.chdir(tmp_path)
-    m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
+    model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
     cfg = sim_config(box=32, pixel_size=4.4, ctf=False, snr=None, seed=2)
-    params = simulate.draw_parameters(600, md["mode_numbers"], cfg)
+    params = simulate.draw_parameters(600, model.mode_numbers, cfg)
     params[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]] = [30.0, 60.0, 0.0]
     params[["rlnOriginXAngst", "rlnOriginYAngst"]] = 0.0
-    t = lambda a: torch.tensor(a, dtype=torch.float32)
-    out = simulate.render(
-        t(m["coords"]), t(md["modes"]), t(m["weights"]), params, md["mode_numbers"], cfg, None
-    )
-    net, base, err = train_in_memory(out["final"], params, md["mode_numbers"], epochs=12)
+    out = simulate.render(model.to(), params, cfg, None)
+    net, base, err = train_in_memory(out["final"], params, model.mode_numbers, epochs=12)
     print(f"easy task: error {err:.1f}, baseline {base:.1f}")
     assert err < 0.3 * base
 
@@ -449,7 +432,7 @@ def test_quality_verdict_flags_shuffled_labels_and_merge_falls_back(
     args[args.index("--out-dir") + 1] = str(tmp_path / "net")
     assert cli(args) == 0
     inferred = tmp_path / "amplitudes.star"
-    assert cli(["infer", "--network", str(tmp_path / "net" / "model.pt"), "--particles", "p.star",
+    assert cli(["infer", "--network", str(tmp_path / "net" / "network.pt"), "--particles", "p.star",
                 "--workers", "0", "--out", str(inferred)]) == 0  # fmt: skip
     q = ["quality", "--labels", str(labelled / "shuffled.star"), "--split", "split.csv"]
     q += ["--inferred", str(inferred), "--out-json", str(tmp_path / "q.json")]
@@ -551,12 +534,12 @@ def test_changed_labels_do_not_resume_a_checkpoint(labelled, monkeypatch, tmp_pa
     hist = pd.read_csv(tmp_path / "net" / "history.csv")
     assert hist["epoch"].tolist() == [1, 2, 3]
     assert abs(hist["val_metric"].iloc[0] - killed[0]["val_metric"]) > 1e-3  # epoch 1 redone
-    assert torch.load(tmp_path / "net" / "model.pt", weights_only=True)["val_baseline"] > 0
+    assert torch.load(tmp_path / "net" / "network.pt", weights_only=True)["val_baseline"] > 0
 
 
 def test_infer_refuses_other_geometry_and_foreign_pickles(labelled, monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(labelled)
-    if not (labelled / "shifts" / "model.pt").exists():
+    if not (labelled / "shifts" / "network.pt").exists():
         assert cli(train_args(labelled, "shifts", 1)) == 0
     star = starfile.read(labelled / "p.star")
     star["optics"]["rlnImagePixelSize"] = 2.2  # same box, half the field of view
@@ -566,7 +549,7 @@ def test_infer_refuses_other_geometry_and_foreign_pickles(labelled, monkeypatch,
         (tmp_path / stack).write_bytes((labelled / stack).read_bytes())
     base = ["infer", "--workers", "0", "--out", str(tmp_path / "o.star")]
     monkeypatch.chdir(tmp_path)
-    net = str(labelled / "shifts" / "model.pt")
+    net = str(labelled / "shifts" / "network.pt")
     assert cli([*base, "--network", net, "--particles", "other.star"]) == 2
     assert "32 px at 2.2 Å/px, but" in capsys.readouterr().err
     assert not (tmp_path / "o.star").exists()
@@ -606,21 +589,18 @@ def test_views_match_the_atom_projector_and_follow_augmentation(adk_model_files)
     """The reference's views (central slices of densities) agree with the simulator's Gaussian
     projector, mode steps included, with shifts and CTF; and moving views as the augmentation
     moves images gives the views at the moved labels."""
-    m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
+    flex = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
     steps = np.array([80.0, -60.0, 100.0])
-    mv = views.ModeViews.from_model(m["coords"], md["modes"], m["weights"], steps, 32, 4.4)
+    mv = views.ModeViews.from_model(flex, steps, 32, 4.4)
     cfg = sim_config(box=32, pixel_size=4.4, seed=3, snr=None)
-    params = simulate.draw_parameters(6, md["mode_numbers"], cfg)
+    params = simulate.draw_parameters(6, flex.mode_numbers, cfg)
     t = lambda a: torch.tensor(a, dtype=torch.float32)
     direct = []
     for k in range(4):
         p = params.copy()
-        for j, mode in enumerate(md["mode_numbers"]):
+        for j, mode in enumerate(flex.mode_numbers):
             p[f"dhAmplitudeMode{mode}"] = steps[j] if j == k - 1 else 0.0
-        out = simulate.render(
-            t(m["coords"]), t(md["modes"]), t(m["weights"]), p, md["mode_numbers"], cfg, None
-        )
-        direct.append(out["ctf"])
+        direct.append(simulate.render(flex.to(), p, cfg, None)["ctf"])
     direct = torch.stack([direct[0]] + [d - direct[0] for d in direct[1:]], 1)
     euler = torch.tensor(table_euler(params))
     shifts = torch.tensor(table_shifts_px(params, 4.4))
@@ -658,16 +638,13 @@ def test_view_noise_is_half_normal():
 def test_views_make_amplitudes_learnable(adk_model_files):
     """Noise-free images over all of SO(3): an amplitude network that also sees the views at
     the (10°-perturbed) pose beats the same network on images alone, and its baseline."""
-    m, md = load_model(adk_model_files / "model.npz"), load_modes(adk_model_files / "modes.npz")
+    flex = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
     cfg = sim_config(box=32, pixel_size=4.4, ctf=False, snr=None, seed=4)
     n = 2000
-    params = simulate.draw_parameters(n, md["mode_numbers"], cfg)
-    t = lambda a: torch.tensor(a, dtype=torch.float32)
-    images = simulate.render(
-        t(m["coords"]), t(md["modes"]), t(m["weights"]), params, md["mode_numbers"], cfg, None
-    )["clean"]
-    amps = params[[f"dhAmplitudeMode{k}" for k in md["mode_numbers"]]].to_numpy()
-    mv = views.ModeViews.from_model(m["coords"], md["modes"], m["weights"], amps.std(0), 32, 4.4)
+    params = simulate.draw_parameters(n, flex.mode_numbers, cfg)
+    images = simulate.render(flex.to(), params, cfg, None)["clean"]
+    amps = params[[f"dhAmplitudeMode{k}" for k in flex.mode_numbers]].to_numpy()
+    mv = views.ModeViews.from_model(flex, amps.std(0), 32, 4.4)
     e, s = views.perturb_poses(table_euler(params), table_shifts_px(params, 4.4), 10.0, 0.3, 0)
     v = mv.render(torch.tensor(e), torch.tensor(s), None)
     errs = {}
@@ -719,10 +696,10 @@ def test_amplitudes_with_views_train_and_need_poses_to_infer(
     assert cli([*args, "--views"]) == 2  # views without the model
     assert "need the model and its modes" in capsys.readouterr().err
     assert cli([*args, "--views", *flexible]) == 0
-    meta = torch.load(tmp_path / "net" / "model.pt", weights_only=True)
-    k = len(load_modes(adk_model_files / "modes.npz")["mode_numbers"])
+    meta = torch.load(tmp_path / "net" / "network.pt", weights_only=True)
+    k = FlexibleModel.from_modes(adk_model_files / "modes.npz").n_modes
     assert meta["in_channels"] == k + 2 and meta["views"]["volumes"].shape == (k + 1, 32, 32, 32)
-    base = ["infer", "--network", str(tmp_path / "net" / "model.pt"), "--particles", "p.star"]
+    base = ["infer", "--network", str(tmp_path / "net" / "network.pt"), "--particles", "p.star"]
     base += ["--workers", "0", "--out", str(tmp_path / "a.star")]
     assert cli(base) == 2
     assert "give the images' poses (--poses)" in capsys.readouterr().err

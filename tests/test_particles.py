@@ -9,7 +9,9 @@ import torch
 
 from deephemnma import geometry, imaging, relion, simulate
 from deephemnma.cli import main as cli
-from deephemnma.io import InputError, ParticleSet, write_mrc
+from deephemnma.files import InputError
+from deephemnma.io import ParticleSet
+from deephemnma.mrc import write_mrc
 
 from .conftest import sim_config
 
@@ -83,12 +85,11 @@ def test_simulated_star_is_relion(sim):
 
 
 def test_simulate_reproducible_and_matches_direct_projection(adk_model_files):
-    from deephemnma.io import load_model, load_modes
+    from deephemnma.flexible import FlexibleModel
 
-    model, modes = (
-        load_model(adk_model_files / "model.npz"),
-        load_modes(adk_model_files / "modes.npz"),
-    )
+    flexible = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
+    model = {"coords": flexible.coords, "weights": flexible.weights}
+    modes = {"modes": flexible.modes, "mode_numbers": flexible.mode_numbers}
     cfg = sim_config(
         seed=3,
         amplitude_scale=100.0,
@@ -104,15 +105,7 @@ def test_simulate_reproducible_and_matches_direct_projection(adk_model_files):
     p2 = simulate.draw_parameters(5, modes["mode_numbers"], cfg)
     assert p1.equals(p2)
     t = lambda a: torch.tensor(a, dtype=torch.float64)
-    out = simulate.render(
-        t(model["coords"]),
-        t(modes["modes"]),
-        t(model["weights"]),
-        p1,
-        modes["mode_numbers"],
-        cfg,
-        torch.Generator(),
-    )
+    out = simulate.render(flexible.to(dtype=torch.float64), p1, cfg, torch.Generator())
     # independent: deform with numpy, project one image with the matrix from RELION's formula
     row = p1.iloc[2]
     amps = row[["dhAmplitudeMode7", "dhAmplitudeMode8", "dhAmplitudeMode9"]].to_numpy(float)

@@ -13,7 +13,7 @@ import yaml
 from deephemnma import model as model_mod
 from deephemnma.cli import main as cli
 from deephemnma.fsc import model_map
-from deephemnma.io import read_mrc, write_mrc
+from deephemnma.mrc import read_mrc, write_mrc
 
 from .conftest import OPEN_PDB, REPO, simulate_as_relion
 

@@ -9,8 +9,10 @@ import torch
 from deephemnma import geometry, imaging
 from deephemnma import reconstruct as rec
 from deephemnma.cli import main as cli
+from deephemnma.flexible import load_model
 from deephemnma.fsc import fsc_curve, model_map, resolution
-from deephemnma.io import ParticleSet, load_model, optics_table, write_mrc, write_star
+from deephemnma.io import ParticleSet, optics_table, write_star
+from deephemnma.mrc import write_mrc
 
 
 def test_noise_free_reconstruction_matches_true_map(adk_model_files):

@@ -8,11 +8,11 @@ import logging
 import os
 import sys
 
-from .io import InputError
+from .files import InputError
 
 # verb -> (module, one-line help)
 VERBS = {
-    "pseudo-atoms": ("pseudoatoms", "EM map -> Gaussian pseudo-atoms (PDB) to a stated accuracy"),
+    "pseudo-atoms": ("pseudo_atoms", "EM map -> Gaussian pseudo-atoms (PDB) to a stated accuracy"),
     "prepare-model": (
         "model",
         "atomic model or pseudo-atoms (PDB/mmCIF) -> centred model.npz + PDB",
@@ -24,7 +24,7 @@ VERBS = {
     "gather": ("gather", "merge aligned HEMNMA shards into one STAR"),
     "split": ("split", "seeded train/validation/test lists over the labelled images"),
     "synthesize": (
-        "synthetic",
+        "synthesize",
         "pretraining images rendered from the model with the data's CTF and noise",
     ),
     "train": ("train", "train one network per parameter type (amplitudes, angles, shifts)"),

@@ -9,7 +9,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from .io import InputError, count_star_rows
+from .files import InputError
+from .io import count_star_rows
 from .split import split_sizes
 
 

@@ -16,17 +16,14 @@ import numpy as np
 import pandas as pd
 
 from . import geometry
+from .figures import pyplot, save_figure
+from .files import InputError, atomic_path, require_file
 from .io import (
     EULER_COLUMNS,
     POSE_COLUMNS,
-    InputError,
     amplitude_column,
     amplitude_modes,
-    atomic_path,
-    pyplot,
     read_star,
-    require_file,
-    save_figure,
     table_euler,
     table_shifts_px,
 )

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .io import POSE_COLUMNS, InputError, optics_table, read_star, require_file, write_star
+from .files import InputError, require_file
+from .io import POSE_COLUMNS, optics_table, read_star, write_star
 from .relion import particle_table
 
 log = logging.getLogger(__name__)

@@ -12,11 +12,14 @@ model into a group's map, align again against the fitted model).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
+from .flexible import FlexibleModel
 from .fsc import density
-from .hemnma import Reference, skew
+from .hemnma import skew
 from .nma import anm_modes
 
 
@@ -51,7 +54,7 @@ def refined_modes(
 
 
 def fit_once(
-    ref: Reference,
+    ref: FlexibleModel,
     volume: np.ndarray,
     pixel_size: float,
     sigma_angstrom: float,
@@ -60,11 +63,11 @@ def fit_once(
     """Coordinates (N, 3) of `ref` deformed along its modes and moved rigidly to fit `volume`
     (D, D, D) [z, y, x], centre at D // 2; and the final normalised correlation."""
     t = lambda a: torch.as_tensor(a, dtype=torch.float64)
-    coords, modes, weights = t(ref.coords), t(ref.modes), t(ref.weights)
+    model = ref.to(dtype=torch.float64)
     box = volume.shape[0]
     target = t(volume) - float(volume.mean())
     target = target / torch.linalg.norm(target)
-    amp = torch.zeros(len(modes), dtype=torch.float64, requires_grad=True)
+    amp = torch.zeros(model.n_modes, dtype=torch.float64, requires_grad=True)
     omega = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     shift = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam(
@@ -75,14 +78,15 @@ def fit_once(
         ]
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=0.0)
-    centre = coords.mean(0)
+    centre = model.coords.mean(0)
 
     def moved() -> torch.Tensor:
-        x = coords + torch.einsum("k,knc->nc", amp, modes)
-        return (x - centre) @ torch.linalg.matrix_exp(skew(omega)).T + centre + shift
+        return (
+            (model.deform(amp) - centre) @ torch.linalg.matrix_exp(skew(omega)).T + centre + shift
+        )
 
     def ncc() -> torch.Tensor:
-        v = density(moved(), weights, box, pixel_size, sigma_angstrom)
+        v = density(moved(), model.weights, box, pixel_size, sigma_angstrom)
         v = v - v.mean()
         return (v * target).sum() / torch.linalg.norm(v).clamp_min(1e-30)
 
@@ -96,7 +100,7 @@ def fit_once(
 
 
 def fit_to_map(
-    ref: Reference,
+    ref: FlexibleModel,
     volume: np.ndarray,
     pixel_size: float,
     sigma_angstrom: float = 3.0,
@@ -105,7 +109,7 @@ def fit_to_map(
     cutoff: float = 15.0,
     gamma: float = 1.0,
     coarse_above: int = 5000,
-) -> tuple[Reference, list[float]]:
+) -> tuple[FlexibleModel, list[float]]:
     """`ref` flexibly fitted into `volume`: `rounds` fits, the modes recomputed at the fitted
     structure after each. Returns the fitted reference (its own modes and eigenvalues, same atoms
     and weights) and the correlation after each round."""
@@ -115,5 +119,5 @@ def fit_to_map(
         coords, cc = fit_once(ref, volume, pixel_size, sigma_angstrom, iterations)
         history.append(cc)
         evals, modes = refined_modes(coords, ref.atom_ids, k, cutoff, gamma, coarse_above)
-        ref = Reference(coords, modes, ref.weights, evals, ref.atom_ids)
+        ref = replace(ref, coords=coords, modes=modes, eigenvalues=evals)
     return ref, history

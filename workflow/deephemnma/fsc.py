@@ -14,8 +14,11 @@ import pandas as pd
 import torch
 from torch_fourier_shell_correlation import fourier_shell_correlation
 
-from .io import InputError, atomic_path, load_model, pyplot, read_mrc, save_figure, write_mrc
+from .figures import pyplot, save_figure
+from .files import InputError, atomic_path
+from .flexible import load_model
 from .model import read_structure
+from .mrc import read_mrc, write_mrc
 
 log = logging.getLogger(__name__)
 

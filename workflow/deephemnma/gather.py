@@ -17,7 +17,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from .io import InputError, pyplot, read_star, save_figure, write_star
+from .figures import pyplot, save_figure
+from .files import InputError
+from .io import read_star, write_star
 
 log = logging.getLogger(__name__)
 

@@ -44,13 +44,12 @@ import torch
 from tqdm import tqdm
 
 from . import geometry, imaging
+from .files import InputError
+from .flexible import FlexibleModel
 from .io import (
     POSE_COLUMNS,
-    InputError,
     ParticleSet,
     amplitude_column,
-    load_model,
-    load_modes,
     pose_columns,
     table_euler,
     table_shifts_px,
@@ -153,31 +152,7 @@ class Bound:
     shift_center: torch.Tensor
 
 
-@dataclass
-class Reference:
-    """One flexible model: coords (N, 3) in Å, modes (K, N, 3), weights (N,), eigenvalues (K,),
-    atom_ids (N,) 'chain:residue:name' labels (empty when unknown, e.g. pseudo-atoms)."""
-
-    coords: np.ndarray
-    modes: np.ndarray
-    weights: np.ndarray
-    eigenvalues: np.ndarray
-    atom_ids: np.ndarray
-
-
-def load_reference(model_path: str, modes_path: str) -> Reference:
-    """A reference from model.npz and modes.npz (InputError if they do not belong together)."""
-    model, modes = load_model(model_path), load_modes(modes_path)
-    if modes["modes"].shape[1] != len(model["coords"]):
-        raise InputError(
-            f"{modes_path}: modes of {modes['modes'].shape[1]} atoms, "
-            f"but {model_path} has {len(model['coords'])}"
-        )
-    ids = model.get("atom_ids", np.array([], dtype=str))
-    return Reference(model["coords"], modes["modes"], model["weights"], modes["eigenvalues"], ids)
-
-
-def shared_atoms(a: Reference, b: Reference) -> tuple[np.ndarray, np.ndarray]:
+def shared_atoms(a: FlexibleModel, b: FlexibleModel) -> tuple[np.ndarray, np.ndarray]:
     """Indices (into a, into b) of the atoms with the same label in both references."""
     if len(a.atom_ids) != len(a.coords) or len(b.atom_ids) != len(b.coords):
         raise InputError("several references need model.npz files with atom labels (prepare-model)")
@@ -188,7 +163,7 @@ def shared_atoms(a: Reference, b: Reference) -> tuple[np.ndarray, np.ndarray]:
     return pairs[:, 0], pairs[:, 1]
 
 
-def superpose(mobile: Reference, target: Reference) -> Reference:
+def superpose(mobile: FlexibleModel, target: FlexibleModel) -> FlexibleModel:
     """`mobile` rigidly moved (coordinates and modes) onto `target` over their shared CA atoms
     (all shared atoms when fewer than 3 CA atoms are shared)."""
     i, j = shared_atoms(target, mobile)
@@ -199,13 +174,11 @@ def superpose(mobile: Reference, target: Reference) -> Reference:
     u, _, vt = np.linalg.svd((p - p.mean(0)).T @ (q - q.mean(0)))
     rot = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt  # x -> x @ rot
     coords = (mobile.coords - p.mean(0)) @ rot + q.mean(0)
-    return Reference(
-        coords, mobile.modes @ rot, mobile.weights, mobile.eigenvalues, mobile.atom_ids
-    )
+    return replace(mobile, coords=coords, modes=mobile.modes @ rot)
 
 
 def common_amplitudes(
-    references: list[Reference], reference: np.ndarray, amplitudes: np.ndarray
+    references: list[FlexibleModel], reference: np.ndarray, amplitudes: np.ndarray
 ) -> np.ndarray:
     """(B, K) amplitudes on the first reference's modes of each image's fitted structure.
 
@@ -219,18 +192,18 @@ def common_amplitudes(
         if not sel.any():
             continue
         i, j = shared_atoms(first, ref)
-        x = ref.coords[j][None] + np.einsum("bk,knc->bnc", amplitudes[sel], ref.modes[:, j])
+        x = ref.atoms(j).deform(amplitudes[sel])
         basis = first.modes[:, i].reshape(len(first.modes), -1).T  # (3M, K)
         rhs = (x - first.coords[i][None]).reshape(len(x), -1).T
         out[sel] = np.linalg.lstsq(basis, rhs, rcond=None)[0].T
     return out
 
 
-def load_references(models: list[str], modes: list[str]) -> list[Reference]:
+def load_references(models: list[str], modes: list[str]) -> list[FlexibleModel]:
     """References from paired model/modes files; later ones superposed on the first."""
     if len(models) != len(modes):
         raise InputError(f"{len(models)} model files but {len(modes)} modes files")
-    refs = [load_reference(m, k) for m, k in zip(models, modes, strict=True)]
+    refs = [FlexibleModel.load(m, k) for m, k in zip(models, modes, strict=True)]
     if len({len(r.modes) for r in refs}) > 1:
         raise InputError("references have different numbers of modes")
     return refs[:1] + [superpose(r, refs[0]) for r in refs[1:]]
@@ -304,20 +277,13 @@ class Gallery:
     (bilinear, about the centre D // 2), which is ample at the coarse resolution of the search.
     """
 
-    def __init__(
-        self,
-        coords: torch.Tensor,
-        modes: torch.Tensor,
-        weights: torch.Tensor,
-        box: int,
-        pixel_size: float,
-        settings: AlignSettings,
-    ):
+    def __init__(self, model: FlexibleModel, box: int, pixel_size: float, settings: AlignSettings):
+        """`model` with torch arrays (`FlexibleModel.to`)."""
         grid_euler = geometry.fibonacci_sphere_euler(settings.n_directions, settings.psi_step)
         psis = np.unique(grid_euler[:, 2])
         dirs = grid_euler[:: len(psis)].copy()
         dirs[:, 2] = 0.0
-        k = modes.shape[0]
+        k = model.n_modes
         amps = np.zeros((1, k))
         if settings.gallery_amplitude > 0:
             amps = np.concatenate(
@@ -327,7 +293,7 @@ class Gallery:
                     -settings.gallery_amplitude * np.eye(k),
                 ]
             )
-        dev, dt = coords.device, coords.dtype
+        dev, dt = model.coords.device, model.coords.dtype
         rot = geometry.euler_to_matrix(torch.tensor(dirs, dtype=dt, device=dev))
         zero = torch.zeros(len(rot), 2, dtype=dt, device=dev)
         sigma = max(settings.sigma_angstrom, pixel_size)
@@ -335,8 +301,10 @@ class Gallery:
         qy, qx = torch.meshgrid(c, c, indexing="ij")
         flat, power = [], []
         for amp in amps:
-            x = coords + torch.einsum("k,knc->nc", torch.tensor(amp, dtype=dt, device=dev), modes)
-            proj = imaging.project(x, rot, zero, weights, box, pixel_size, sigma)  # (n_dir, d, d)
+            x = model.deform(torch.tensor(amp, dtype=dt, device=dev))
+            proj = imaging.project(
+                x, rot, zero, model.weights, box, pixel_size, sigma
+            )  # (n_dir, d, d)
             chunks = []
             for psi in psis:  # output(q) = input(Rz(psi)ᵀ q), RELION's in-plane rotation
                 cs, sn = math.cos(math.radians(psi)), math.sin(math.radians(psi))
@@ -435,9 +403,7 @@ def ncc(model_f: torch.Tensor, target: Target, weights: torch.Tensor) -> torch.T
 
 def model_ncc(
     target: Target,
-    coords: torch.Tensor,
-    modes: torch.Tensor,
-    weights: torch.Tensor,
+    model: FlexibleModel,
     rot: torch.Tensor,
     shift: torch.Tensor,
     amp: torch.Tensor,
@@ -447,17 +413,15 @@ def model_ncc(
     """NCC (B,) of each image with its model deformed by `amp` (B, K), seen with `rot` (B, 3, 3)
     and displaced by `shift` (B, 2, full-box pixels)."""
     sigma, filt, w = target.model_filter(settings.sigma_angstrom)
-    x = coords + torch.einsum("bk,knc->bnc", amp, modes)
+    x = model.deform(amp)
     shift = shift / (full_box / target.box)
-    proj = imaging.project(x, rot, shift, weights, target.box, target.pixel_size, sigma)
+    proj = imaging.project(x, rot, shift, model.weights, target.box, target.pixel_size, sigma)
     return ncc(torch.fft.rfft2(proj) * filt, target, w)
 
 
 def refine(
     target: Target,
-    coords: torch.Tensor,
-    modes: torch.Tensor,
-    weights: torch.Tensor,
+    model: FlexibleModel,
     rot0: torch.Tensor,
     shift0: torch.Tensor,
     amp0: torch.Tensor,
@@ -468,7 +432,7 @@ def refine(
     omega0: torch.Tensor | None = None,
     bound: Bound | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Adam over (amplitudes, rotation, shift). Returns rot, shift, amplitudes, ncc, objective
+    """Adam over (amplitudes, rotation, shift) of `model` (torch arrays). Returns rot, shift, amplitudes, ncc, objective
     and ω, the rotation vector (radians) of rot relative to `rot0`: rot = exp([ω]ₓ) rot0.
 
     The objective is -NCC, or with a prior (per-mode std `prior_sd`, (K,)) the negative log
@@ -477,7 +441,7 @@ def refine(
     bound's centre are projected back into their limits after every step.
     """
     if omega0 is None:
-        omega0 = torch.zeros(len(rot0), 3, dtype=coords.dtype, device=coords.device)
+        omega0 = torch.zeros(len(rot0), 3, dtype=model.coords.dtype, device=model.coords.device)
     omega = omega0.clone().requires_grad_(True)
     shift = shift0.clone().requires_grad_(True)
     amp = amp0.clone().requires_grad_(True)
@@ -493,7 +457,7 @@ def refine(
 
     def score() -> tuple[torch.Tensor, torch.Tensor]:
         rot = torch.linalg.matrix_exp(skew(omega)) @ rot0
-        c = model_ncc(target, coords, modes, weights, rot, shift, amp, settings, full_box)
+        c = model_ncc(target, model, rot, shift, amp, settings, full_box)
         if prior_sd is None:
             return c, -c
         data = 0.5 * n_terms * torch.log1p(-(c.clamp(0.0, 1.0 - 1e-6) ** 2))
@@ -524,47 +488,26 @@ class Aligner:
 
     def __init__(
         self,
-        coords: np.ndarray,
-        modes: np.ndarray,
-        weights: np.ndarray,
+        model: FlexibleModel,
         box: int,
         pixel_size: float,
         settings: AlignSettings,
         device: torch.device,
-        eigenvalues: np.ndarray | None = None,
     ):
         self.s, self.box, self.px, self.dev = settings, box, pixel_size, device
-        t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)
-        self.coords, self.modes, self.weights = t(coords), t(modes), t(weights)
+        self.model = model.to(device)
         self.prior_sd = None
         if settings.amplitude_prior > 0:
-            if eigenvalues is None:
+            if model.eigenvalues is None:
                 raise ValueError("an amplitude prior needs the modes' eigenvalues")
-            self.prior_sd = t(prior_std(eigenvalues, settings.amplitude_prior))
+            prior = prior_std(model.eigenvalues, settings.amplitude_prior)
+            self.prior_sd = torch.as_tensor(prior, dtype=torch.float32, device=device)
         self.coarse = min(settings.coarse_box, box)
         self.gallery = None  # local modes need none
         if settings.start == "search":
             self.gallery = Gallery(
-                self.coords,
-                self.modes,
-                self.weights,
-                self.coarse,
-                pixel_size * box / self.coarse,
-                settings,
+                self.model, self.coarse, pixel_size * box / self.coarse, settings
             )
-
-    @classmethod
-    def from_reference(
-        cls,
-        ref: Reference,
-        box: int,
-        pixel_size: float,
-        settings: AlignSettings,
-        device: torch.device,
-    ) -> Aligner:
-        return cls(
-            ref.coords, ref.modes, ref.weights, box, pixel_size, settings, device, ref.eigenvalues
-        )
 
     def start_amplitudes(
         self, target: Target, rot: torch.Tensor, shift: torch.Tensor, amp: torch.Tensor
@@ -582,9 +525,7 @@ class Aligner:
         with torch.no_grad():
             c = model_ncc(
                 Target(rep(target.images_f), rep(target.ctf), target.box, target.pixel_size),
-                self.coords,
-                self.modes,
-                self.weights,
+                self.model,
                 rep(rot),
                 rep(shift),
                 trial,
@@ -605,47 +546,25 @@ class Aligner:
         """Estimate (euler (B,3), shifts_px (B,2), amplitudes (B,K), cost (B,), objective (B,))
         for one batch; the objective is what the refinement minimised (-NCC without a prior).
         Candidates come from the global search, or with `start` from local_candidates."""
-        s, dev = self.s, self.dev
-        imgs = torch.as_tensor(images, dtype=torch.float32, device=dev)
-        b, k = len(imgs), self.modes.shape[0]
+        imgs = torch.as_tensor(images, dtype=torch.float32, device=self.dev)
         coarse = make_target(imgs, ctf_params, rows, self.coarse, self.px, has_ctf)
-        if start is None:
-            if self.gallery is None:
-                raise ValueError(f"start {s.start!r} needs starting values")
-            eul, sh, amp_init = global_search(coarse, self.gallery, s, self.box)
-            iterations = s.iterations
-        else:
-            eul, sh, amp_init = local_candidates(start, s.local_flip)
-            iterations = s.local_iterations
-            s = replace(s, lr_amplitude=s.local_lr_amplitude)
-        c = eul.shape[1]
+        eul, sh, amp_init, iterations, s = self.candidates(coarse, start)
         # stage 1: all candidates at the coarse box
+        c = eul.shape[1]
         rep = lambda x: x.repeat_interleave(c, 0)
         coarse_c = Target(rep(coarse.images_f), rep(coarse.ctf), coarse.box, coarse.pixel_size)
-        rot0 = geometry.euler_to_matrix(
-            torch.tensor(eul.reshape(-1, 3), dtype=torch.float32, device=dev)
-        )
-        shift0 = torch.tensor(sh.reshape(-1, 2), dtype=torch.float32, device=dev)
-        amp0 = torch.tensor(amp_init.reshape(-1, k), dtype=torch.float32, device=dev)
+        f32 = lambda x: torch.tensor(x, dtype=torch.float32, device=self.dev)
+        rot0 = geometry.euler_to_matrix(f32(eul.reshape(-1, 3)))
+        shift0, amp0 = f32(sh.reshape(-1, 2)), f32(amp_init.reshape(-1, self.model.n_modes))
         bound = None
         if start is not None:
             bound = Bound(s.local_max_angle_deg, s.local_max_shift_px, shift0)
             amp0 = self.start_amplitudes(coarse_c, rot0, shift0, amp0)
         rot, shift, amp, _, objective, omega = refine(
-            coarse_c,
-            self.coords,
-            self.modes,
-            self.weights,
-            rot0,
-            shift0,
-            amp0,
-            iterations[0],
-            s,
-            self.box,
-            self.prior_sd,
+            coarse_c, self.model, rot0, shift0, amp0, iterations[0], s, self.box, self.prior_sd,
             bound=bound,
-        )
-        best = objective.view(b, c).argmin(1) + torch.arange(b, device=dev) * c
+        )  # fmt: skip
+        best = objective.view(len(imgs), c).argmin(1) + torch.arange(len(imgs), device=self.dev) * c
         # stage 2: the best candidate at the full box (local: still bound to its start)
         full = make_target(imgs, ctf_params, rows, self.box, self.px, has_ctf)
         if bound is None:
@@ -653,28 +572,44 @@ class Aligner:
         else:
             anchor, omega0 = rot0[best], omega[best]
             bound = Bound(bound.max_angle_deg, bound.max_shift_px, shift0[best])
-        rot, shift, amp, score, objective, _ = refine(
-            full,
-            self.coords,
-            self.modes,
-            self.weights,
-            anchor,
-            shift[best],
-            amp[best],
-            iterations[1],
-            s,
-            self.box,
-            self.prior_sd,
-            omega0,
-            bound,
-        )
-        return {
-            "euler": geometry.matrix_to_euler(rot.double()).cpu().numpy(),
-            "shifts_px": shift.cpu().numpy().astype(np.float64),
-            "amplitudes": amp.cpu().numpy().astype(np.float64),
-            "cost": (1.0 - score).cpu().numpy().astype(np.float64),
-            "objective": objective.cpu().numpy().astype(np.float64),
-        }
+        out = refine(
+            full, self.model, anchor, shift[best], amp[best], iterations[1], s, self.box,
+            self.prior_sd, omega0, bound,
+        )  # fmt: skip
+        return alignment_result(*out[:5])
+
+    def candidates(
+        self, coarse: Target, start: Start | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int], AlignSettings]:
+        """(Euler angles, shifts, amplitudes) of the candidates (B, C, ·), the iterations of the
+        two stages and the refinement settings: from the global search, or around `start` with
+        the local iterations and amplitude step."""
+        s = self.s
+        if start is None:
+            if self.gallery is None:
+                raise ValueError(f"start {s.start!r} needs starting values")
+            eul, sh, amp = global_search(coarse, self.gallery, s, self.box)
+            return eul, sh, amp, s.iterations, s
+        eul, sh, amp = local_candidates(start, s.local_flip)
+        return eul, sh, amp, s.local_iterations, replace(s, lr_amplitude=s.local_lr_amplitude)
+
+
+def alignment_result(
+    rot: torch.Tensor,
+    shift: torch.Tensor,
+    amp: torch.Tensor,
+    score: torch.Tensor,
+    objective: torch.Tensor,
+) -> dict[str, np.ndarray]:
+    """The refinement's answer as float64 numpy arrays: euler, shifts_px, amplitudes, cost
+    (1 - NCC) and objective."""
+    return {
+        "euler": geometry.matrix_to_euler(rot.double()).cpu().numpy(),
+        "shifts_px": shift.cpu().numpy().astype(np.float64),
+        "amplitudes": amp.cpu().numpy().astype(np.float64),
+        "cost": (1.0 - score).cpu().numpy().astype(np.float64),
+        "objective": objective.cpu().numpy().astype(np.float64),
+    }
 
 
 def align_best(
@@ -722,7 +657,7 @@ def align_rows(
         st = None if start is None else start.take(r)
         parts.append(align_best(aligners, ps.images[r], ctf_params, r, ps.has_ctf, st))
     if not parts:
-        k = aligners[0].modes.shape[0]
+        k = aligners[0].model.n_modes
         return {
             "euler": np.zeros((0, 3)),
             "shifts_px": np.zeros((0, 2)),
@@ -738,7 +673,7 @@ def result_table(
     ps: ParticleSet,
     result: dict,
     mode_numbers: np.ndarray,
-    references: list[Reference] | None = None,
+    references: list[FlexibleModel] | None = None,
 ) -> pd.DataFrame:
     """The input particle rows with the estimated pose, amplitudes and cost.
 
@@ -884,11 +819,9 @@ def main(args: argparse.Namespace) -> None:
     ps = ParticleSet(args.particles)
     references = load_references(args.model, args.modes)
     settings = settings_from_args(args)
-    numbers = load_modes(args.modes[0])["mode_numbers"]
+    numbers = references[0].mode_numbers
     start = None if settings.start == "search" else read_start(ps, settings.start, numbers)
-    aligners = [
-        Aligner.from_reference(r, ps.box, ps.pixel_size, settings, device) for r in references
-    ]
+    aligners = [Aligner(r, ps.box, ps.pixel_size, settings, device) for r in references]
     rows = np.arange(len(ps))[rank::size]
     result = align_rows(ps, rows, aligners, f"hemnma rank {rank}/{size}", start)
     gathered = comm.gather((rows, result), root=0)

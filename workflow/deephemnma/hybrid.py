@@ -18,15 +18,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from .io import (
-    POSE_COLUMNS,
-    InputError,
-    amplitude_modes,
-    read_star,
-    require_file,
-    uncertainty_column,
-    write_star,
-)
+from .files import InputError, require_file
+from .io import POSE_COLUMNS, amplitude_modes, read_star, uncertainty_column, write_star
 from .merge import source_column
 from .shard import shard_rows
 

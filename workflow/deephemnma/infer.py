@@ -21,15 +21,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import geometry, imaging
+from .files import InputError, require_file
 from .io import (
     EULER_COLUMNS,
     ORIGIN_COLUMNS,
-    InputError,
     ParticleSet,
     amplitude_column,
     pose_columns,
     read_star,
-    require_file,
     table_euler,
     table_shifts_px,
     uncertainty_column,
@@ -169,7 +168,7 @@ def prediction_table(
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--network", required=True, help="model.pt from train")
+    p.add_argument("--network", required=True, help="network.pt from train")
     p.add_argument("--particles", required=True, help="all particles (STAR)")
     p.add_argument(
         "--poses",

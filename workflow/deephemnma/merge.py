@@ -15,7 +15,8 @@ import logging
 
 import pandas as pd
 
-from .io import InputError, read_star, require_file, uncertainty_column, write_star
+from .files import InputError, require_file
+from .io import read_star, uncertainty_column, write_star
 from .quality import param_of
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import prody
 
-from .io import InputError, atomic_path, require_file
-from .pseudoatoms import RESNAME
+from .files import InputError, atomic_path, require_file
+from .pseudo_atoms import RESNAME
 
 log = logging.getLogger(__name__)
 

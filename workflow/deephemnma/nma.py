@@ -21,7 +21,8 @@ from scipy.sparse import coo_array
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from .io import InputError, atomic_path, load_model, require_file
+from .files import InputError, atomic_path, require_file
+from .flexible import FlexibleModel, load_model
 from .model import read_structure, write_pdb
 
 log = logging.getLogger(__name__)
@@ -155,11 +156,6 @@ def modes_to_compute(
     return max(search, n_modes) if min_collectivity > 0 else n_modes
 
 
-def deform(coords: np.ndarray, modes: np.ndarray, amplitudes: np.ndarray) -> np.ndarray:
-    """x = x0 + sum_k q_k v_k for amplitudes (..., K); returns (..., N, 3)."""
-    return coords + np.tensordot(amplitudes, modes, axes=([-1], [0]))
-
-
 def displacement_to(atoms: prody.AtomGroup, target: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Displacement from `atoms` to `target` over CA atoms matched by chain and residue number.
 
@@ -274,8 +270,9 @@ def main(args: argparse.Namespace) -> None:
     steps = np.concatenate(
         [np.linspace(0, 1, 6), np.linspace(1, -1, 11)[1:], np.linspace(-1, 0, 6)[1:]]
     )
+    flexible = FlexibleModel(model["coords"], modes)
     for k, number in enumerate(numbers):
-        frames = (
-            model["coords"][None] + args.animate_amplitude * steps[:, None, None] * modes[k][None]
-        )
+        amplitudes = np.zeros((len(steps), len(numbers)))
+        amplitudes[:, k] = args.animate_amplitude * steps
+        frames = flexible.deform(amplitudes)
         write_pdb(out / f"mode{number}.pdb", atoms, frames)

@@ -22,18 +22,15 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from . import geometry
+from .figures import pyplot, save_figure
+from .files import InputError, atomic_path, require_file
 from .io import (
     EULER_COLUMNS,
     ORIGIN_COLUMNS,
-    InputError,
     ParticleSet,
     amplitude_column,
     amplitude_modes,
-    atomic_path,
-    pyplot,
     read_star,
-    require_file,
-    save_figure,
     table_euler,
     table_shifts_px,
     uncertainty_column,

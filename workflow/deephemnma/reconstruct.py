@@ -22,8 +22,10 @@ import torch
 from tqdm import tqdm
 
 from . import geometry, imaging
+from .files import require_file
 from .fsc import fsc_curve
-from .io import ParticleSet, require_file, write_mrc
+from .io import ParticleSet
+from .mrc import write_mrc
 
 log = logging.getLogger(__name__)
 

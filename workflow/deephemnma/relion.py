@@ -21,15 +21,9 @@ import torch
 from tqdm import tqdm
 
 from . import imaging
-from .io import (
-    InputError,
-    ParticleImages,
-    StackWriter,
-    optics_table,
-    read_star,
-    require_file,
-    write_star,
-)
+from .files import InputError, require_file
+from .io import optics_table, read_star, write_star
+from .mrc import ParticleImages, StackWriter
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +85,81 @@ def normalise(images: torch.Tensor, radius: float) -> torch.Tensor:
     return (images - vals.mean(dim=1)[:, None, None]) / std[:, None, None]
 
 
+KEPT_COLUMNS = [  # per-particle columns copied to the imported STAR when present
+    "rlnCtfBfactor",
+    "rlnCtfScalefactor",
+    "rlnMicrographName",
+    "rlnCoordinateX",
+    "rlnCoordinateY",
+    "rlnGroupName",
+    "rlnRandomSubset",
+]
+
+
+def input_pixel_size(star: Path, parts: pd.DataFrame) -> float:
+    """The particles' one pixel size (Å); InputError when the pixel size or an optics value
+    differs between particles."""
+    pixel_sizes = parts["rlnImagePixelSize"].unique()
+    if len(pixel_sizes) != 1:
+        raise InputError(f"{star}: particles have different pixel sizes {sorted(pixel_sizes)}")
+    for col in OPTICS_PER_PARTICLE:
+        if parts[col].nunique() != 1:
+            raise InputError(f"{star}: {col} differs between particles; import one group at a time")
+    return float(pixel_sizes[0])
+
+
+def mask_radius(
+    star: Path, box_out: int, px_out: float, mask_diameter: float | None, normalize: bool
+) -> float:
+    """Radius (working-box pixels) of the normalisation mask: `mask_diameter` Å, default 0.9 of
+    the box; InputError when normalising with a mask outside the box."""
+    radius = 0.9 * box_out / 2 if mask_diameter is None else mask_diameter / 2 / px_out
+    if normalize and not 1 <= radius < box_out / 2:
+        raise InputError(
+            f"{star}: mask diameter {mask_diameter:g} Å is not within the working box "
+            f"({box_out} px of {px_out:.4g} Å: 2 px to {box_out * px_out:.4g} Å, exclusive)"
+        )
+    if normalize:
+        log.info(
+            "normalising on the background outside %.4g Å (%.3g px of %d)",
+            2 * radius * px_out, radius, box_out,
+        )  # fmt: skip
+    return radius
+
+
+def stream_images(
+    images: ParticleImages, writer: StackWriter, box_out: int, radius: float | None, batch: int
+) -> None:
+    """Every image Fourier-cropped to `box_out` (and normalised outside `radius` unless None)
+    into `writer`'s stacks; the stacks are removed if anything fails."""
+    try:
+        for start in tqdm(range(0, len(images), batch), desc="import", unit="batch", mininterval=5):
+            rows = np.arange(start, min(start + batch, len(images)))
+            imgs = imaging.fourier_crop(torch.from_numpy(images[rows]), box_out)
+            if radius is not None:
+                imgs = normalise(imgs, radius)
+            writer.write(imgs.numpy())
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def imported_table(parts: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """The imported particle table: new image names, CTF and kept columns, our `dh*` columns, the
+    consensus pose as prior columns, the original image name in `dhSourceImageName`."""
+    keep = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift"]
+    keep += [c for c in KEPT_COLUMNS if c in parts]
+    keep += [c for c in parts.columns if c.startswith("dh")]
+    out = parts[keep].copy()
+    for col, prior in PRIOR.items():
+        if col in parts or prior in parts:
+            out[prior] = parts[col if col in parts else prior].to_numpy()
+    out.insert(0, "rlnImageName", names)
+    out["dhSourceImageName"] = parts["rlnImageName"].to_numpy()
+    out["rlnOpticsGroup"] = 1
+    return out
+
+
 def import_particles(
     star: Path,
     datadir: Path | None,
@@ -109,40 +178,14 @@ def import_particles(
     parts = particle_table(star)
     roots = [Path.cwd(), star.resolve().parent] + ([Path(datadir)] if datadir else [])
     images = ParticleImages(parts["rlnImageName"], roots)
-    pixel_sizes = parts["rlnImagePixelSize"].unique()
-    if len(pixel_sizes) != 1:
-        raise InputError(f"{star}: particles have different pixel sizes {sorted(pixel_sizes)}")
-    for col in OPTICS_PER_PARTICLE:
-        if parts[col].nunique() != 1:
-            raise InputError(f"{star}: {col} differs between particles; import one group at a time")
-    px_in, box_in = float(pixel_sizes[0]), images.box
+    px_in, box_in = input_pixel_size(star, parts), images.box
     box_out = box or box_in
     if box_out > box_in:
         raise InputError(f"{star}: working box {box_out} is larger than the images ({box_in})")
     px_out = px_in * box_in / box_out
-    radius = 0.9 * box_out / 2 if mask_diameter is None else mask_diameter / 2 / px_out
-    if normalize and not 1 <= radius < box_out / 2:
-        raise InputError(
-            f"{star}: mask diameter {mask_diameter:g} Å is not within the working box "
-            f"({box_out} px of {px_out:.4g} Å: 2 px to {box_out * px_out:.4g} Å, exclusive)"
-        )
-    if normalize:
-        log.info(
-            "normalising on the background outside %.4g Å (%.3g px of %d)",
-            2 * radius * px_out, radius, box_out,
-        )  # fmt: skip
+    radius = mask_radius(star, box_out, px_out, mask_diameter, normalize)
     writer = StackWriter(out_stacks, len(parts), box_out, px_out, per_stack)
-    try:
-        for start in tqdm(range(0, len(parts), batch), desc="import", unit="batch", mininterval=5):
-            rows = np.arange(start, min(start + batch, len(parts)))
-            imgs = torch.from_numpy(images[rows])
-            imgs = imaging.fourier_crop(imgs, box_out)
-            if normalize:
-                imgs = normalise(imgs, radius)
-            writer.write(imgs.numpy())
-    except BaseException:
-        writer.abort()
-        raise
+    stream_images(images, writer, box_out, radius if normalize else None, batch)
     first = parts.iloc[0]
     optics = optics_table(
         px_out,
@@ -151,28 +194,7 @@ def import_particles(
         float(first["rlnSphericalAberration"]),
         float(first["rlnAmplitudeContrast"]),
     )
-    keep = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift"]
-    keep += [
-        c
-        for c in (
-            "rlnCtfBfactor",
-            "rlnCtfScalefactor",
-            "rlnMicrographName",
-            "rlnCoordinateX",
-            "rlnCoordinateY",
-            "rlnGroupName",
-            "rlnRandomSubset",
-        )
-        if c in parts
-    ]
-    keep += [c for c in parts.columns if c.startswith("dh")]
-    out = parts[keep].copy()
-    for col, prior in PRIOR.items():
-        if col in parts or prior in parts:
-            out[prior] = parts[col if col in parts else prior].to_numpy()
-    out.insert(0, "rlnImageName", writer.names)
-    out["dhSourceImageName"] = parts["rlnImageName"].to_numpy()
-    out["rlnOpticsGroup"] = 1
+    out = imported_table(parts, writer.names)
     write_star(out_star, optics, out)
     return out
 

@@ -7,7 +7,8 @@ import logging
 
 import numpy as np
 
-from .io import InputError, read_star, require_file, write_star
+from .files import InputError, require_file
+from .io import read_star, write_star
 
 log = logging.getLogger(__name__)
 

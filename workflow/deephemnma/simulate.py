@@ -19,19 +19,17 @@ import torch
 from tqdm import tqdm
 
 from . import geometry, imaging
+from .figures import pyplot, save_figure
+from .flexible import FlexibleModel
 from .io import (
-    StackWriter,
     amplitude_column,
-    load_model,
-    load_modes,
     optics_table,
     pose_columns,
-    pyplot,
-    save_figure,
     table_euler,
     table_shifts_px,
     write_star,
 )
+from .mrc import StackWriter
 
 log = logging.getLogger(__name__)
 
@@ -107,24 +105,22 @@ def draw_parameters(n: int, mode_numbers: np.ndarray, cfg: SimulationSettings) -
 
 
 def render(
-    coords: torch.Tensor,
-    modes: torch.Tensor,
-    weights: torch.Tensor,
+    model: FlexibleModel,
     params: pd.DataFrame,
-    mode_numbers: np.ndarray,
     cfg: SimulationSettings,
     generator: torch.Generator | None,
 ) -> dict[str, torch.Tensor]:
-    """Images of one batch of parameter rows: 'clean', 'ctf' and 'final' (noisy, normalised)."""
-    dt, dev = coords.dtype, coords.device
+    """Images of `model` (torch arrays) for one batch of parameter rows (amplitude columns of its
+    mode numbers): 'clean', 'ctf' and 'final' (noisy, normalised)."""
+    dt, dev = model.coords.dtype, model.coords.device
     col = lambda names: torch.tensor(params[names].to_numpy(), dtype=dt, device=dev)
-    amps = col([amplitude_column(int(k)) for k in mode_numbers])
-    deformed = coords + torch.einsum("bk,knc->bnc", amps, modes)
+    amps = col([amplitude_column(int(k)) for k in model.mode_numbers])
+    deformed = model.deform(amps)
     rot = geometry.euler_to_matrix(torch.tensor(table_euler(params), dtype=dt, device=dev))
     shift = torch.tensor(table_shifts_px(params, cfg.pixel_size), dtype=dt, device=dev)
     big, px_big = cfg.box * cfg.oversample, cfg.pixel_size / cfg.oversample
     shift = shift * cfg.oversample  # in pixels of the oversampled box
-    proj = imaging.project(deformed, rot, shift, weights, big, px_big, cfg.sigma_angstrom)
+    proj = imaging.project(deformed, rot, shift, model.weights, big, px_big, cfg.sigma_angstrom)
     clean = imaging.fourier_crop(proj, cfg.box)
     out = {"clean": clean}
     if cfg.ctf:
@@ -224,10 +220,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, modes_npz = load_model(args.model), load_modes(args.modes)
-    numbers = modes_npz["mode_numbers"]
-    t = lambda a: torch.tensor(a, dtype=torch.float32, device=device)
-    coords, modes, weights = t(model["coords"]), t(modes_npz["modes"]), t(model["weights"])
+    model = FlexibleModel.load(args.model, args.modes).to(device)
+    numbers = model.mode_numbers
     cfg = SimulationSettings.from_args(args)
     params = draw_parameters(args.n_images, numbers, cfg)
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
@@ -239,7 +233,7 @@ def main(args: argparse.Namespace) -> None:
             range(0, args.n_images, args.batch), desc="simulate", unit="batch", mininterval=5
         ):
             rows = params.iloc[start : start + args.batch]
-            out = render(coords, modes, weights, rows, numbers, cfg, gen)
+            out = render(model, rows, cfg, gen)
             writer.write(out["final"].cpu().numpy())
             if start == 0 and args.out_montage:
                 montage({k: v[:6].cpu().numpy() for k, v in out.items()}, args.out_montage)

@@ -21,20 +21,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .io import (
-    InputError,
-    amplitude_column,
-    amplitude_modes,
-    atomic_path,
-    load_modes,
-    pyplot,
-    read_star,
-    require_file,
-    save_figure,
-    write_star,
-)
+from .figures import pyplot, save_figure
+from .files import InputError, atomic_path, require_file
+from .flexible import FlexibleModel
+from .io import amplitude_column, amplitude_modes, read_star, write_star
 from .model import read_structure, write_pdb
-from .nma import deform
 
 log = logging.getLogger(__name__)
 
@@ -370,31 +361,39 @@ def amplitude_source(parts: pd.DataFrame) -> np.ndarray:
     return np.full(len(parts), "hemnma" if "dhCost" in parts else "network")
 
 
-def main(args: argparse.Namespace) -> None:
-    blocks = read_star(require_file(args.particles, "particle STAR"), ["rlnImageName"])
-    parts = blocks["particles"]
-    if args.untrusted == "exclude" and "dhTrusted" in parts:
-        keep = parts["dhTrusted"].astype(int) == 1
-        log.warning(
-            "%d of %d images have estimates from an untrusted network: left out of the space",
-            int((~keep).sum()), len(parts),
-        )  # fmt: skip
-        parts = parts[keep].reset_index(drop=True)
-        if len(parts) < 2:
-            raise InputError(f"{args.particles}: fewer than 2 trusted images to analyse")
-    modes_npz = load_modes(args.modes)
-    numbers = [int(k) for k in modes_npz["mode_numbers"]]
+def trusted_rows(parts: pd.DataFrame, untrusted: str, star: str) -> pd.DataFrame:
+    """The particle rows the space is built from: with `untrusted` exclude, those merge marked
+    `_dhTrusted` 1 (InputError naming `star` when fewer than 2 are left)."""
+    if untrusted != "exclude" or "dhTrusted" not in parts:
+        return parts
+    keep = parts["dhTrusted"].astype(int) == 1
+    log.warning(
+        "%d of %d images have estimates from an untrusted network: left out of the space",
+        int((~keep).sum()), len(parts),
+    )  # fmt: skip
+    parts = parts[keep].reset_index(drop=True)
+    if len(parts) < 2:
+        raise InputError(f"{star}: fewer than 2 trusted images to analyse")
+    return parts
+
+
+def read_amplitudes(parts: pd.DataFrame, numbers: list[int], star: str, modes: str) -> np.ndarray:
+    """Amplitudes (B, K) of the modes `numbers`; InputError when the STAR's amplitude columns are
+    other modes' or hold NaN/Inf."""
     if amplitude_modes(parts) != numbers:
         raise InputError(
-            f"{args.particles}: amplitude columns {amplitude_modes(parts)} do not match "
-            f"the modes {numbers} of {args.modes}"
+            f"{star}: amplitude columns {amplitude_modes(parts)} do not match "
+            f"the modes {numbers} of {modes}"
         )
     amps = parts[[amplitude_column(k) for k in numbers]].to_numpy(np.float64)
     if not np.isfinite(amps).all():
-        raise InputError(f"{args.particles}: amplitudes contain NaN or Inf")
-    source = amplitude_source(parts)
-    pca = PCA.fit(amps)
-    coords = pca.transform(amps)
+        raise InputError(f"{star}: amplitudes contain NaN or Inf")
+    return amps
+
+
+def pick_groups(coords: np.ndarray, args: argparse.Namespace) -> tuple[np.ndarray, int]:
+    """(label per image, number of groups) by k-means or the boxes; InputError for an empty
+    group or path groups that do not exist."""
     if args.method == "kmeans":
         labels = kmeans_groups(coords, args.n_groups, args.seed)
         n_groups = args.n_groups
@@ -410,7 +409,10 @@ def main(args: argparse.Namespace) -> None:
             raise InputError(f"path between groups {a} and {b}: there are {n_groups} groups")
         if a == b:
             raise InputError(f"path between groups {a} and {b}: two different groups needed")
-    out = Path(args.out_dir)
+    return labels, n_groups
+
+
+def write_pca(out: Path, pca: PCA, coords: np.ndarray, labels: np.ndarray) -> None:
     with atomic_path(out / "pca.npz") as tmp, open(tmp, "wb") as fh:
         np.savez(
             fh,
@@ -421,27 +423,38 @@ def main(args: argparse.Namespace) -> None:
             coords=coords,
             labels=labels,
         )
+
+
+def write_space_table(
+    out: Path, names: pd.Series, labels: np.ndarray, source: np.ndarray, coords: np.ndarray
+) -> None:
     table = pd.concat(
-        [pd.DataFrame({"rlnImageName": parts["rlnImageName"], "group": labels, "source": source}),
+        [pd.DataFrame({"rlnImageName": names, "group": labels, "source": source}),
          pc_table(coords)], axis=1,
     )  # fmt: skip
     with atomic_path(out / "space.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.4f")
-    scatter_figures(coords, labels, source, pca, out / "pca.png", out / "pca3d.png")
-    # the landscapes and the path on PC1/PC2 (and PC1/PC3); with one mode, PC1 against zero
-    work = coords if coords.shape[1] > 1 else np.pad(coords, ((0, 0), (0, 1)))
-    planes = [(0, j) for j in (1, 2) if j < work.shape[1]]
-    landscapes = [free_energy(work, plane, args.bins) for plane in planes]
-    with atomic_path(out / "free_energy.csv") as tmp:
-        free_energy_table(landscapes).to_csv(tmp, index=False, float_format="%.4f")
-    atoms = read_structure(args.pdb)
-    x0, vecs = modes_npz["coords"], modes_npz["modes"]
+
+
+def write_groups(
+    out: Path,
+    blocks: dict,
+    parts: pd.DataFrame,
+    labels: np.ndarray,
+    n_groups: int,
+    amps: np.ndarray,
+    source: np.ndarray,
+    model: FlexibleModel,
+    atoms,
+) -> None:
+    """Each group's STAR and centroid model (PDB), and groups.csv (sizes by source, centroids)."""
+    numbers = [int(k) for k in model.mode_numbers]
     summary = []
     for g in range(n_groups):
         sel = labels == g
         write_star(out / f"group_{g}.star", blocks["optics"], parts[sel].reset_index(drop=True))
         centroid = amps[sel].mean(0)
-        write_pdb(out / f"group_{g}_centroid.pdb", atoms, deform(x0, vecs, centroid)[None])
+        write_pdb(out / f"group_{g}_centroid.pdb", atoms, model.deform(centroid)[None])
         summary.append(
             {
                 "group": g,
@@ -455,33 +468,76 @@ def main(args: argparse.Namespace) -> None:
         )
     with atomic_path(out / "groups.csv") as tmp:
         pd.DataFrame(summary).to_csv(tmp, index=False, float_format="%.3f")
+
+
+def write_pc_trajectories(
+    out: Path, pca: PCA, n_pcs: int, model: FlexibleModel, atoms, args: argparse.Namespace
+) -> None:
+    """trajectory_pc{1,2}.pdb: models along PC1 and PC2 over ± `span_std` standard deviations."""
     t = np.linspace(-args.span_std, args.span_std, args.frames)
-    for axis in range(min(2, coords.shape[1])):
-        pts = np.zeros((args.frames, coords.shape[1]))
+    for axis in range(min(2, n_pcs)):
+        pts = np.zeros((args.frames, n_pcs))
         pts[:, axis] = t * np.sqrt(pca.variance[axis])
-        frames = np.stack([deform(x0, vecs, a) for a in pca.inverse(pts)])
+        frames = np.stack([model.deform(a) for a in pca.inverse(pts)])
         write_pdb(out / f"trajectory_pc{axis + 1}.pdb", atoms, frames)
+
+
+def write_group_path(
+    out: Path,
+    pca: PCA,
+    work: np.ndarray,
+    labels: np.ndarray,
+    fe: FreeEnergy,
+    model: FlexibleModel,
+    atoms,
+    args: argparse.Namespace,
+) -> np.ndarray:
+    """The trajectory between the two `path_groups` (PDB, and its PCs and free energy per frame
+    as CSV); returns the path (frames, ≥ 2) on the working PCs."""
+    a, b = args.path_groups
+    n_pcs = len(pca.variance)
+    path = group_path(work, labels, (a, b), args.frames, args.path_method, fe)
+    pcs = path[:, :n_pcs]
+    frames = np.stack([model.deform(q) for q in pca.inverse(pcs)])
+    write_pdb(out / "trajectory_path.pdb", atoms, frames)
+    along = pc_table(pcs)
+    i = np.clip(np.searchsorted(fe.edges[0], path[:, 0]) - 1, 0, fe.energy.shape[0] - 1)
+    j = np.clip(np.searchsorted(fe.edges[1], path[:, 1]) - 1, 0, fe.energy.shape[1] - 1)
+    along["free_energy_kT"] = fe.energy[i, j]
+    with atomic_path(out / "trajectory_path.csv") as tmp:
+        along.to_csv(tmp, index_label="frame", float_format="%.4f")
+    log.info(
+        "trajectory between groups %d and %d (%s): %d frames", a, b, args.path_method, args.frames
+    )
+    return path
+
+
+def main(args: argparse.Namespace) -> None:
+    blocks = read_star(require_file(args.particles, "particle STAR"), ["rlnImageName"])
+    parts = trusted_rows(blocks["particles"], args.untrusted, args.particles)
+    model = FlexibleModel.from_modes(args.modes)
+    numbers = [int(k) for k in model.mode_numbers]
+    amps = read_amplitudes(parts, numbers, args.particles, args.modes)
+    source = amplitude_source(parts)
+    pca = PCA.fit(amps)
+    coords = pca.transform(amps)
+    labels, n_groups = pick_groups(coords, args)
+    out = Path(args.out_dir)
+    write_pca(out, pca, coords, labels)
+    write_space_table(out, parts["rlnImageName"], labels, source, coords)
+    scatter_figures(coords, labels, source, pca, out / "pca.png", out / "pca3d.png")
+    # the landscapes and the path on PC1/PC2 (and PC1/PC3); with one mode, PC1 against zero
+    work = coords if coords.shape[1] > 1 else np.pad(coords, ((0, 0), (0, 1)))
+    planes = [(0, j) for j in (1, 2) if j < work.shape[1]]
+    landscapes = [free_energy(work, plane, args.bins) for plane in planes]
+    with atomic_path(out / "free_energy.csv") as tmp:
+        free_energy_table(landscapes).to_csv(tmp, index=False, float_format="%.4f")
+    atoms = read_structure(args.pdb)
+    write_groups(out, blocks, parts, labels, n_groups, amps, source, model, atoms)
+    write_pc_trajectories(out, pca, coords.shape[1], model, atoms, args)
     path = None
     if args.path_groups is not None:
-        a, b = args.path_groups
-        fe = landscapes[0]
-        path = group_path(work, labels, (a, b), args.frames, args.path_method, fe)
-        pcs = path[:, : coords.shape[1]]
-        frames = np.stack([deform(x0, vecs, q) for q in pca.inverse(pcs)])
-        write_pdb(out / "trajectory_path.pdb", atoms, frames)
-        along = pc_table(pcs)
-        i = np.clip(np.searchsorted(fe.edges[0], path[:, 0]) - 1, 0, fe.energy.shape[0] - 1)
-        j = np.clip(np.searchsorted(fe.edges[1], path[:, 1]) - 1, 0, fe.energy.shape[1] - 1)
-        along["free_energy_kT"] = fe.energy[i, j]
-        with atomic_path(out / "trajectory_path.csv") as tmp:
-            along.to_csv(tmp, index_label="frame", float_format="%.4f")
-        log.info(
-            "trajectory between groups %d and %d (%s): %d frames",
-            a,
-            b,
-            args.path_method,
-            args.frames,
-        )
+        path = write_group_path(out, pca, work, labels, landscapes[0], model, atoms, args)
     free_energy_figure(landscapes, work, labels, path, out / "free_energy.png")
     log.info(
         "PCA explained variance %s; groups %s; amplitudes from %s",

@@ -8,7 +8,8 @@ import logging
 import numpy as np
 import pandas as pd
 
-from .io import InputError, atomic_path, read_star, require_file
+from .files import InputError, atomic_path, require_file
+from .io import read_star
 
 log = logging.getLogger(__name__)
 

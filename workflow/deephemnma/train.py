@@ -39,18 +39,11 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from . import geometry, imaging, quality
-from .io import (
-    InputError,
-    ParticleImages,
-    ParticleSet,
-    amplitude_modes,
-    atomic_path,
-    load_model,
-    load_modes,
-    pyplot,
-    require_file,
-    save_figure,
-)
+from .figures import pyplot, save_figure
+from .files import InputError, atomic_path, require_file
+from .flexible import FlexibleModel
+from .io import ParticleSet, amplitude_modes
+from .mrc import ParticleImages
 from .nets import (
     ANGLE_OUTPUTS,
     ARCHS,
@@ -437,17 +430,15 @@ class Trainer:
             return
         if flexible is None:
             raise InputError("amplitude networks with views need the model and its modes")
-        model, md = load_model(flexible[0]), load_modes(flexible[1])
-        if [int(k) for k in md["mode_numbers"]] != self.modes:
+        model = FlexibleModel.load(flexible[0], flexible[1])
+        if [int(k) for k in model.mode_numbers] != self.modes:
             raise InputError(
-                f"{flexible[1]}: modes {md['mode_numbers'].tolist()} differ from the labels' "
+                f"{flexible[1]}: modes {model.mode_numbers.tolist()} differ from the labels' "
                 f"{self.modes}"
             )
         px = ps.pixel_size * ps.box / self.box
-        self.views = ModeViews.from_model(
-            model["coords"], md["modes"], model["weights"], self.std.cpu().numpy(), self.box,
-            px, flexible[2],
-        )  # fmt: skip
+        steps = self.std.cpu().numpy()
+        self.views = ModeViews.from_model(model, steps, self.box, px, flexible[2])
         lab = self.labels
         ctf = ps.ctf_params() if ps.has_ctf else None
         self.view_cache = self._render_views(lab["euler"], lab["shifts"], ctf, s.seed)
@@ -637,7 +628,7 @@ class Trainer:
         return True
 
     def export(self) -> None:
-        """model.pt (the best epoch and what inference needs), history.csv, loss.png."""
+        """network.pt (the best epoch and what inference needs), history.csv, loss.png."""
         s, out = self.s, self.out
         history = pd.DataFrame(self.state["history"])
         best = history.loc[history["val_loss"].idxmin()]
@@ -660,7 +651,7 @@ class Trainer:
         }
         if self.views is not None:
             final["views"] = {"volumes": self.views.volumes, "pixel_size": self.views.pixel_size}
-        with atomic_path(out / "model.pt") as tmp:
+        with atomic_path(out / "network.pt") as tmp:
             torch.save(final, tmp)
         with atomic_path(out / "history.csv") as tmp:
             history.to_csv(tmp, index=False, float_format="%.6g")
@@ -748,7 +739,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=dflt.workers, help="data-loading processes" + d)
     p.add_argument("--seed", type=int, default=dflt.seed, help="random seed" + d)
     p.add_argument(
-        "--out-dir", required=True, help="model.pt, history.csv, loss.png, checkpoint.pt"
+        "--out-dir", required=True, help="network.pt, history.csv, loss.png, checkpoint.pt"
     )
 
 

@@ -18,7 +18,7 @@ slice is taken with Aᵀ.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from scipy.spatial.transform import Rotation
 from torch_fourier_slice import project_3d_to_2d_multichannel
 
 from . import geometry, imaging
+from .flexible import FlexibleModel
 
 ATOM_CHUNK = 512  # atoms per density pass: bounds memory to ATOM_CHUNK × (box·oversample)² floats
 
@@ -91,19 +92,19 @@ class ModeViews:
     @classmethod
     def from_model(
         cls,
-        coords: np.ndarray,
-        modes: np.ndarray,
-        weights: np.ndarray,
+        model: FlexibleModel,
         steps: np.ndarray,
         box: int,
         pixel_size: float,
         sigma_angstrom: float = 1.0,
     ) -> ModeViews:
-        """From an atomic model (N, 3), its modes (K, N, 3) and one step per mode (K,)."""
-        t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)
-        c, m, w = t(coords), t(modes), t(weights)
-        moved = [c] + [c + float(h) * m[k] for k, h in enumerate(steps)]
-        vols = [density(x, w, box, pixel_size, sigma_angstrom) for x in moved]
+        """From a flexible model and one amplitude step per mode (K,)."""
+        f64 = lambda a: np.asarray(a, dtype=np.float64)
+        m = replace(model, coords=f64(model.coords), modes=f64(model.modes))
+        moved = [m.coords] + [m.deform(a) for a in np.diag(f64(steps))]
+        w = torch.as_tensor(f64(model.weights))
+        t = lambda a: torch.as_tensor(a, dtype=torch.float64)
+        vols = [density(t(x), w, box, pixel_size, sigma_angstrom) for x in moved]
         return cls(torch.stack(vols).float(), pixel_size)
 
     def render(

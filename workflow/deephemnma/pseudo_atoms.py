@@ -23,7 +23,9 @@ import numpy as np
 import pandas as pd
 import prody
 
-from .io import InputError, atomic_path, pyplot, read_mrc, save_figure, write_mrc
+from .figures import pyplot, save_figure
+from .files import InputError, atomic_path
+from .mrc import read_mrc, write_mrc
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,8 @@ def voxel_size(path) -> float:
     """Voxel size (Å) of an MRC map from its header: the pseudo-atoms' default width."""
     import mrcfile
 
-    from .io import open_mrc, require_file
+    from .files import require_file
+    from .mrc import open_mrc
 
     with open_mrc(require_file(path, "EM map"), partial(mrcfile.open, header_only=True)) as mrc:
         size = float(mrc.voxel_size.x)

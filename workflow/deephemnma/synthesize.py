@@ -31,19 +31,10 @@ import torch
 from tqdm import tqdm
 
 from . import geometry, imaging, simulate
-from .io import (
-    InputError,
-    ParticleSet,
-    amplitude_column,
-    amplitude_modes,
-    atomic_path,
-    load_model,
-    load_modes,
-    pose_columns,
-    pyplot,
-    require_file,
-    save_figure,
-)
+from .figures import pyplot, save_figure
+from .files import InputError, atomic_path, require_file
+from .flexible import FlexibleModel
+from .io import ParticleSet, amplitude_column, amplitude_modes, pose_columns
 from .quality import labels_of
 
 log = logging.getLogger(__name__)
@@ -95,10 +86,7 @@ class Prior:
 class FlexibleRenderer:
     """Noise-free, CTF-affected images of a deformed model at a working box."""
 
-    coords: torch.Tensor  # (N, 3) Å
-    modes: torch.Tensor  # (K, N, 3)
-    weights: torch.Tensor  # (N,)
-    mode_numbers: np.ndarray
+    model: FlexibleModel  # torch arrays
     ps: ParticleSet  # the data set whose CTFs are used
     box: int
     sigma_angstrom: float
@@ -119,9 +107,7 @@ class FlexibleRenderer:
             ctf=False,
             snr=None,
         )
-        clean = simulate.render(
-            self.coords, self.modes, self.weights, params, self.mode_numbers, cfg, None
-        )["clean"]
+        clean = simulate.render(self.model, params, cfg, None)["clean"]
         if not self.ps.has_ctf:
             return clean
         rows = params["row"].to_numpy()
@@ -214,8 +200,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     ps = ParticleSet(require_file(args.particles, "particle STAR"))
     prior = Prior.from_labels(ParticleSet(require_file(args.labels, "label STAR")))
-    model, md = load_model(args.model), load_modes(args.modes)
-    numbers = md["mode_numbers"]
+    model = FlexibleModel.load(args.model, args.modes)
+    numbers = model.mode_numbers
     if [int(k) for k in numbers] != prior.mode_numbers:
         raise InputError(
             f"{args.labels}: amplitude modes {prior.mode_numbers} differ from "
@@ -224,11 +210,7 @@ def main(args: argparse.Namespace) -> None:
     box = args.box or ps.box
     if box > ps.box:
         raise InputError(f"working box {box} is larger than the particles' box {ps.box}")
-    t = lambda a: torch.tensor(a, dtype=torch.float32)
-    renderer = FlexibleRenderer(
-        t(model["coords"]), t(md["modes"]), t(model["weights"]), numbers, ps, box,
-        args.sigma_angstrom,
-    )  # fmt: skip
+    renderer = FlexibleRenderer(model.to(), ps, box, args.sigma_angstrom)
     rng = np.random.default_rng(args.seed)
     est_rows = rng.choice(len(ps), size=min(args.n_estimate, len(ps)), replace=False)
     real = imaging.fourier_crop(torch.from_numpy(ps.images[np.sort(est_rows)]), box)

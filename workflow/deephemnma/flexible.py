@@ -1,0 +1,103 @@
+"""The flexible model: an atomic (or pseudo-atomic) model and its normal modes, as one object.
+
+model.npz (written by prepare-model) holds ``coords`` (N, 3) in Å, centred, and the scattering
+``weights`` (N,) (and ``atom_ids``, elements, ...); modes.npz (written by nma) holds the same
+``coords``, the chosen ``modes`` (K, N, 3), each unit-norm over all 3N coordinates,
+``mode_numbers`` (K,) and ``eigenvalues`` (K,). The deformation x = x₀ + Σₖ qₖ vₖ is
+`FlexibleModel.deform`, the one place it is written (numpy or torch, batched).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from .files import InputError, require_file
+
+
+def load_model(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read model.npz (coords, weights, elements, center) written by prepare-model."""
+    with np.load(require_file(path, "model file")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def load_modes(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read modes.npz written by nma."""
+    with np.load(require_file(path, "modes file")) as z:
+        return {k: z[k] for k in z.files}
+
+
+@dataclass(frozen=True)
+class FlexibleModel:
+    """coords (N, 3) in Å, modes (K, N, 3), weights (N,) (None when only modes.npz was read),
+    mode_numbers (K,), eigenvalues (K,) (None when unknown), atom_ids (N,) 'chain:residue:name'
+    labels (empty when unknown, e.g. pseudo-atoms). Arrays are numpy, or torch after `to`."""
+
+    coords: Any
+    modes: Any
+    weights: Any = None
+    mode_numbers: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    eigenvalues: np.ndarray | None = None
+    atom_ids: np.ndarray = field(default_factory=lambda: np.array([], dtype=str))
+
+    @classmethod
+    def load(cls, model_path: str | os.PathLike, modes_path: str | os.PathLike) -> FlexibleModel:
+        """From model.npz and modes.npz (InputError if they do not belong together)."""
+        model, modes = load_model(model_path), load_modes(modes_path)
+        if modes["modes"].shape[1] != len(model["coords"]):
+            raise InputError(
+                f"{modes_path}: modes of {modes['modes'].shape[1]} atoms, "
+                f"but {model_path} has {len(model['coords'])}"
+            )
+        return cls(
+            model["coords"],
+            modes["modes"],
+            model["weights"],
+            modes["mode_numbers"],
+            modes["eigenvalues"],
+            model.get("atom_ids", np.array([], dtype=str)),
+        )
+
+    @classmethod
+    def from_modes(cls, modes_path: str | os.PathLike) -> FlexibleModel:
+        """From modes.npz alone (its coords and modes; no weights)."""
+        modes = load_modes(modes_path)
+        return cls(
+            modes["coords"], modes["modes"], None, modes["mode_numbers"], modes.get("eigenvalues")
+        )
+
+    @property
+    def n_modes(self) -> int:
+        return len(self.modes)
+
+    def deform(self, amplitudes):
+        """x₀ + Σₖ qₖ vₖ for amplitudes (..., K): coordinates (..., N, 3), numpy or torch as the
+        model's arrays (torch amplitudes with a torch model, after `to`)."""
+        if isinstance(self.coords, np.ndarray):
+            return self.coords + np.tensordot(amplitudes, self.modes, axes=([-1], [0]))
+        import torch
+
+        return self.coords + torch.einsum("...k,knc->...nc", amplitudes, self.modes)
+
+    def to(self, device=None, dtype=None) -> FlexibleModel:
+        """coords, modes and weights as torch tensors (float32 unless `dtype`) on `device`."""
+        import torch
+
+        dtype = torch.float32 if dtype is None else dtype
+        t = lambda a: None if a is None else torch.as_tensor(a, dtype=dtype, device=device)
+        return replace(self, coords=t(self.coords), modes=t(self.modes), weights=t(self.weights))
+
+    def atoms(self, index: np.ndarray) -> FlexibleModel:
+        """The model restricted to the atoms `index` (same modes, numbers and eigenvalues)."""
+        ids = self.atom_ids[index] if len(self.atom_ids) == len(self.coords) else self.atom_ids
+        weights = None if self.weights is None else self.weights[index]
+        return replace(
+            self,
+            coords=self.coords[index],
+            modes=self.modes[:, index],
+            weights=weights,
+            atom_ids=ids,
+        )
