@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 
 from deephemnma import hemnma
@@ -57,3 +58,120 @@ def test_fit_moves_the_open_model_to_the_closed_map(open_closed):
         op, model_map(op.coords, op.weights, BOX, PX, SIGMA), PX, SIGMA, 1, coarse_above=COARSE
     )
     assert rmsd(same.coords, op.coords) < 0.3
+
+
+def test_reference_update_moves_the_second_reference_toward_the_second_state(open_closed):
+    """A reference update on a two-state set: noise-free images of open (2/3) and closed (1/3) AK
+    aligned against the open model only; the images the quality flag marks are reconstructed
+    with their poses and the open model fitted into that map: the fitted reference is closer
+    to the closed structure than the open model is (RMSD after CA superposition)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from deephemnma import fit, simulate
+    from deephemnma.gather import cost_z
+    from deephemnma.io import amplitude_column
+
+    op, cl = open_closed
+    n, numbers = 36, np.arange(7, 10)
+    cfg = simulate.SimulationSettings(box=BOX, pixel_size=PX, snr=None, ctf=False, seed=4)
+    params = simulate.draw_parameters(n, numbers, cfg)
+    for k in numbers:
+        params[amplitude_column(int(k))] = 0.0
+    state = (np.arange(n) % 3 == 0).astype(int)  # 1: closed
+    t = lambda x: torch.tensor(x, dtype=torch.float32)
+    images = np.zeros((n, BOX, BOX), dtype=np.float32)
+    for s, ref in enumerate((op, cl)):
+        rows = np.flatnonzero(state == s)
+        out = simulate.render(
+            t(ref.coords), t(ref.modes), t(ref.weights), params.iloc[rows], numbers, cfg, None
+        )
+        images[rows] = out["final"].numpy()
+    settings = hemnma.AlignSettings(
+        coarse_box=16, n_directions=100, psi_step=20.0, iterations=(8, 12), max_shift_px=2.0
+    )
+    settings.sigma_angstrom = cfg.sigma_angstrom
+    al = hemnma.Aligner.from_reference(op, BOX, PX, settings, torch.device("cpu"))
+    res = hemnma.align_best([al], images, {}, np.arange(n), False)
+    table = pd.DataFrame({"dhCost": res["cost"]})
+    table["dhFlagged"] = (cost_z(table) > 3.0).astype(int)
+    rows = fit.group_rows(table, "flagged", 0)
+    ps = SimpleNamespace(
+        images=images,
+        ctf_params=lambda: {},
+        euler=lambda: res["euler"],
+        shifts_px=lambda: res["shifts_px"],
+        box=BOX,
+        pixel_size=PX,
+        has_ctf=False,
+    )
+    volume = fit.group_map(ps, rows)
+    s = fit.FitSettings(sigma_angstrom=SIGMA, rounds=2, box=0, coarse_above=COARSE)
+    fitted, cc = fit.fit_reference(op, volume, PX, s)
+    before = rmsd(hemnma.superpose(op, cl).coords, cl.coords)
+    after = rmsd(hemnma.superpose(fitted, cl).coords, cl.coords)
+    closed_share = state[rows].mean()
+    print(
+        f"flagged {len(rows)} ({closed_share:.0%} closed); RMSD to closed {before:.2f} -> "
+        f"{after:.2f} Å; correlation per round {np.round(cc, 3)}"
+    )
+    assert len(rows) >= 6 and closed_share > 0.8
+    assert after < before - 1.0
+
+
+def fit_cli(folder, model_dir, *options):
+    """`deephemnma fit` on the open AK model files with `options`: (exit code, stderr)."""
+    import subprocess
+    import sys
+
+    d = model_dir
+    args = [sys.executable, "-m", "deephemnma", "fit", *map(str, options)]
+    args += ["--model", d / "model.npz", "--modes", d / "modes.npz", "--pdb", d / "model.pdb"]
+    args += ["--out-model", folder / "m.npz", "--out-modes", folder / "k.npz"]
+    args += ["--out-pdb", folder / "m.pdb", "--rounds", "1", "--iterations", "20"]
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    return r.returncode, r.stderr
+
+
+@pytest.mark.parametrize(
+    "shape, pixel, nan, message",
+    [
+        (None, 4.4, False, "map does not exist"),
+        ((32, 32, 32), 4.4, True, "NaN/inf voxels"),
+        ((32, 32, 32), 1.0, False, "does not hold the model"),
+        ((32, 32, 16), 4.4, False, "not a cube"),
+    ],
+)
+def test_fit_verb_rejects_bad_maps(tmp_path, adk_model_files, shape, pixel, nan, message):
+    from deephemnma.io import write_mrc
+
+    path = tmp_path / "map.mrc"
+    if shape is not None:
+        v = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+        v[0, 0, 0] = np.nan if nan else v[0, 0, 0]
+        write_mrc(path, v, pixel)
+    code, err = fit_cli(tmp_path, adk_model_files, "--map", path)
+    assert code == 2, err
+    lines = [x for x in err.splitlines() if "error:" in x]
+    assert len(lines) == 1 and str(path) in lines[0] and message in lines[0], err
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_fit_verb_writes_a_reference_hemnma_reads(tmp_path, adk_model_files, open_closed):
+    """Fitted into the closed map, the written reference loads as a second HEMNMA reference
+    (same atoms, own modes) and sits closer to the closed structure than the open model."""
+    from deephemnma.io import write_mrc
+
+    op, cl = open_closed
+    write_mrc(tmp_path / "map.mrc", model_map(cl.coords, cl.weights, BOX, PX, SIGMA), PX)
+    code, err = fit_cli(tmp_path, adk_model_files, "--map", tmp_path / "map.mrc", "--box", "0")
+    assert code == 0, err
+    d = adk_model_files
+    refs = hemnma.load_references(
+        [str(d / "model.npz"), str(tmp_path / "m.npz")],
+        [str(d / "modes.npz"), str(tmp_path / "k.npz")],
+    )
+    assert refs[1].modes.shape == refs[0].modes.shape
+    assert rmsd(refs[1].coords, cl.coords) < rmsd(op.coords, cl.coords) - 1.0
+    assert nma_mod.atoms_from_pdb(tmp_path / "m.pdb").numAtoms() == len(op.coords)
