@@ -137,10 +137,14 @@ def fit_to_map(
     and weights) and the correlation after each round."""
     history = []
     k = len(ref.modes)
-    for _ in range(rounds):
+    for r in range(rounds):
         coords, cc = fit_once(ref, volume, pixel_size, sigma_angstrom, iterations)
+        try:
+            evals, modes = refined_modes(coords, ref.atom_ids, k, cutoff, gamma, coarse_above)
+        except InputError as exc:  # torn apart by a map it does not fit: keep the last round's
+            log.warning("fit round %d left a broken elastic network (%s): stopped there", r, exc)
+            break
         history.append(cc)
-        evals, modes = refined_modes(coords, ref.atom_ids, k, cutoff, gamma, coarse_above)
         ref = Reference(coords, modes, ref.weights, evals, ref.atom_ids)
     return ref, history
 
