@@ -19,7 +19,10 @@ def check_config_files():
             "config key 'structure': only the first structure may be an EM map "
             "(further references need atoms shared with it)"
         )
-    if is_map(structures()[0]) and config["hemnma"]["reference_update"]["iterations"] > 0:
+    if (
+        is_map(structures()[0])
+        and config["hemnma"]["reference_update"]["iterations"] > 0
+    ):
         raise WorkflowError(
             "config key 'hemnma.reference_update.iterations': a reference update needs an atomic "
             "model as the first structure (fitted references share its labelled atoms)"
