@@ -35,6 +35,8 @@ wildcard_constraints:
     i=r"\d+",
     g=r"\d+",
     r=r"\d+",
+    p=r"\d+",
+    u=r"\d+",
 
 
 include: "rules/common.smk"

@@ -12,16 +12,23 @@ open/closed AUC of PC1 of the amplitudes and of the cost. --from-truth also refi
 from its true pose and least-squares amplitudes: if that objective beats the search's, the search
 missed the right basin; if not, the model fits a wrong pose better (its reach is the limit).
 Default sizes (200 images, 3 modes, one reference) take about 1.5 min on 2 cores.
+--reference-update N then runs N reference updates (as the workflow's `fit` rules): the group of
+images (`--update-groups flagged`: flagged, or on a fitted reference; `kmeans`: k-means groups of
+the amplitudes) is reconstructed with its poses, the open model fitted into that map, and all
+images aligned again against the open and the fitted references; each pass prints the same table,
+and each fitted reference's RMSD to the closed and to the open structure.
 
 Usage: python bench/conformations.py [--particles closed|mixture] [--n-images 200] [--modes 3]
        [--references open|both] [--amplitude-prior 0] [--spread 0] [--from-truth]
-       [--candidates 4] [--gallery-amplitude 100]
+       [--candidates 4] [--gallery-amplitude 100] [--reference-update 0]
+       [--update-groups flagged|kmeans] [--update-n-groups 2]
 """
 
 import argparse
 import platform
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -29,7 +36,7 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.metrics import roc_auc_score
 
-from deephemnma import geometry, hemnma, simulate
+from deephemnma import fit, geometry, hemnma, simulate
 from deephemnma import model as model_mod
 from deephemnma import nma as nma_mod
 from deephemnma.flexible import FlexibleModel
@@ -107,6 +114,10 @@ def main() -> None:
         action="store_true",
         help="also refine from each true pose and least-squares amplitudes (search or model?)",
     )
+    p.add_argument("--reference-update", type=int, default=0, help="reference updates (passes)")
+    p.add_argument("--update-groups", choices=fit.GROUPINGS, default="flagged")
+    p.add_argument("--update-n-groups", type=int, default=2, help="kmeans groups")
+    p.add_argument("--update-box", type=int, default=fit.FitSettings.box, help="fit box")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     open_ref = reference(REPO / "resources/adk_open.pdb", a.modes)
@@ -155,29 +166,8 @@ def main() -> None:
         gallery_amplitude=a.gallery_amplitude,
     )
     used = refs if a.references == "both" else refs[:1]
-    cpu = torch.device("cpu")
-    aligners = [
-        hemnma.Aligner.from_reference(r, cfg.box, cfg.pixel_size, settings, cpu) for r in used
-    ]
-    t0 = time.perf_counter()
-    parts = []
-    for start in range(0, a.n_images, settings.batch):
-        r = np.arange(start, min(start + settings.batch, a.n_images))
-        parts.append(hemnma.align_best(aligners, images[r], ctf, r, True))
-    wall = time.perf_counter() - t0
-    res = {k: np.concatenate([x[k] for x in parts]) for k in parts[0]}
-    amps = hemnma.common_amplitudes(used, res["reference"], res["amplitudes"])
-
     true_euler = params[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
-    ang = geometry.euler_distance_deg(res["euler"], true_euler)
-    err = np.abs(amps - truth_amp)
-    # relative to the open -> closed distance in amplitude space
-    scale = np.linalg.norm(lsq_amplitudes(closed_ref.coords[None], open_ref)[0])
-    rel = np.linalg.norm(amps - truth_amp, axis=1) / scale
-    costs = pd.DataFrame({"dhCost": res["cost"], "dhReference": res["reference"]})
-    flagged = cost_z(costs) > a.flag_z
     threads = torch.get_num_threads()
-    right = lambda m, s: f"{(res['reference'][m] == s).mean():.0%}" if len(used) > 1 else "-"
     print(
         f"HEMNMA on {a.n_images} {a.particles} AK particles, 64 px, 2.2 Å/px, CTF + SNR 0.1, "
         f"spread {a.spread:g}; references: {a.references}; {a.modes} modes; "
@@ -188,6 +178,113 @@ def main() -> None:
         "  truth: LSQ amplitudes of closed on the open modes "
         f"{np.round(truth_amp[state == 1].mean(0), 1)}, RMSD left {rmsd_left[state == 1].mean():.2f} Å"
     )
+    n_given = len(used)
+    for update in range(a.reference_update + 1):
+        res, amps, flagged = align_and_report(
+            a,
+            used,
+            n_given,
+            images,
+            ctf,
+            cfg,
+            settings,
+            state,
+            true_euler,
+            truth_amp,
+            closed_ref,
+            open_ref,
+            params,
+            update,
+        )
+        if update == a.reference_update:
+            break
+        # reference update: the group's map from this pass's poses, the open model fitted into it
+        table = pd.DataFrame(
+            {"dhFlagged": flagged.astype(int), "dhReference": res["reference"] + 1}
+        )
+        for j, k in enumerate(numbers):
+            table[amplitude_column(int(k))] = amps[:, j]
+        ps = SimpleNamespace(
+            images=images,
+            ctf_params=lambda: ctf,
+            euler=lambda res=res: res["euler"],
+            shifts_px=lambda res=res: res["shifts_px"],
+            box=cfg.box,
+            pixel_size=cfg.pixel_size,
+            has_ctf=True,
+        )
+        n_groups = 1 if a.update_groups == "flagged" else a.update_n_groups
+        fitted = []
+        for g in range(n_groups):
+            rows = fit.group_rows(table, a.update_groups, g, n_groups, n_given, a.seed)
+            t1 = time.perf_counter()
+            if len(rows) < 10:  # as the fit verb's --min-images: the reference is kept
+                ref, cc = open_ref, []
+            else:
+                volume = fit.group_map(ps, rows, a.seed)
+                ref, cc = fit.fit_reference(
+                    open_ref, volume, cfg.pixel_size, fit.FitSettings(box=a.update_box)
+                )
+            ref = hemnma.superpose(ref, open_ref)
+            closed_share = (state[rows] == 1).mean() if len(rows) else float("nan")
+            print(
+                f"  update {update + 1}, group {g}: {len(rows)} images ({closed_share:.0%} closed); "
+                f"fitted RMSD to closed {rmsd_super(ref, closed_ref):.2f} Å (open model: "
+                f"{rmsd_super(open_ref, closed_ref):.2f} Å), to open {rmsd_super(ref, open_ref):.2f} Å; "
+                f"correlation per round {np.round(cc, 3).tolist()}; {time.perf_counter() - t1:.0f} s"
+            )
+            fitted.append(ref)
+        used = refs[:n_given] + fitted
+
+
+def rmsd_super(a: FlexibleModel, b: FlexibleModel) -> float:
+    """RMSD (Å) of `a` to `b` after superposing `a` on `b` over their CA atoms."""
+    moved = hemnma.superpose(a, b)
+    return float(np.sqrt(((moved.coords - b.coords) ** 2).sum(-1).mean()))
+
+
+def align_and_report(
+    a,
+    used,
+    n_given,
+    images,
+    ctf,
+    cfg,
+    settings,
+    state,
+    true_euler,
+    truth_amp,
+    closed_ref,
+    open_ref,
+    params,
+    update,
+):
+    """Align every image against the references `used`; print the pass's table."""
+    cpu = torch.device("cpu")
+    aligners = [
+        hemnma.Aligner(r, cfg.box, cfg.pixel_size, settings, cpu) for r in used
+    ]
+    t0 = time.perf_counter()
+    parts = []
+    for start in range(0, a.n_images, settings.batch):
+        r = np.arange(start, min(start + settings.batch, a.n_images))
+        parts.append(hemnma.align_best(aligners, images[r], ctf, r, True))
+    wall = time.perf_counter() - t0
+    res = {k: np.concatenate([x[k] for x in parts]) for k in parts[0]}
+    amps = hemnma.common_amplitudes(used, res["reference"], res["amplitudes"])
+
+    ang = geometry.euler_distance_deg(res["euler"], true_euler)
+    err = np.abs(amps - truth_amp)
+    # relative to the open -> closed distance in amplitude space
+    scale = np.linalg.norm(lsq_amplitudes(closed_ref.coords[None], open_ref)[0])
+    rel = np.linalg.norm(amps - truth_amp, axis=1) / scale
+    costs = pd.DataFrame({"dhCost": res["cost"], "dhReference": res["reference"]})
+    flagged = cost_z(costs) > a.flag_z
+    threads = torch.get_num_threads()
+    right = lambda m, s: f"{(res['reference'][m] == s).mean():.0%}" if len(used) > 1 else "-"
+    if update:
+        print(f"pass {update} (after reference update {update}): {len(used)} references")
+        right = lambda m, s: f"{(res['reference'][m] >= n_given).mean():.0%} fitted"
     print(
         "| state | n | pose mean | median | ≤5° | mean abs amp err per mode | amp err / open-closed"
         " | right reference | flagged | median cost |"
@@ -230,6 +327,7 @@ def main() -> None:
         )
     per = wall / a.n_images
     print(f"  {per * threads:.2f} s per image per core ({len(used)} reference(s))")
+    return res, amps, flagged
 
 
 if __name__ == "__main__":

@@ -27,6 +27,14 @@ def check_config_files():
                 "angle and shift networks' poses; add angles and shifts to network.params "
                 "or set network.views: false"
             )
+    if (
+        is_map(structures()[0])
+        and config["hemnma"]["reference_update"]["iterations"] > 0
+    ):
+        raise WorkflowError(
+            "config key 'hemnma.reference_update.iterations': a reference update needs an atomic "
+            "model as the first structure (fitted references share its labelled atoms)"
+        )
 
 
 def structures():
@@ -173,11 +181,75 @@ def shard_args():
 
 def hemnma_args():
     """CLI arguments of `deephemnma hemnma`: config hemnma, less the keys of other rules
-    (subset, seed and shards for shard, ranks for MPI, flag_z for gather); the local settings
-    only for a local start."""
-    skip = ["subset", "seed", "shards", "ranks", "flag_z"]
+    (subset, seed and shards for shard, ranks for MPI, flag_z for gather, reference_update for
+    fit); the local settings only for a local start."""
+    skip = ["subset", "seed", "shards", "ranks", "flag_z", "reference_update"]
     skip += ["start", "local"] if config["hemnma"]["start"] == "search" else []
     return cli_flags(config["hemnma"], skip) + ["--sigma-angstrom", sigma_angstrom()]
+
+
+def update_count():
+    """Reference updates: HEMNMA passes after the first (hemnma.reference_update.iterations)."""
+    return config["hemnma"]["reference_update"]["iterations"]
+
+
+def update_groups():
+    """Indices of the groups fitted at each reference update (one fitted reference each)."""
+    c = config["hemnma"]["reference_update"]
+    return [0] if c["grouping"] == "flagged" else list(range(c["n_groups"]))
+
+
+def pass_references(name, p):
+    """`name` (model.npz or modes.npz) of the references of HEMNMA pass `p`: the given ones,
+    then after the first pass those fitted at reference update `p`."""
+    fitted = [res(f"model/update_{p}/reference_{g}/{name}") for g in update_groups()]
+    return reference_files(name) + (fitted if p > 0 else [])
+
+
+def pass_input(name):
+    """Input function: pass_references(name, p) of the job's pass {p}."""
+    return lambda wildcards: pass_references(name, int(wildcards.p))
+
+
+def pass_shards(wildcards):
+    """The aligned shards of HEMNMA pass {p} (not the last)."""
+    return expand(
+        res("hemnma/pass_{p}/aligned/shard_{i}.star"), p=wildcards.p, i=shard_ids()
+    )
+
+
+def pass_star(p):
+    """The gathered STAR of HEMNMA pass `p`: the last one is hemnma/hemnma.star."""
+    return (
+        res("hemnma/hemnma.star")
+        if p == update_count()
+        else res(f"hemnma/pass_{p}/hemnma.star")
+    )
+
+
+def update_star(wildcards):
+    """The STAR reference update {u} groups: the pass before it."""
+    return pass_star(int(wildcards.u) - 1)
+
+
+def fit_args():
+    """CLI arguments of `deephemnma fit`: config hemnma.reference_update (less the number of
+    updates), the ANM settings of nma, and the number of given references."""
+    args = cli_flags(
+        config["hemnma"]["reference_update"],
+        skip=["iterations"],
+        rename={"fit_iterations": "iterations"},
+    )
+    n = config["nma"]
+    args += [
+        "--cutoff",
+        n["cutoff"],
+        "--gamma",
+        n["gamma"],
+        "--coarse-above",
+        n["coarse_above"],
+    ]
+    return args + ["--originals", len(structures()), "--seed", config["hemnma"]["seed"]]
 
 
 def hybrid_args():

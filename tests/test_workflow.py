@@ -130,6 +130,39 @@ def test_several_structures_add_a_reference_each(tmp_path):
     assert "--modes results/model/modes.npz results/model/reference_2/modes.npz" in out
 
 
+def test_reference_update_chains_the_passes(tmp_path):
+    """Two reference updates with two k-means groups: pass 0 against the model, a fit per group
+    and update reading the pass before, the last pass (hemnma/hemnma.star) against the model and
+    update 2's fitted references; every new command parses with its verb's parser."""
+    import shlex
+
+    from deephemnma.cli import build_parser
+
+    ru = "hemnma.reference_update"
+    write_config(tmp_path, **{f"{ru}.iterations": 2, f"{ru}.grouping": "kmeans"})
+    out = snakemake(tmp_path, "-n", "-p").stdout
+    stats = out.split("Job stats:")[1].split("total")[0]
+    jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
+    assert (jobs["hemnma_pass"], jobs["gather_pass"], jobs["fit"]) == (4, 2, 4)
+    assert (jobs["hemnma"], jobs["gather"]) == (2, 1)
+    for u, g in [(1, 0), (1, 1), (2, 0), (2, 1)]:
+        assert (
+            f"--particles results/hemnma/pass_{u - 1}/hemnma.star --model results/model/model.npz"
+            f" --modes results/model/modes.npz --pdb results/model/model.pdb --group {g} "
+        ) in out
+    fitted = " ".join(f"results/model/update_2/reference_{g}/model.npz" for g in (0, 1))
+    assert f"--model results/model/model.npz {fitted} " in out
+    assert "--out results/hemnma/aligned/shard_0.star" in out
+    commands = re.findall(r"(?:^|\s)(deephemnma (?:fit|hemnma|gather) [^\n]*)", out)
+    for command in commands:
+        words = shlex.split(command)
+        words = words[: words.index(">")] if ">" in words else words
+        try:
+            build_parser(words[1]).parse_args(words[1:])
+        except SystemExit as exc:
+            raise AssertionError(f"not accepted by `deephemnma {words[1]}`: {command}") from exc
+
+
 def test_full_run_outputs(done):
     import starfile
 

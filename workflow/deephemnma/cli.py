@@ -22,6 +22,10 @@ VERBS = {
     "shard": ("shard", "choose the HEMNMA (sub)set and split it into shard STARs"),
     "hemnma": ("hemnma", "HEMNMA elastic alignment of a particle shard (MPI-parallel)"),
     "gather": ("gather", "merge aligned HEMNMA shards into one STAR"),
+    "fit": (
+        "fit",
+        "reference update: a group's map (or a given map), the reference flexibly fitted into it",
+    ),
     "split": ("split", "seeded train/validation/test lists over the labelled images"),
     "synthesize": (
         "synthesize",

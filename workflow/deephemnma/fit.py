@@ -6,21 +6,38 @@ correlation with the map (Adam). After each round the modes are recomputed at th
 structure (by `nma.compute_modes`' rule: ANM on all atoms, or above `coarse_above` atoms on the CA
 atoms with each atom following its residue's CA), so later rounds follow the deformation beyond
 the reach of the first modes. The
-result is a new reference with its own modes: the building block of a reference update (fit the
-model into a group's map, align again against the fitted model).
+result is a new reference with its own modes: the building block of a reference update.
+
+Reference update (the `fit` verb, one job per group): after a HEMNMA pass, the images of a group
+(`flagged`: those the quality flag marks, or that chose an earlier fitted reference; or `kmeans`:
+a k-means group of the amplitudes) are reconstructed with their poses (`reconstruct`'s code), the
+main reference is fitted into that map, and the fitted model is written as a new reference
+(model.npz, modes.npz with its own modes, PDB); the next pass aligns against the original and the
+fitted references.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import argparse
+import json
+import logging
+from dataclasses import dataclass, replace
 
 import numpy as np
+import pandas as pd
 import torch
 
-from .flexible import FlexibleModel
+from .files import InputError, atomic_path, require_file
+from .flexible import FlexibleModel, load_model
 from .fsc import density
 from .hemnma import skew
+from .io import ParticleSet, amplitude_modes
+from .mrc import read_mrc, write_mrc
 from .nma import anm_modes
+
+log = logging.getLogger(__name__)
+
+GROUPINGS = ("flagged", "kmeans")
 
 
 def refined_modes(
@@ -115,9 +132,258 @@ def fit_to_map(
     and weights) and the correlation after each round."""
     history = []
     k = len(ref.modes)
-    for _ in range(rounds):
+    for r in range(rounds):
         coords, cc = fit_once(ref, volume, pixel_size, sigma_angstrom, iterations)
+        try:
+            evals, modes = refined_modes(coords, ref.atom_ids, k, cutoff, gamma, coarse_above)
+        except InputError as exc:  # torn apart by a map it does not fit: keep the last round's
+            log.warning("fit round %d left a broken elastic network (%s): stopped there", r, exc)
+            break
         history.append(cc)
-        evals, modes = refined_modes(coords, ref.atom_ids, k, cutoff, gamma, coarse_above)
         ref = replace(ref, coords=coords, modes=modes, eigenvalues=evals)
     return ref, history
+
+
+@dataclass
+class FitSettings:
+    """Flexible-fitting settings of a reference update."""
+
+    sigma_angstrom: float = 3.0  # atom Gaussian width of the model's density (Å)
+    rounds: int = 3  # fits, the modes recomputed at the fitted structure after each
+    iterations: int = 150  # Adam steps per round
+    box: int = 32  # the map is Fourier-cropped to this box before fitting (0: as it is)
+    cutoff: float = 15.0  # ANM cutoff of the recomputed modes (Å)
+    gamma: float = 1.0
+    coarse_above: int = 5000
+
+
+def crop_map(volume: np.ndarray, box: int) -> np.ndarray:
+    """Fourier-crop a map (D, D, D) to (box, box, box), keeping the voxel values' scale."""
+    big = volume.shape[0]
+    if box <= 0 or box >= big:
+        return volume
+    f = np.fft.fftshift(np.fft.fftn(volume))
+    lo = big // 2 - box // 2
+    f = f[lo : lo + box, lo : lo + box, lo : lo + box]
+    return (np.fft.ifftn(np.fft.ifftshift(f)).real * (box / big) ** 3).astype(np.float32)
+
+
+def check_map(volume: np.ndarray, pixel_size: float, ref: FlexibleModel, path: str) -> None:
+    """InputError naming `path` unless the map is a finite cube, with a voxel size, whose box
+    holds the model."""
+    if volume.ndim != 3 or len(set(volume.shape)) != 1:
+        raise InputError(f"{path}: map of shape {volume.shape}, not a cube")
+    if not np.isfinite(volume).all():
+        raise InputError(f"{path}: map has {int((~np.isfinite(volume)).sum())} NaN/inf voxels")
+    if not pixel_size > 0:
+        raise InputError(f"{path}: map has no voxel size (header says {pixel_size:g} Å)")
+    radius = float(np.linalg.norm(ref.coords - ref.coords.mean(0), axis=1).max())
+    side = volume.shape[0] * pixel_size
+    if side < 2 * radius:
+        raise InputError(
+            f"{path}: box {volume.shape[0]} × {pixel_size:g} Å = {side:.1f} Å does not hold the "
+            f"model ({2 * radius:.1f} Å across): wrong pixel size or box?"
+        )
+    if float(volume.std()) == 0.0:
+        raise InputError(f"{path}: map is constant")
+
+
+def group_rows(
+    parts: pd.DataFrame,
+    grouping: str,
+    group: int,
+    n_groups: int = 2,
+    originals: int = 1,
+    seed: int = 0,
+) -> np.ndarray:
+    """Row indices of group `group` of an aligned STAR's particle table.
+
+    flagged (one group, 0): the images with `dhFlagged` = 1 or that chose a fitted reference
+    (`dhReference` > `originals`, the references given by the user coming first);
+    kmeans: k-means group `group` of `n_groups` on the amplitudes (ordered by PC1, as `space`)."""
+    if grouping == "flagged":
+        if group != 0:
+            raise InputError(f"grouping flagged has one group (0), not {group}")
+        mask = np.zeros(len(parts), dtype=bool)
+        if "dhFlagged" in parts:
+            mask |= parts["dhFlagged"].to_numpy() == 1
+        if "dhReference" in parts:
+            mask |= parts["dhReference"].to_numpy() > originals
+        return np.flatnonzero(mask)
+    if grouping != "kmeans":
+        raise InputError(f"grouping {grouping!r} is not one of {', '.join(GROUPINGS)}")
+    if not 0 <= group < n_groups:
+        raise InputError(f"group {group} is not one of 0..{n_groups - 1}")
+    from .space import PCA, kmeans_groups
+
+    cols = [f"dhAmplitudeMode{k}" for k in amplitude_modes(parts)]
+    if not cols:
+        raise InputError("no _dhAmplitudeMode<k> columns to group on")
+    if len(parts) < n_groups:
+        raise InputError(f"{len(parts)} images for {n_groups} groups")
+    amps = parts[cols].to_numpy(np.float64)
+    labels = kmeans_groups(PCA.fit(amps).transform(amps), n_groups, seed)
+    return np.flatnonzero(labels == group)
+
+
+def group_map(ps, rows: np.ndarray, seed: int = 0, tau2_fudge: float = 1.0) -> np.ndarray:
+    """The map (D, D, D) of the particle rows `rows` of `ps` (a ParticleSet, or anything with
+    its images, ctf_params(), euler(), shifts_px(), box, pixel_size, has_ctf)."""
+    from .reconstruct import reconstruct_halves
+
+    half = np.random.default_rng(seed).permutation(len(rows)) % 2
+    return reconstruct_halves(ps, rows, half, tau2_fudge)[2]
+
+
+def fit_reference(
+    ref: FlexibleModel, volume: np.ndarray, pixel_size: float, s: FitSettings
+) -> tuple[FlexibleModel, list[float]]:
+    """`ref` fitted into `volume` (Fourier-cropped to `s.box` first)."""
+    small = crop_map(volume, s.box)
+    px = pixel_size * volume.shape[0] / small.shape[0]
+    return fit_to_map(
+        ref, small, px, s.sigma_angstrom, s.rounds, s.iterations, s.cutoff, s.gamma, s.coarse_above
+    )
+
+
+def write_reference(
+    ref: FlexibleModel, model: dict, pdb: str, out_model: str, out_modes: str, out_pdb: str
+) -> None:
+    """Write `ref` as a reference: model.npz (as prepare-model's `model`, new coordinates),
+    modes.npz (its own modes 7..6+K, as nma writes) and the PDB (atoms of `pdb`)."""
+    from .model import write_pdb
+    from .nma import atoms_from_pdb, collectivity
+
+    with atomic_path(out_model) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **{**model, "coords": ref.coords})
+    with atomic_path(out_modes) as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            coords=ref.coords,
+            modes=ref.modes,
+            mode_numbers=np.arange(7, 7 + len(ref.modes)),
+            eigenvalues=ref.eigenvalues,
+            collectivity=collectivity(ref.modes),
+        )
+    atoms = atoms_from_pdb(require_file(pdb, "model PDB"))
+    if atoms.numAtoms() != len(ref.coords):
+        raise InputError(f"{pdb}: {atoms.numAtoms()} atoms but the model has {len(ref.coords)}")
+    write_pdb(out_pdb, atoms, ref.coords[None])
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--map", help="density map (MRC) to fit the reference into")
+    src.add_argument(
+        "--particles",
+        help="aligned HEMNMA STAR (gathered): the group's images are reconstructed and fitted",
+    )
+    p.add_argument("--model", required=True, help="model.npz of the reference to fit")
+    p.add_argument("--modes", required=True, help="modes.npz of that reference")
+    p.add_argument("--pdb", required=True, help="PDB of that reference (prepare-model)")
+    p.add_argument(
+        "--grouping",
+        choices=GROUPINGS,
+        default="flagged",
+        help="with --particles: flagged (the images flagged or on a fitted reference) or kmeans",
+    )
+    p.add_argument("--group", type=int, default=0, help="with --particles: the group to fit")
+    p.add_argument("--n-groups", type=int, default=2, help="kmeans: number of groups")
+    p.add_argument(
+        "--originals",
+        type=int,
+        default=1,
+        help="flagged: references given by the user (_dhReference above this: a fitted one)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="k-means and half-set seed")
+    p.add_argument(
+        "--min-images",
+        type=int,
+        default=10,
+        help="a group with fewer images keeps the reference as it is",
+    )
+    d = FitSettings()
+    p.add_argument(
+        "--sigma-angstrom", type=float, default=d.sigma_angstrom, help="atom Gaussian width (Å)"
+    )
+    p.add_argument("--rounds", type=int, default=d.rounds, help="fits, modes recomputed after each")
+    p.add_argument("--iterations", type=int, default=d.iterations, help="Adam steps per round")
+    p.add_argument(
+        "--box", type=int, default=d.box, help="map Fourier-cropped to this box (0: as it is)"
+    )
+    p.add_argument("--cutoff", type=float, default=d.cutoff, help="ANM cutoff (Å)")
+    p.add_argument("--gamma", type=float, default=d.gamma, help="ANM spring constant")
+    p.add_argument(
+        "--coarse-above",
+        type=int,
+        default=d.coarse_above,
+        help="modes on the CA atoms above this many atoms",
+    )
+    p.add_argument("--out-model", required=True, help="fitted model.npz")
+    p.add_argument("--out-modes", required=True, help="its own modes (modes.npz)")
+    p.add_argument("--out-pdb", required=True, help="fitted model (PDB)")
+    p.add_argument("--out-map", default=None, help="with --particles: the group's map (MRC)")
+    p.add_argument("--out-json", default=None, help="group size, correlations, RMSD moved")
+
+
+def main(args: argparse.Namespace) -> None:
+    for name in ("rounds", "iterations", "n_groups", "min_images"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.box < 0 or args.sigma_angstrom <= 0:
+        raise InputError("--box must be >= 0 and --sigma-angstrom > 0")
+    ref = FlexibleModel.load(args.model, args.modes)
+    model = load_model(args.model)
+    settings = FitSettings(
+        args.sigma_angstrom,
+        args.rounds,
+        args.iterations,
+        args.box,
+        args.cutoff,
+        args.gamma,
+        args.coarse_above,
+    )
+    info: dict = {"grouping": args.grouping, "group": args.group}
+    if args.map is not None:
+        volume, px = read_mrc(require_file(args.map, "map"))
+        check_map(volume, px, ref, args.map)
+        n = None
+    else:
+        ps = ParticleSet(require_file(args.particles, "aligned STAR"))
+        try:
+            rows = group_rows(
+                ps.particles, args.grouping, args.group, args.n_groups, args.originals, args.seed
+            )
+        except InputError as exc:
+            raise InputError(f"{args.particles}: {exc}") from None
+        n, px = len(rows), ps.pixel_size
+        volume = group_map(ps, rows, args.seed) if n >= 2 else np.zeros((ps.box,) * 3, np.float32)
+        if args.out_map:
+            write_mrc(args.out_map, volume, px)
+        if n >= args.min_images:
+            check_map(volume, px, ref, args.particles)
+    info["images"] = n
+    if n is not None and n < args.min_images:
+        log.warning(
+            "group %d (%s) has %d images (< %d): the reference is kept as it is",
+            args.group,
+            args.grouping,
+            n,
+            args.min_images,
+        )
+        fitted, history = ref, []
+    else:
+        fitted, history = fit_reference(ref, volume, px, settings)
+    moved = float(np.sqrt(((fitted.coords - ref.coords) ** 2).sum(-1).mean()))
+    info.update(correlation=history, rmsd_moved=moved, n_atoms=len(ref.coords))
+    write_reference(fitted, model, args.pdb, args.out_model, args.out_modes, args.out_pdb)
+    if args.out_json:
+        with atomic_path(args.out_json) as tmp:
+            tmp.write_text(json.dumps(info, indent=1))
+    log.info(
+        "fitted the reference into the map of %s images: correlation per round %s, moved %.2f Å "
+        "RMSD",
+        "the given" if n is None else n,
+        np.round(history, 4).tolist(),
+        moved,
+    )
