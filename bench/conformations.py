@@ -261,9 +261,7 @@ def align_and_report(
 ):
     """Align every image against the references `used`; print the pass's table."""
     cpu = torch.device("cpu")
-    aligners = [
-        hemnma.Aligner(r, cfg.box, cfg.pixel_size, settings, cpu) for r in used
-    ]
+    aligners = [hemnma.Aligner(r, cfg.box, cfg.pixel_size, settings, cpu) for r in used]
     t0 = time.perf_counter()
     parts = []
     for start in range(0, a.n_images, settings.batch):

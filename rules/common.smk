@@ -314,6 +314,7 @@ def train_args():
         "n_test",
         "n_val",
         "infer_batch",
+        "tta",
     ]
     skip += ["pretrain.images"] + ([] if pretraining() else ["pretrain.epochs"])
     return cli_flags(config["network"], skip)

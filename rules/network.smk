@@ -104,12 +104,14 @@ rule infer:
     params:
         batch=config["network"]["infer_batch"],
         workers=config["network"]["workers"],
+        tta=quoted(cli_flags({"tta": config["network"]["tta"]})),
         poses=lambda wildcards, input: quoted(
             ["--poses", *input.poses] if input.poses else []
         ),
     shell:
         "deephemnma infer --network {input.network:q} --particles {input.particles:q} "
-        "{params.poses} --batch {params.batch} --workers {params.workers} --out {output:q} "
+        "{params.poses} {params.tta} --batch {params.batch} --workers {params.workers} "
+        "--out {output:q} "
         "> {log:q} 2>&1"
 
 

@@ -707,3 +707,42 @@ def test_amplitudes_with_views_train_and_need_poses_to_infer(
     assert cli([*base, "--poses", "p.star"]) == 0
     t = starfile.read(tmp_path / "a.star")["particles"]
     assert len(t) == 160 and np.isfinite(t["dhAmplitudeMode7"]).all()
+
+
+def test_quarter_turn_test_time_augmentation_maps_rotations_back():
+    """A turned image's rotation Rz(90° k)·R (`transform_labels`) lands, through the k-th map, on
+    a grid point next to R (two nearest-point roundings); and a scorer that is certain of each turned copy's own rotation gives
+    back R, within the grid's spacing, after the four turns are averaged."""
+    from deephemnma.nets import _quarter_turn_maps, quarter_turn_logits
+
+    grid = rotation_grid()
+    maps = _quarter_turn_maps()
+    euler = torch.tensor(geometry.random_euler(50, np.random.default_rng(0)))
+    rot = geometry.euler_to_matrix(euler).float()
+    nearest = lambda r: geometry.grid_angles(r, grid).argmin(-1)
+    angle = lambda a, b: torch.rad2deg(torch.arccos(((a * b).sum((-2, -1)) - 1).clamp(-2, 2) / 2))
+    zero = torch.zeros(50, 2, dtype=euler.dtype)
+    turned_rot = []
+    for k in range(4):
+        e2, _ = train.transform_labels(euler, zero, torch.full((50,), 90.0 * k), 0)
+        turned_rot.append(geometry.euler_to_matrix(e2).float())
+        assert angle(grid[maps[k][nearest(turned_rot[k])]], rot).max() < 25.0  # two roundings
+
+    img = torch.zeros(50, 1, 8, 8)
+    img[:, 0, 1, 2] = 1.0  # asymmetric: each quarter turn moves the pixel elsewhere
+    turned_imgs = [
+        train.transform_images(img[:, 0], torch.full((50,), k), torch.zeros(50, 2))
+        for k in range(4)
+    ]
+
+    class Certain(torch.nn.Module):
+        """All mass on the grid point nearest the rotation of the turned copy it is shown."""
+
+        def forward(self, x):
+            k = min(range(4), key=lambda q: float((turned_imgs[q] - x[:, 0]).abs().sum()))
+            logits = torch.full((len(x), len(grid)), -30.0)
+            logits[torch.arange(len(x)), nearest(turned_rot[k])] = 30.0
+            return logits
+
+    back, _ = decode_angles(quarter_turn_logits(Certain(), img), "so3grid")
+    assert angle(back, rot).max() < 12.0

@@ -34,7 +34,13 @@ from .io import (
     uncertainty_column,
     write_star,
 )
-from .nets import bf16_supported, build_network, decode_angles, preprocess
+from .nets import (
+    bf16_supported,
+    build_network,
+    decode_angles,
+    preprocess,
+    quarter_turn_logits,
+)
 from .views import ModeViews
 
 log = logging.getLogger(__name__)
@@ -109,15 +115,18 @@ def predict(
     batch: int,
     workers: int,
     poses: tuple[np.ndarray, np.ndarray] | None = None,
+    tta: bool = True,
 ) -> np.ndarray:
     """Predictions for every image, in row order: amplitudes (n, K), shifts (n, 2), or Euler
     angles and their predicted spread in degrees (n, 4; NaN spread for regressed angles).
-    `poses` (Euler angles, shifts in pixels): for an amplitude network with views."""
+    `poses` (Euler angles, shifts in pixels): for an amplitude network with views; `tta`: so3grid
+    angles averaged over the images' four quarter turns (`nets.quarter_turn_logits`)."""
     loader = DataLoader(
         Chunks(ps, batch), batch_size=None, num_workers=workers, pin_memory=device.type == "cuda"
     )
     mean, std = meta["mean"].to(device), meta["std"].to(device)
     angles = meta["param"] == "angles"
+    turns = tta and angles and meta["angle_repr"] == "so3grid"
     out = np.empty((len(ps), 4 if angles else meta["n_out"]), dtype=np.float32)
     pos = 0
     bf16 = bf16_supported(device)
@@ -140,7 +149,7 @@ def predict(
             x = torch.cat([x, views.render(euler, shifts, c).to(x.dtype)], 1)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            y = net(x)
+            y = quarter_turn_logits(net, x) if turns else net(x)
         y = y.float() * std + mean
         if angles:
             rot, spread = decode_angles(y, meta["angle_repr"])
@@ -176,6 +185,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="STARs holding every image's angles and shifts (amplitude networks with views)",
     )
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="so3grid angles: average over each image's four quarter turns",
+    )
     p.add_argument("--batch", type=int, default=256, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--out", required=True, help="STAR with the predicted columns")
@@ -187,7 +202,7 @@ def main(args: argparse.Namespace) -> None:
     ps = ParticleSet(require_file(args.particles, "particle STAR"))
     check_geometry(meta, ps, args.network)
     poses = read_poses(args.poses, ps) if args.poses else None
-    values = predict(net, meta, ps, device, args.batch, args.workers, poses)
+    values = predict(net, meta, ps, device, args.batch, args.workers, poses, args.tta)
     table = prediction_table(meta, ps.particles["rlnImageName"], values, ps.pixel_size)
     write_star(args.out, ps.optics, table)
     log.info("inferred %s for %d images", meta["param"], len(ps))

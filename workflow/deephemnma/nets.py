@@ -196,6 +196,63 @@ def preprocess(images: torch.Tensor, box: int) -> torch.Tensor:
     return ((images - mean) / std)[:, None]
 
 
+def transform_images(
+    images: torch.Tensor, quarter_turns: torch.Tensor, t_px: torch.Tensor
+) -> torch.Tensor:
+    """Rotate images (B, D, D) in plane by α = 90° × quarter_turns (RELION's psi sense) about
+    D // 2, then translate by the integer shifts t_px (B, 2) — exact pixel permutations (with
+    wrap-around), so the noise keeps its statistics: out(q) = in(Rz(α)ᵀ (q - t)),
+    Rz(α) = [[cos α, sin α], [-sin α, cos α]] acting on (x, y).
+    """
+    b, d = images.shape[0], images.shape[-1]
+    k = quarter_turns.long() % 4
+    cos = torch.tensor([1, 0, -1, 0], device=images.device)[k][:, None, None]
+    sin = torch.tensor([0, 1, 0, -1], device=images.device)[k][:, None, None]
+    c = torch.arange(d, device=images.device) - d // 2
+    qy, qx = torch.meshgrid(c, c, indexing="ij")
+    t = t_px.round().long()
+    qx, qy = qx[None] - t[:, 0, None, None], qy[None] - t[:, 1, None, None]
+    sx = (cos * qx - sin * qy + d // 2) % d
+    sy = (sin * qx + cos * qy + d // 2) % d
+    flat = images.reshape(b, d * d)
+    return torch.gather(flat, 1, (sy * d + sx).reshape(b, -1)).reshape(b, d, d)
+
+
+@functools.cache
+def _quarter_turn_maps() -> torch.Tensor:
+    """(4, GRID_SIZE): for images turned by k quarter turns, the grid point nearest to the
+    rotation of the unturned image that each grid point of the turned image stands for."""
+    grid = _grid()
+    maps = [torch.arange(len(grid))]
+    for k in (1, 2, 3):
+        a = math.radians(90.0 * k)
+        turn = torch.tensor(
+            [[math.cos(a), math.sin(a), 0.0], [-math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]]
+        )
+        back = torch.einsum("ji,kjl->kil", turn, grid)  # turnᵀ g: the unturned image's rotation
+        maps.append(torch.cat([geometry.grid_angles(b, grid).argmin(-1) for b in back.split(512)]))
+    return torch.stack(maps)
+
+
+def quarter_turn_logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """so3grid scores (B, GRID_SIZE) of preprocessed images (B, 1, D, D), averaged over their four
+    quarter turns (test-time augmentation): turning an image by α turns its rotation to
+    Rz(α)·R (psi + α), so each turned copy's probabilities are moved back to the grid point
+    nearest Rz(α)ᵀ·g before the mean; returned as log-probabilities."""
+    b = x.shape[0]
+    maps = _quarter_turn_maps().to(x.device)
+    total = 0
+    for k in range(4):
+        turned = transform_images(
+            x[:, 0], torch.full((b,), k, device=x.device), torch.zeros(b, 2, device=x.device)
+        )
+        prob = torch.softmax(
+            net(turned[:, None].contiguous(memory_format=torch.channels_last)).float(), -1
+        )
+        total = total + torch.zeros_like(prob).index_add_(1, maps[k], prob)
+    return torch.log((total / 4).clamp_min(1e-12))
+
+
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 autocast is fast here (CUDA, or a CPU with native bf16 in oneDNN)."""
     if device.type == "cuda":

@@ -54,6 +54,7 @@ from .nets import (
     n_outputs,
     n_parameters,
     preprocess,
+    transform_images,
 )
 from .views import ModeViews, perturb_poses, shift_images
 
@@ -90,28 +91,6 @@ def quaternion_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- images
-
-
-def transform_images(
-    images: torch.Tensor, quarter_turns: torch.Tensor, t_px: torch.Tensor
-) -> torch.Tensor:
-    """Rotate images (B, D, D) in plane by α = 90° × quarter_turns (RELION's psi sense) about
-    D // 2, then translate by the integer shifts t_px (B, 2) — exact pixel permutations (with
-    wrap-around), so the noise keeps its statistics: out(q) = in(Rz(α)ᵀ (q - t)),
-    Rz(α) = [[cos α, sin α], [-sin α, cos α]] acting on (x, y).
-    """
-    b, d = images.shape[0], images.shape[-1]
-    k = quarter_turns.long() % 4
-    cos = torch.tensor([1, 0, -1, 0], device=images.device)[k][:, None, None]
-    sin = torch.tensor([0, 1, 0, -1], device=images.device)[k][:, None, None]
-    c = torch.arange(d, device=images.device) - d // 2
-    qy, qx = torch.meshgrid(c, c, indexing="ij")
-    t = t_px.round().long()
-    qx, qy = qx[None] - t[:, 0, None, None], qy[None] - t[:, 1, None, None]
-    sx = (cos * qx - sin * qy + d // 2) % d
-    sy = (sin * qx + cos * qy + d // 2) % d
-    flat = images.reshape(b, d * d)
-    return torch.gather(flat, 1, (sy * d + sx).reshape(b, -1)).reshape(b, d, d)
 
 
 def transform_views(
