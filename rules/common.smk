@@ -320,6 +320,20 @@ def train_args():
     return cli_flags(config["network"], skip)
 
 
+def infer_args():
+    """CLI arguments of `deephemnma infer`."""
+    c = config["network"]
+    keys = ("infer_batch", "workers", "tta")
+    return cli_flags({k: c[k] for k in keys}, rename={"infer_batch": "batch"})
+
+
+def quality_args():
+    """CLI arguments of `deephemnma quality`."""
+    c = config["network"]
+    keys = ("label_source", "max_error_ratio")
+    return cli_flags({k: c[k] for k in keys}, rename={"max_error_ratio": "max-ratio"})
+
+
 def amplitude_views(wildcards):
     """Whether network {param} is an amplitude network shown the reference's views."""
     return wildcards.param == "amplitudes" and config["network"]["views"]

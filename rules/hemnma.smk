@@ -55,10 +55,10 @@ rule gather:
     conda:
         "../envs/deephemnma.yaml"
     params:
-        flag_z=config["hemnma"]["flag_z"],
+        args=quoted(cli_flags({"flag_z": config["hemnma"]["flag_z"]})),
     shell:
         "deephemnma gather --shards {input:q} --out {output.star:q} "
-        "--out-figure {output.figure:q} --flag-z {params.flag_z} > {log:q} 2>&1"
+        "--out-figure {output.figure:q} {params.args} > {log:q} 2>&1"
 
 
 # Reference update (hemnma.reference_update.iterations > 0): passes 0..N-1 in hemnma/pass_{p}/,

@@ -102,16 +102,13 @@ rule infer:
     resources:
         gpu=1,
     params:
-        batch=config["network"]["infer_batch"],
-        workers=config["network"]["workers"],
-        tta=quoted(cli_flags({"tta": config["network"]["tta"]})),
+        args=quoted(infer_args()),
         poses=lambda wildcards, input: quoted(
             ["--poses", *input.poses] if input.poses else []
         ),
     shell:
         "deephemnma infer --network {input.network:q} --particles {input.particles:q} "
-        "{params.poses} {params.tta} --batch {params.batch} --workers {params.workers} "
-        "--out {output:q} "
+        "{params.poses} {params.args} --out {output:q} "
         "> {log:q} 2>&1"
 
 
@@ -137,12 +134,11 @@ rule quality:
     conda:
         "../envs/deephemnma.yaml"
     params:
-        source=config["network"]["label_source"],
-        ratio=config["network"]["max_error_ratio"],
+        args=quoted(quality_args()),
     shell:
         "deephemnma quality --labels {input.labels:q} --split {input.split:q} "
-        "--inferred {input.inferred:q} --label-source {params.source:q} "
-        "--max-ratio {params.ratio} --out-json {output.json:q} --out-md {output.md:q} "
+        "--inferred {input.inferred:q} {params.args} "
+        "--out-json {output.json:q} --out-md {output.md:q} "
         "--out-figure {output.figure:q} > {log:q} 2>&1"
 
 
