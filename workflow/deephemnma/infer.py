@@ -5,7 +5,11 @@ device exactly as in training, and predicted in large batches (channels_last; bf
 and on CPUs with native bf16), so
 memory does not grow with the number of images beyond the (n, outputs) result array. An
 amplitude network trained with views (`views.ModeViews`) is also shown the reference's views at
-each image's pose, taken from the angle and shift networks' answers (`--poses`).
+each image's pose, taken from the angle and shift networks' answers (`--poses`). Each network's
+per-image uncertainty, where it predicts one, goes to `_dhUncertainty<Type>`: the share of the
+predicted orientation distribution farther than 20° from the answer (so3grid angles), the
+predicted standard deviation averaged over modes (amplitudes), the predicted root-mean-square
+shift error in pixels (shifts).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from .io import (
     uncertainty_column,
     write_star,
 )
-from .nets import bf16_supported, build_network, decode_angles, preprocess
+from .nets import bf16_supported, build_network, decode_angles, decode_regression, preprocess
 from .views import ModeViews
 
 log = logging.getLogger(__name__)
@@ -100,6 +104,15 @@ def read_poses(paths: list[str], ps: ParticleSet) -> tuple[np.ndarray, np.ndarra
     return table_euler(table), table_shifts_px(table, ps.pixel_size)
 
 
+def uncertainty(param: str, sd: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    """Per-image uncertainty (n,) of a regression network from its predicted standard
+    deviations (n, k): the mean over modes (amplitude units), or the root-mean-square shift
+    error sqrt(σx² + σy²) (pixels); NaN without a variance head. (Angles: `decode_angles`.)"""
+    if sd is None:
+        return torch.full((n,), float("nan"), device=device)
+    return sd.norm(dim=-1) if param == "shifts" else sd.mean(-1)
+
+
 @torch.no_grad()
 def predict(
     net: torch.nn.Module,
@@ -110,15 +123,16 @@ def predict(
     workers: int,
     poses: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Predictions for every image, in row order: amplitudes (n, K), shifts (n, 2), or Euler
-    angles and their predicted spread in degrees (n, 4; NaN spread for regressed angles).
-    `poses` (Euler angles, shifts in pixels): for an amplitude network with views."""
+    """Predictions for every image, in row order, then their uncertainty (NaN where the network
+    predicts none): amplitudes (n, K + 1), shifts (n, 3) or Euler angles (n, 4) — see
+    `uncertainty`. `poses` (Euler angles, shifts in pixels): for an amplitude network with
+    views."""
     loader = DataLoader(
         Chunks(ps, batch), batch_size=None, num_workers=workers, pin_memory=device.type == "cuda"
     )
     mean, std = meta["mean"].to(device), meta["std"].to(device)
     angles = meta["param"] == "angles"
-    out = np.empty((len(ps), 4 if angles else meta["n_out"]), dtype=np.float32)
+    out = np.empty((len(ps), 4 if angles else len(meta["mean"]) + 1), dtype=np.float32)
     pos = 0
     bf16 = bf16_supported(device)
     views = ModeViews(**meta["views"]) if "views" in meta else None
@@ -141,10 +155,12 @@ def predict(
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             y = net(x)
-        y = y.float() * std + mean
         if angles:
-            rot, spread = decode_angles(y, meta["angle_repr"])
-            y = torch.cat([geometry.matrix_to_euler(rot.double()).float(), spread[:, None]], 1)
+            rot, unc = decode_angles(y.float() * std + mean, meta["angle_repr"])
+            y = torch.cat([geometry.matrix_to_euler(rot.double()).float(), unc[:, None]], 1)
+        else:
+            y, sd = decode_regression(y.float(), mean, std)
+            y = torch.cat([y, uncertainty(meta["param"], sd, len(y), device)[:, None]], 1)
         out[pos : pos + len(y)] = y.cpu().numpy()
         pos += len(y)
     return out
@@ -162,8 +178,9 @@ def prediction_table(
         t = t.assign(**pose_columns(shifts_px=values[:, :2], pixel_size=pixel_size))
     else:
         t = t.assign(**pose_columns(euler=values[:, :3]))
-        if not np.isnan(values[:, 3]).all():
-            t[uncertainty_column("angles")] = values[:, 3]
+    n_values = {"angles": 3, "shifts": 2}.get(meta["param"], len(meta["mode_numbers"]))
+    if values.shape[1] > n_values and not np.isnan(values[:, n_values]).all():
+        t[uncertainty_column(meta["param"])] = values[:, n_values]
     return t
 
 
