@@ -19,6 +19,7 @@ from deephemnma.nets import (
     decode_angles,
     decode_regression,
     grid_targets,
+    grid_uncertainty,
     n_outputs,
     n_parameters,
     preprocess,
@@ -362,6 +363,23 @@ def test_so3grid_output_follows_the_relion_convention():
     assert flat.item() == pytest.approx(
         1 - (np.radians(20) - np.sin(np.radians(20))) / np.pi, abs=2e-3
     )
+
+
+def test_so3grid_uncertainty_counts_disagreement_between_turned_images():
+    """Scores of the image turned by 90° k that agree with the answer (psi + 90° k, as
+    train.transform_labels turns the labels) keep the single image's uncertainty; scores that
+    disagree (the opposite turn) raise it."""
+    euler = torch.tensor(geometry.random_euler(100, np.random.default_rng(4)))
+
+    def scores(turn_deg: float) -> torch.Tensor:
+        e, _ = train.transform_labels(euler, torch.zeros(100, 2), torch.full((100,), turn_deg), 0)
+        return 4 * torch.log(grid_targets(geometry.euler_to_matrix(e).float()))
+
+    rot, single = decode_angles(scores(0.0), "so3grid")
+    agree = grid_uncertainty([scores(90.0 * k) for k in range(4)], rot)
+    disagree = grid_uncertainty([scores(-90.0 * k) for k in range(4)], rot)
+    assert (agree - single).abs().max() < 0.1 and single.max() < 0.2
+    assert (disagree - single).min() > 0.3  # two of the four turns point 180° away
 
 
 def test_pretraining_images_match_particles(adk_model_files, tmp_path, monkeypatch):

@@ -38,7 +38,15 @@ from .io import (
     uncertainty_column,
     write_star,
 )
-from .nets import bf16_supported, build_network, decode_angles, decode_regression, preprocess
+from .nets import (
+    bf16_supported,
+    build_network,
+    decode_angles,
+    decode_regression,
+    grid_uncertainty,
+    preprocess,
+)
+from .train import transform_images
 from .views import ModeViews
 
 log = logging.getLogger(__name__)
@@ -113,6 +121,20 @@ def uncertainty(param: str, sd: torch.Tensor | None, n: int, device) -> torch.Te
     return sd.norm(dim=-1) if param == "shifts" else sd.mean(-1)
 
 
+def turned_scores(
+    net: torch.nn.Module, imgs: torch.Tensor, box: int, turns: int, bf16: bool
+) -> list[torch.Tensor]:
+    """The network's outputs for images (B, D, D) turned in plane by 90° × k, k = 1 … turns - 1
+    (exact pixel permutations, as in training's augmentation)."""
+    out, zero = [], torch.zeros(len(imgs), 2, device=imgs.device)
+    for k in range(1, turns):
+        t = transform_images(imgs, torch.full((len(imgs),), k, device=imgs.device), zero)
+        x = preprocess(t, box).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(net(x).float())
+    return out
+
+
 @torch.no_grad()
 def predict(
     net: torch.nn.Module,
@@ -122,11 +144,14 @@ def predict(
     batch: int,
     workers: int,
     poses: tuple[np.ndarray, np.ndarray] | None = None,
+    turns: int = 4,
 ) -> np.ndarray:
     """Predictions for every image, in row order, then their uncertainty (NaN where the network
     predicts none): amplitudes (n, K + 1), shifts (n, 3) or Euler angles (n, 4) — see
     `uncertainty`. `poses` (Euler angles, shifts in pixels): for an amplitude network with
-    views."""
+    views. so3grid angle networks also see each image turned in plane by 90°, 180°, 270° (up
+    to `turns` - 1 of them), which their uncertainty uses (`nets.grid_uncertainty`); their
+    answer is that of the image as given."""
     loader = DataLoader(
         Chunks(ps, batch), batch_size=None, num_workers=workers, pin_memory=device.type == "cuda"
     )
@@ -139,8 +164,10 @@ def predict(
     if views is not None and poses is None:
         raise InputError("this amplitude network sees views: give the images' poses (--poses)")
     ctf = ps.ctf_params() if ps.has_ctf else None
+    turned = angles and meta["angle_repr"] == "so3grid" and turns > 1
     for imgs in tqdm(loader, desc=f"infer {meta['param']}", unit="batch", mininterval=10):
-        x = preprocess(imgs.to(device, non_blocking=True).float(), meta["box"])
+        imgs = imgs.to(device, non_blocking=True).float()
+        x = preprocess(imgs, meta["box"])
         if views is not None:
             rows = np.arange(pos, pos + len(x))
             box = meta["box"]
@@ -157,6 +184,10 @@ def predict(
             y = net(x)
         if angles:
             rot, unc = decode_angles(y.float() * std + mean, meta["angle_repr"])
+            if turned:
+                unc = grid_uncertainty(
+                    [y, *turned_scores(net, imgs, meta["box"], turns, bf16)], rot
+                )
             y = torch.cat([geometry.matrix_to_euler(rot.double()).float(), unc[:, None]], 1)
         else:
             y, sd = decode_regression(y.float(), mean, std)
@@ -193,6 +224,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="STARs holding every image's angles and shifts (amplitude networks with views)",
     )
+    p.add_argument(
+        "--turns",
+        type=int,
+        choices=[1, 2, 3, 4],
+        default=4,
+        help="so3grid angles: also infer the images turned by 90° steps, for the uncertainty "
+        "(default: %(default)s: 0°, 90°, 180°, 270°; 1: the image as given only)",
+    )
     p.add_argument("--batch", type=int, default=256, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--out", required=True, help="STAR with the predicted columns")
@@ -204,7 +243,7 @@ def main(args: argparse.Namespace) -> None:
     ps = ParticleSet(require_file(args.particles, "particle STAR"))
     check_geometry(meta, ps, args.network)
     poses = read_poses(args.poses, ps) if args.poses else None
-    values = predict(net, meta, ps, device, args.batch, args.workers, poses)
+    values = predict(net, meta, ps, device, args.batch, args.workers, poses, args.turns)
     table = prediction_table(meta, ps.particles["rlnImageName"], values, ps.pixel_size)
     write_star(args.out, ps.optics, table)
     log.info("inferred %s for %d images", meta["param"], len(ps))

@@ -184,15 +184,28 @@ def decode_angles(values: torch.Tensor, angle_repr: str) -> tuple[torch.Tensor, 
     v = values
     spread = torch.full(v.shape[:1], math.nan, device=v.device)
     if angle_repr == "so3grid":
-        grid = rotation_grid(v.device)
-        rot, _ = geometry.grid_decode(v.float(), grid, GRID_RADIUS_DEG)
-        near = geometry.grid_angles(rot, grid) < math.radians(GRID_WRONG_DEG)
-        return rot, 1.0 - (torch.softmax(v.float(), -1) * near).sum(-1)
+        rot, _ = geometry.grid_decode(v.float(), rotation_grid(v.device), GRID_RADIUS_DEG)
+        return rot, grid_uncertainty([v], rot)
     if angle_repr == "6d":
         return geometry.sixd_to_matrix(v), spread
     if angle_repr == "quaternion":
         return geometry.quaternion_to_matrix(v), spread
     return geometry.euler_to_matrix(v), spread
+
+
+def grid_uncertainty(scores: list[torch.Tensor], rot: torch.Tensor) -> torch.Tensor:
+    """so3grid uncertainty (B,) of answers `rot` (B, 3, 3): the softmax mass of `scores[k]`
+    (B, GRID_SIZE) farther than GRID_WRONG_DEG from the answer, averaged over k, where
+    `scores[k]` are the network's scores for the image turned in plane by 90° × k (as
+    `train.transform_images` turns it: psi + 90° k, the answer turned by Rz(90° k)). The turns
+    add the network's disagreement with itself to the spread of its distribution."""
+    grid = rotation_grid(rot.device)
+    total = torch.zeros(rot.shape[:1], device=rot.device)
+    for k, v in enumerate(scores):
+        turn = geometry.euler_to_matrix(torch.tensor([0.0, 0.0, 90.0 * k], dtype=torch.float64))
+        near = geometry.grid_angles(turn.to(rot) @ rot, grid) < math.radians(GRID_WRONG_DEG)
+        total += 1.0 - (torch.softmax(v.float(), -1) * near).sum(-1)
+    return total / len(scores)
 
 
 def decode_regression(
