@@ -6,9 +6,9 @@ labelled images. Images are Fourier-cropped to a working box and normalised per 
 training and inference (`nets.preprocess`). Targets are standardised with training-set statistics
 stored in the checkpoint; orientations are classified over a rotation grid with soft targets by
 default (`nets.ANGLE_OUTPUTS`), or regressed in the 6D representation (chordal loss), as
-quaternions or Euler angles (the paper's ablation). Amplitudes and shifts also predict their
-variance by default (a Gaussian likelihood with the mean detached: a per-image uncertainty that
-leaves the values' training unchanged). With views, the amplitude network also sees
+quaternions or Euler angles (the paper's ablation). Amplitudes (by default; shifts on request)
+also predict their variance (a Gaussian likelihood with the mean detached: a per-image
+uncertainty that leaves the values' gradient unchanged). With views, the amplitude network also sees
 the reference's views (`views.ModeViews`) at each image's labelled pose moved by the view noise
 (as the angle and shift networks' answers will be at inference), rendered once. Augmentation is
 label-consistent: an in-plane rotation by α and a translation t turn (psi, d) into
@@ -339,7 +339,7 @@ class TrainSettings:
     views: bool = False  # amplitudes: also see the reference's views at the image's pose
     view_noise_deg: float = 10.0
     view_noise_px: float = 0.5
-    variance: bool = True  # amplitudes, shifts: a variance head (per-image uncertainty)
+    variance: bool | None = None  # a variance head (per-image uncertainty); None: amplitudes only
     workers: int = 2  # data-loading processes (not part of the checkpoint fingerprint)
     seed: int = 0
 
@@ -427,7 +427,8 @@ class Trainer:
         tgt = target_values(
             s.param, s.angle_repr, *(torch.tensor(lab[k][train_rows]) for k in LABEL_KEYS)
         )
-        self.n_out = n_outputs(s.param, s.angle_repr, len(self.modes), s.variance)
+        variance = s.param == "amplitudes" if s.variance is None else s.variance
+        self.n_out = n_outputs(s.param, s.angle_repr, len(self.modes), variance)
         mean, std = tgt.mean(0).float(), tgt.std(0).float().clamp_min(1e-6)
         if s.param == "angles" and s.angle_repr != "euler":
             mean, std = torch.zeros(self.n_out), torch.ones(self.n_out)
@@ -754,7 +755,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=dflt.variance,
         help="amplitudes, shifts: also predict each value's variance (Gaussian likelihood), "
-        "written by infer as a per-image uncertainty",
+        "written by infer as a per-image uncertainty (default: amplitudes only; on the demo "
+        "the shifts' head ranked errors no better than chance)",
     )
     p.add_argument("--model", default=None, help="model.npz (for --views)")
     p.add_argument("--modes", default=None, help="modes.npz (for --views)")
