@@ -314,7 +314,7 @@ def train_args():
         "n_test",
         "n_val",
         "infer_batch",
-        "tta",
+        "turns",
     ]
     skip += ["pretrain.images"] + ([] if pretraining() else ["pretrain.epochs"])
     return cli_flags(config["network"], skip)
@@ -323,7 +323,7 @@ def train_args():
 def infer_args():
     """CLI arguments of `deephemnma infer`."""
     c = config["network"]
-    keys = ("infer_batch", "workers", "tta")
+    keys = ("infer_batch", "workers", "turns")
     return cli_flags({k: c[k] for k in keys}, rename={"infer_batch": "batch"})
 
 

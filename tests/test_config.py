@@ -87,7 +87,11 @@ def filled_config(**changes):
             "key 'analysis.source': hybrid needs hybrid.enabled and a hemnma.subset",
         ),
         (
-            {"hybrid.select": "uncertain", "network.angle_repr": "6d"},
+            {
+                "hybrid.select": "uncertain",
+                "network.angle_repr": "6d",
+                "network.params": ["angles", "shifts"],
+            },
             "key 'hybrid.select': uncertain needs per-image uncertainties",
         ),
         (

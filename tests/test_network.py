@@ -17,7 +17,10 @@ from deephemnma.nets import (
     ResNet,
     build_network,
     decode_angles,
+    decode_regression,
     grid_targets,
+    grid_uncertainty,
+    n_outputs,
     n_parameters,
     preprocess,
     rotation_grid,
@@ -254,6 +257,10 @@ def test_inference_one_row_per_image_and_merge(labelled, monkeypatch, tmp_path):
         )
         t = starfile.read(tmp_path / f"{param}.star")["particles"]
         assert len(t) == 160 and t["rlnImageName"].is_unique
+        col = f"dhUncertainty{param.capitalize()}"  # how sure the network is (shifts: on request)
+        assert (col in t) == (param != "shifts")
+        if col in t:
+            assert np.isfinite(t[col]).all() and (t[col] > 0).all() and t[col].nunique() > 1
     assert (
         cli(
             [
@@ -275,21 +282,41 @@ def test_inference_one_row_per_image_and_merge(labelled, monkeypatch, tmp_path):
     )
     q = geometry.euler_to_quaternion(merged.euler())
     np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0)
+    # merge keeps every uncertainty; quality measures each one's calibration
+    inferred = [str(tmp_path / f"{p}.star") for p in ("angles", "shifts", "amplitudes")]
+    for p in ("angles", "amplitudes"):
+        col = f"dhUncertainty{p.capitalize()}"
+        own = starfile.read(tmp_path / f"{p}.star")["particles"][col]
+        np.testing.assert_allclose(merged.particles[col], own, rtol=1e-5)
+    q = ["quality", "--labels", "p.star", "--split", "split.csv", "--inferred", *inferred]
+    q += ["--out-json", str(tmp_path / "q.json"), "--out-md", str(tmp_path / "q.md")]
+    assert cli([*q, "--out-figure", str(tmp_path / "c.png")]) == 0
+    rows = json.loads((tmp_path / "q.json").read_text())["networks"]
+    assert [r["param"] for r in rows if "spearman" in r] == ["angles", "amplitudes"]
+    assert all(-1 <= r["spearman"] <= 1 for r in rows if "spearman" in r)
+    assert "amplitudes: the predicted per-image uncertainty" in (tmp_path / "q.md").read_text()
 
 
-def test_predict_matches_direct_forward(labelled, monkeypatch):
+def test_predict_matches_direct_forward(labelled, monkeypatch, tmp_path):
+    """Streamed predictions of a shift network with a variance head (`--variance`) equal its
+    direct forward pass: the shifts, then the RMS of the predicted standard deviations."""
     monkeypatch.chdir(labelled)
-    if not (labelled / "shifts" / "network.pt").exists():
-        assert cli(train_args(labelled, "shifts", 1)) == 0
-    net, meta = infer.load_network(str(labelled / "shifts" / "network.pt"), torch.device("cpu"))
+    args = train_args(labelled, "shifts", 1)
+    args[args.index("--out-dir") + 1] = str(tmp_path)
+    assert cli([*args, "--variance"]) == 0
+    net, meta = infer.load_network(str(tmp_path / "network.pt"), torch.device("cpu"))
     ps = ParticleSet(labelled / "p.star")
     streamed = infer.predict(net, meta, ps, torch.device("cpu"), 64, 0)
     bf16 = infer.bf16_supported(torch.device("cpu"))  # predict uses bf16 where the CPU has it
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         x = preprocess(torch.from_numpy(ps.images[np.arange(5)]), meta["box"])
         direct = net(x.contiguous(memory_format=torch.channels_last)).float()
-    direct = direct * meta["std"] + meta["mean"]
-    np.testing.assert_allclose(streamed[:5], direct.numpy(), rtol=1e-4, atol=1e-4)
+    assert direct.shape == (5, 4)  # shifts and their log-variances (the variance head)
+    np.testing.assert_allclose(
+        streamed[:5, :2], (direct[:, :2] * meta["std"] + meta["mean"]).numpy(), rtol=1e-4, atol=1e-4
+    )
+    sd = torch.exp(0.5 * direct[:, 2:]) * meta["std"]  # pixels, per axis
+    np.testing.assert_allclose(streamed[:5, 2], sd.norm(dim=1).numpy(), rtol=1e-3)
 
 
 def test_sixd_output_follows_the_relion_convention():
@@ -316,7 +343,8 @@ def test_sixd_output_follows_the_relion_convention():
 
 def test_so3grid_output_follows_the_relion_convention():
     """so3grid: the grid covers SO(3) evenly; the soft target of a rotation given as RELION Euler
-    angles decodes back to the same angles; a flat score says "unsure" (large spread)."""
+    angles decodes back to the same angles; a flat score says "unsure" (its uncertainty is the
+    share of SO(3) farther than 20° from the answer), a sharper one says "sure"."""
     grid = rotation_grid().double()
     gaps = torch.rad2deg(geometry.grid_angles(grid[:600], grid))
     gaps[torch.arange(600), torch.arange(600)] = 180.0
@@ -332,7 +360,31 @@ def test_so3grid_output_follows_the_relion_convention():
     assert geometry.euler_distance_deg(back, euler).max() < 3.0
     assert geometry.matrix_distance_deg(rot.double(), mats).mean() < 1.5
     _, flat = decode_angles(torch.zeros(1, scores.shape[1]), "so3grid")
-    assert spread.max() < 25.0 and flat.item() > 90.0
+    _, sharp = decode_angles(4 * scores, "so3grid")  # the soft target to the 4th power: σ 7.5°
+    # uncertainty: the mass farther than 20° from the answer: about 0.5-0.75 for the soft target
+    # (15°), less for a sharper one, and for a flat score the share of SO(3) beyond 20°,
+    # 1 - (θ - sin θ)/π
+    assert 0.45 < spread.min() and spread.max() < 0.8 and sharp.max() < 0.2
+    assert flat.item() == pytest.approx(
+        1 - (np.radians(20) - np.sin(np.radians(20))) / np.pi, abs=2e-3
+    )
+
+
+def test_so3grid_uncertainty_counts_disagreement_between_turned_images():
+    """Scores of the image turned by 90° k that agree with the answer (psi + 90° k, as
+    train.transform_labels turns the labels) keep the single image's uncertainty; scores that
+    disagree (the opposite turn) raise it."""
+    euler = torch.tensor(geometry.random_euler(100, np.random.default_rng(4)))
+
+    def scores(turn_deg: float) -> torch.Tensor:
+        e, _ = train.transform_labels(euler, torch.zeros(100, 2), torch.full((100,), turn_deg), 0)
+        return 4 * torch.log(grid_targets(geometry.euler_to_matrix(e).float()))
+
+    rot, single = decode_angles(scores(0.0), "so3grid")
+    agree = grid_uncertainty([scores(90.0 * k) for k in range(4)], rot)
+    disagree = grid_uncertainty([scores(-90.0 * k) for k in range(4)], rot)
+    assert (agree - single).abs().max() < 0.1 and single.max() < 0.2
+    assert (disagree - single).min() > 0.3  # two of the four turns point 180° away
 
 
 def test_pretraining_images_match_particles(adk_model_files, tmp_path, monkeypatch):
@@ -696,7 +748,7 @@ def test_quarter_turn_test_time_augmentation_maps_rotations_back():
     """A turned image's rotation Rz(90° k)·R (`transform_labels`) lands, through the k-th map, on
     a grid point next to R (two nearest-point roundings); and a scorer that is certain of each turned copy's own rotation gives
     back R, within the grid's spacing, after the four turns are averaged."""
-    from deephemnma.nets import _quarter_turn_maps, quarter_turn_logits
+    from deephemnma.nets import _quarter_turn_maps, quarter_turn_mean
 
     grid = rotation_grid()
     maps = _quarter_turn_maps()
@@ -727,5 +779,49 @@ def test_quarter_turn_test_time_augmentation_maps_rotations_back():
             logits[torch.arange(len(x)), nearest(turned_rot[k])] = 30.0
             return logits
 
-    back, _ = decode_angles(quarter_turn_logits(Certain(), img), "so3grid")
+    scores = [Certain()(turned[:, None]) for turned in turned_imgs]
+    back, _ = decode_angles(quarter_turn_mean(scores), "so3grid")
     assert angle(back, rot).max() < 12.0
+
+
+def test_variance_head_ranks_the_noisier_images_as_less_certain():
+    """Shifts of a blob in images of two noise levels: the variance head predicts the larger
+    uncertainty for the noisier images, and ranks the actual errors on held-out images."""
+    torch.manual_seed(0)
+    n, d = 1200, 16
+    rng = np.random.default_rng(5)
+    shifts = torch.tensor(rng.uniform(-2.5, 2.5, (n, 2))).float()
+    c = torch.arange(d) - d // 2
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    blob = torch.exp(
+        -((xx - shifts[:, 0, None, None]) ** 2 + (yy - shifts[:, 1, None, None]) ** 2) / 8.0
+    )
+    noisy = torch.tensor(rng.random(n) < 0.5)
+    sigma = torch.where(noisy, 0.6, 0.05)
+    images = blob + sigma[:, None, None] * torch.randn(n, d, d)
+    x = preprocess(images, d)
+    mean, std = shifts[:1000].mean(0), shifts[:1000].std(0)
+    net = build_network("convnet16", n_outputs("shifts", "so3grid", 0, variance=True))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    epochs = 10
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, train.warmup_cosine(epochs * 32))
+    for _ in range(epochs):
+        net.train()
+        for i in torch.randperm(1000).split(32):
+            loss, _ = train.loss_and_metric("shifts", "so3grid", net(x[i]), shifts[i], mean, std)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    with torch.no_grad():
+        value, sd = decode_regression(net(x[1000:]), mean, std)
+    unc = infer.uncertainty("shifts", sd, 200, "cpu").numpy()
+    err = (value - shifts[1000:]).norm(dim=1).numpy()
+    held = noisy[1000:].numpy()
+    rho = quality.calibration(unc, err)
+    print(f"error {err[~held].mean():.2f} / {err[held].mean():.2f} px, predicted "
+          f"{unc[~held].mean():.2f} / {unc[held].mean():.2f} px (clean / noisy); Spearman {rho:.2f}")  # fmt: skip
+    assert err[held].mean() > 1.5 * err[~held].mean()  # the task: noise costs accuracy
+    assert np.median(unc[held]) > 1.5 * np.median(unc[~held])
+    assert rho > 0.3

@@ -111,10 +111,11 @@ def check_sizes(config: dict) -> None:
             "invalid config: key 'analysis.source': hybrid needs hybrid.enabled and a "
             "hemnma.subset (images without HEMNMA values to refine)"
         )
-    if hybrid["select"] == "uncertain" and network["angle_repr"] != "so3grid":
+    gives = network["angle_repr"] == "so3grid" or "amplitudes" in network["params"]
+    if hybrid["select"] == "uncertain" and not gives:
         raise ConfigError(
             "invalid config: key 'hybrid.select': uncertain needs per-image uncertainties, "
-            "which only network.angle_repr so3grid gives"
+            "which so3grid angles (network.angle_repr) or the amplitude network give"
         )
     labelled = aligned if network["label_source"] == "hemnma" else n
     if labelled is not None:

@@ -5,7 +5,11 @@ device exactly as in training, and predicted in large batches (channels_last; bf
 and on CPUs with native bf16), so
 memory does not grow with the number of images beyond the (n, outputs) result array. An
 amplitude network trained with views (`views.ModeViews`) is also shown the reference's views at
-each image's pose, taken from the angle and shift networks' answers (`--poses`).
+each image's pose, taken from the angle and shift networks' answers (`--poses`). Each network's
+per-image uncertainty, where it predicts one, goes to `_dhUncertainty<Type>`: the share of the
+predicted orientation distribution farther than 20° from the answer (so3grid angles), the
+predicted standard deviation averaged over modes (amplitudes), the predicted root-mean-square
+shift error in pixels (shifts).
 """
 
 from __future__ import annotations
@@ -38,8 +42,11 @@ from .nets import (
     bf16_supported,
     build_network,
     decode_angles,
+    decode_regression,
+    grid_uncertainty,
     preprocess,
-    quarter_turn_logits,
+    quarter_turn_mean,
+    transform_images,
 )
 from .views import ModeViews
 
@@ -106,6 +113,29 @@ def read_poses(paths: list[str], ps: ParticleSet) -> tuple[np.ndarray, np.ndarra
     return table_euler(table), table_shifts_px(table, ps.pixel_size)
 
 
+def uncertainty(param: str, sd: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    """Per-image uncertainty (n,) of a regression network from its predicted standard
+    deviations (n, k): the mean over modes (amplitude units), or the root-mean-square shift
+    error sqrt(σx² + σy²) (pixels); NaN without a variance head. (Angles: `decode_angles`.)"""
+    if sd is None:
+        return torch.full((n,), float("nan"), device=device)
+    return sd.norm(dim=-1) if param == "shifts" else sd.mean(-1)
+
+
+def turned_scores(
+    net: torch.nn.Module, imgs: torch.Tensor, box: int, turns: int, bf16: bool
+) -> list[torch.Tensor]:
+    """The network's outputs for images (B, D, D) turned in plane by 90° × k, k = 1 … turns - 1
+    (exact pixel permutations, as in training's augmentation)."""
+    out, zero = [], torch.zeros(len(imgs), 2, device=imgs.device)
+    for k in range(1, turns):
+        t = transform_images(imgs, torch.full((len(imgs),), k, device=imgs.device), zero)
+        x = preprocess(t, box).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(net(x).float())
+    return out
+
+
 @torch.no_grad()
 def predict(
     net: torch.nn.Module,
@@ -115,27 +145,31 @@ def predict(
     batch: int,
     workers: int,
     poses: tuple[np.ndarray, np.ndarray] | None = None,
-    tta: bool = True,
+    turns: int = 4,
 ) -> np.ndarray:
-    """Predictions for every image, in row order: amplitudes (n, K), shifts (n, 2), or Euler
-    angles and their predicted spread in degrees (n, 4; NaN spread for regressed angles).
-    `poses` (Euler angles, shifts in pixels): for an amplitude network with views; `tta`: so3grid
-    angles averaged over the images' four quarter turns (`nets.quarter_turn_logits`)."""
+    """Predictions for every image, in row order, then their uncertainty (NaN where the network
+    predicts none): amplitudes (n, K + 1), shifts (n, 3) or Euler angles (n, 4) — see
+    `uncertainty`. `poses` (Euler angles, shifts in pixels): for an amplitude network with
+    views. so3grid angle networks also see each image turned in plane by 90°, 180°, 270° (up
+    to `turns` - 1 of them): the answer decodes their mean distribution
+    (`nets.quarter_turn_mean`), the uncertainty measures each one's mass away from it
+    (`nets.grid_uncertainty`)."""
     loader = DataLoader(
         Chunks(ps, batch), batch_size=None, num_workers=workers, pin_memory=device.type == "cuda"
     )
     mean, std = meta["mean"].to(device), meta["std"].to(device)
     angles = meta["param"] == "angles"
-    turns = tta and angles and meta["angle_repr"] == "so3grid"
-    out = np.empty((len(ps), 4 if angles else meta["n_out"]), dtype=np.float32)
+    out = np.empty((len(ps), 4 if angles else len(meta["mean"]) + 1), dtype=np.float32)
     pos = 0
     bf16 = bf16_supported(device)
     views = ModeViews(**meta["views"]) if "views" in meta else None
     if views is not None and poses is None:
         raise InputError("this amplitude network sees views: give the images' poses (--poses)")
     ctf = ps.ctf_params() if ps.has_ctf else None
+    turned = angles and meta["angle_repr"] == "so3grid" and turns > 1
     for imgs in tqdm(loader, desc=f"infer {meta['param']}", unit="batch", mininterval=10):
-        x = preprocess(imgs.to(device, non_blocking=True).float(), meta["box"])
+        imgs = imgs.to(device, non_blocking=True).float()
+        x = preprocess(imgs, meta["box"])
         if views is not None:
             rows = np.arange(pos, pos + len(x))
             box = meta["box"]
@@ -149,11 +183,17 @@ def predict(
             x = torch.cat([x, views.render(euler, shifts, c).to(x.dtype)], 1)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            y = quarter_turn_logits(net, x) if turns else net(x)
-        y = y.float() * std + mean
+            y = net(x)
         if angles:
-            rot, spread = decode_angles(y, meta["angle_repr"])
-            y = torch.cat([geometry.matrix_to_euler(rot.double()).float(), spread[:, None]], 1)
+            rot, unc = decode_angles(y.float() * std + mean, meta["angle_repr"])
+            if turned:
+                scores = [y, *turned_scores(net, imgs, meta["box"], turns, bf16)]
+                rot, _ = decode_angles(quarter_turn_mean(scores), meta["angle_repr"])
+                unc = grid_uncertainty(scores, rot)
+            y = torch.cat([geometry.matrix_to_euler(rot.double()).float(), unc[:, None]], 1)
+        else:
+            y, sd = decode_regression(y.float(), mean, std)
+            y = torch.cat([y, uncertainty(meta["param"], sd, len(y), device)[:, None]], 1)
         out[pos : pos + len(y)] = y.cpu().numpy()
         pos += len(y)
     return out
@@ -171,8 +211,9 @@ def prediction_table(
         t = t.assign(**pose_columns(shifts_px=values[:, :2], pixel_size=pixel_size))
     else:
         t = t.assign(**pose_columns(euler=values[:, :3]))
-        if not np.isnan(values[:, 3]).all():
-            t[uncertainty_column("angles")] = values[:, 3]
+    n_values = {"angles": 3, "shifts": 2}.get(meta["param"], len(meta["mode_numbers"]))
+    if values.shape[1] > n_values and not np.isnan(values[:, n_values]).all():
+        t[uncertainty_column(meta["param"])] = values[:, n_values]
     return t
 
 
@@ -186,10 +227,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="STARs holding every image's angles and shifts (amplitude networks with views)",
     )
     p.add_argument(
-        "--tta",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="so3grid angles: average over each image's four quarter turns",
+        "--turns",
+        type=int,
+        choices=[1, 2, 3, 4],
+        default=4,
+        help="so3grid angles: also infer the images turned by 90° steps; the answer decodes the "
+        "mean of their distributions, the uncertainty their spread around it "
+        "(default: %(default)s: 0°, 90°, 180°, 270°; 1: the image as given only)",
     )
     p.add_argument("--batch", type=int, default=256, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
@@ -202,7 +246,7 @@ def main(args: argparse.Namespace) -> None:
     ps = ParticleSet(require_file(args.particles, "particle STAR"))
     check_geometry(meta, ps, args.network)
     poses = read_poses(args.poses, ps) if args.poses else None
-    values = predict(net, meta, ps, device, args.batch, args.workers, poses, args.tta)
+    values = predict(net, meta, ps, device, args.batch, args.workers, poses, args.turns)
     table = prediction_table(meta, ps.particles["rlnImageName"], values, ps.pixel_size)
     write_star(args.out, ps.optics, table)
     log.info("inferred %s for %d images", meta["param"], len(ps))

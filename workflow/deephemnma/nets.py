@@ -16,11 +16,16 @@ from .imaging import fourier_crop
 # Orientation outputs. "so3grid": scores over GRID_SIZE super-Fibonacci rotations (about 12.4°
 # between neighbours), trained towards a soft target (a Gaussian of GRID_SIGMA_DEG around the true
 # rotation) and decoded as the weighted mean within GRID_RADIUS_DEG of the best score: classification
-# keeps several hypotheses where regression averages them into a wrong answer. "6d" (Zhou et al.,
-# 2019), "quaternion" and "euler" regress (the paper's ablation, Table S1).
+# keeps several hypotheses where regression averages them into a wrong answer; the probability mass
+# farther than GRID_WRONG_DEG from the answer is its uncertainty. "6d" (Zhou et al., 2019),
+# "quaternion" and "euler" regress (the paper's ablation, Table S1).
 GRID_SIZE = 4096
 GRID_SIGMA_DEG = 15.0
 GRID_RADIUS_DEG = 45.0
+GRID_WRONG_DEG = 20.0
+# Regression networks with a variance head output a log-variance per value after the values
+# (standardised units), clamped to ±LOGVAR_MAX.
+LOGVAR_MAX = 10.0
 ANGLE_OUTPUTS = {"so3grid": GRID_SIZE, "6d": 6, "quaternion": 4, "euler": 3}
 
 LAYERS = {
@@ -147,9 +152,11 @@ def build_network(arch: str, n_out: int, in_channels: int = 1) -> nn.Module:
     return ResNet(arch, n_out, in_channels)
 
 
-def n_outputs(param: str, angle_repr: str, n_modes: int) -> int:
-    """Outputs of the network of one parameter type."""
-    return {"amplitudes": n_modes, "shifts": 2}.get(param, ANGLE_OUTPUTS[angle_repr])
+def n_outputs(param: str, angle_repr: str, n_modes: int, variance: bool = False) -> int:
+    """Outputs of the network of one parameter type (`variance`: amplitudes and shifts also
+    predict a log-variance per value)."""
+    n = {"amplitudes": n_modes, "shifts": 2}.get(param)
+    return ANGLE_OUTPUTS[angle_repr] if n is None else n * (2 if variance else 1)
 
 
 @functools.cache
@@ -169,17 +176,49 @@ def grid_targets(rot: torch.Tensor) -> torch.Tensor:
 
 
 def decode_angles(values: torch.Tensor, angle_repr: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """RELION matrices (n, 3, 3) from angle-network outputs (n, n_out), and for so3grid the
-    predicted spread in degrees (an uncertainty; NaN for the regressed representations)."""
+    """RELION matrices (n, 3, 3) from angle-network outputs (n, n_out), and for so3grid an
+    uncertainty: the share of the predicted distribution (softmax) farther than GRID_WRONG_DEG
+    from the answer (NaN for the regressed representations; the soft training target alone puts
+    0.71 there, a flat score 0.997). On the demo's trained network it ranks the actual errors
+    better than the distribution's spread, its entropy or its second mode (README, networks)."""
     v = values
     spread = torch.full(v.shape[:1], math.nan, device=v.device)
     if angle_repr == "so3grid":
-        return geometry.grid_decode(v.float(), rotation_grid(v.device), GRID_RADIUS_DEG)
+        rot, _ = geometry.grid_decode(v.float(), rotation_grid(v.device), GRID_RADIUS_DEG)
+        return rot, grid_uncertainty([v], rot)
     if angle_repr == "6d":
         return geometry.sixd_to_matrix(v), spread
     if angle_repr == "quaternion":
         return geometry.quaternion_to_matrix(v), spread
     return geometry.euler_to_matrix(v), spread
+
+
+def grid_uncertainty(scores: list[torch.Tensor], rot: torch.Tensor) -> torch.Tensor:
+    """so3grid uncertainty (B,) of answers `rot` (B, 3, 3): the softmax mass of `scores[k]`
+    (B, GRID_SIZE) farther than GRID_WRONG_DEG from the answer, averaged over k, where
+    `scores[k]` are the network's scores for the image turned in plane by 90° × k (as
+    `train.transform_images` turns it: psi + 90° k, the answer turned by Rz(90° k)). The turns
+    add the network's disagreement with itself to the spread of its distribution."""
+    grid = rotation_grid(rot.device)
+    total = torch.zeros(rot.shape[:1], device=rot.device)
+    for k, v in enumerate(scores):
+        turn = geometry.euler_to_matrix(torch.tensor([0.0, 0.0, 90.0 * k], dtype=torch.float64))
+        near = geometry.grid_angles(turn.to(rot) @ rot, grid) < math.radians(GRID_WRONG_DEG)
+        total += 1.0 - (torch.softmax(v.float(), -1) * near).sum(-1)
+    return total / len(scores)
+
+
+def decode_regression(
+    values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Values (n, k) in label units from a regression network's outputs (n, k) or (n, 2k) with
+    a variance head, and then the predicted standard deviations (n, k) in label units (None
+    without a variance head). `mean`, `std` (k,): the target standardisation."""
+    k = mean.shape[-1]
+    mu = values[:, :k] * std + mean
+    if values.shape[-1] != 2 * k:
+        return mu, None
+    return mu, torch.exp(0.5 * values[:, k:].clamp(-LOGVAR_MAX, LOGVAR_MAX)) * std
 
 
 def n_parameters(model: nn.Module) -> int:
@@ -234,23 +273,17 @@ def _quarter_turn_maps() -> torch.Tensor:
     return torch.stack(maps)
 
 
-def quarter_turn_logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """so3grid scores (B, GRID_SIZE) of preprocessed images (B, 1, D, D), averaged over their four
-    quarter turns (test-time augmentation): turning an image by α turns its rotation to
-    Rz(α)·R (psi + α), so each turned copy's probabilities are moved back to the grid point
-    nearest Rz(α)ᵀ·g before the mean; returned as log-probabilities."""
-    b = x.shape[0]
-    maps = _quarter_turn_maps().to(x.device)
+def quarter_turn_mean(scores: list[torch.Tensor]) -> torch.Tensor:
+    """so3grid log-probabilities (B, GRID_SIZE) of images from the network's scores for them
+    turned in plane by 90° × k (`scores[k]`, k = 0 … 3 or fewer; test-time augmentation):
+    turning an image by α turns its rotation to Rz(α)·R (psi + α), so each turned copy's
+    probabilities are moved back to the grid point nearest Rz(α)ᵀ·g before the mean."""
+    maps = _quarter_turn_maps().to(scores[0].device)
     total = 0
-    for k in range(4):
-        turned = transform_images(
-            x[:, 0], torch.full((b,), k, device=x.device), torch.zeros(b, 2, device=x.device)
-        )
-        prob = torch.softmax(
-            net(turned[:, None].contiguous(memory_format=torch.channels_last)).float(), -1
-        )
+    for k, v in enumerate(scores):
+        prob = torch.softmax(v.float(), -1)
         total = total + torch.zeros_like(prob).index_add_(1, maps[k], prob)
-    return torch.log((total / 4).clamp_min(1e-12))
+    return torch.log((total / len(scores)).clamp_min(1e-12))
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -7,8 +7,9 @@ for orientations uniform on SO(3)). With HEMNMA labels this is the network again
 held-out images, the only check real data allow. A network is trusted when its error is at most
 `max_ratio` × the baseline's; the verdicts go to quality.json (read by merge) and quality.md
 (first in the report), in plain words. Where a network predicts a per-image uncertainty
-(`_dhUncertainty<Type>`), its calibration is measured on the same images: the Spearman correlation
-between predicted uncertainty and actual error, and a scatter plot.
+(`_dhUncertainty<Type>`: angles, amplitudes, shifts), its calibration is measured on the same
+images: the Spearman correlation between predicted uncertainty and actual error, and a scatter plot
+per network.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ from .io import (
 
 log = logging.getLogger(__name__)
 UNITS = {"amplitudes": "amplitude units", "angles": "degrees", "shifts": "pixels"}
+UNCERTAINTIES = {
+    "amplitudes": "predicted σ, mean over modes (amplitude units)",
+    "angles": "predicted mass > 20° from the answer",
+    "shifts": "predicted RMS shift error (pixels)",
+}
 
 
 def errors(param: str, est: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> np.ndarray:
@@ -123,7 +129,7 @@ def calibration_figure(points: dict[str, tuple[np.ndarray, np.ndarray]], path: s
     fig, axes = plt.subplots(1, max(len(points), 1), figsize=(4.5 * max(len(points), 1), 4))
     for ax, (param, (unc, err)) in zip(np.atleast_1d(axes), points.items(), strict=False):
         ax.scatter(unc, err, s=8, alpha=0.6)
-        ax.set_xlabel(f"predicted uncertainty ({UNITS[param]})")
+        ax.set_xlabel(UNCERTAINTIES[param])
         ax.set_ylabel(f"error ({UNITS[param]})")
         ax.set_title(f"{param}: Spearman ρ = {calibration(unc, err):.2f}")
     if not points:
