@@ -29,8 +29,8 @@ import torch
 
 from .files import InputError, atomic_path, require_file
 from .flexible import FlexibleModel, load_model
-from .fsc import density
 from .hemnma import skew
+from .imaging import density, fourier_crop_volume
 from .io import ParticleSet, amplitude_modes
 from .mrc import read_mrc, write_mrc
 from .nma import anm_modes
@@ -158,14 +158,11 @@ class FitSettings:
 
 
 def crop_map(volume: np.ndarray, box: int) -> np.ndarray:
-    """Fourier-crop a map (D, D, D) to (box, box, box), keeping the voxel values' scale."""
-    big = volume.shape[0]
-    if box <= 0 or box >= big:
+    """Fourier-crop a map (D, D, D) to (box, box, box) (box ≤ 0: unchanged)."""
+    if box <= 0 or box >= volume.shape[0]:
         return volume
-    f = np.fft.fftshift(np.fft.fftn(volume))
-    lo = big // 2 - box // 2
-    f = f[lo : lo + box, lo : lo + box, lo : lo + box]
-    return (np.fft.ifftn(np.fft.ifftshift(f)).real * (box / big) ** 3).astype(np.float32)
+    v = torch.from_numpy(np.asarray(volume, dtype=np.float64))
+    return fourier_crop_volume(v, box).float().numpy()
 
 
 def check_map(volume: np.ndarray, pixel_size: float, ref: FlexibleModel, path: str) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -17,23 +16,11 @@ from torch_fourier_shell_correlation import fourier_shell_correlation
 from .figures import pyplot, save_figure
 from .files import InputError, atomic_path
 from .flexible import load_model
+from .imaging import density
 from .model import read_structure
 from .mrc import read_mrc, write_mrc
 
 log = logging.getLogger(__name__)
-
-
-def density(
-    coords: torch.Tensor, weights: torch.Tensor, box: int, pixel_size: float, sigma_angstrom: float
-) -> torch.Tensor:
-    """Density (D, D, D) [z, y, x] of Gaussian atoms at `coords` (N, 3) Å, centre at D // 2
-    (matches the projector); differentiable in the coordinates."""
-    x = coords / pixel_size + box // 2
-    g = torch.arange(box, dtype=coords.dtype, device=coords.device)
-    s = sigma_angstrom / pixel_size
-    gx, gy, gz = (torch.exp(-((g - x[:, i : i + 1]) ** 2) / (2 * s * s)) for i in range(3))
-    vol = (gz * weights[:, None]).T @ (gy[:, :, None] * gx[:, None, :]).reshape(len(x), -1)
-    return vol.reshape(box, box, box) / ((2 * math.pi) ** 1.5 * sigma_angstrom**3)
 
 
 def model_map(

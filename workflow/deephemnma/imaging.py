@@ -1,4 +1,5 @@
-"""Imaging core: Gaussian projector of atomic models, RELION CTF, Fourier cropping, noise.
+"""Imaging core: Gaussian projector and densities of atomic models, RELION CTF, Fourier
+cropping, noise.
 
 Conventions (docs/protocol.md): arrays are ``img[..., y, x]``; the box centre is index D // 2; a model
 point r (Å, centred) seen with RELION matrix A lands at (A r)[:2] / pixel_size + shift (pixels from
@@ -141,6 +142,31 @@ def fourier_crop(images: torch.Tensor, box: int) -> torch.Tensor:
     f = f[..., lo : lo + box, lo : lo + box]
     out = torch.fft.ifft2(torch.fft.ifftshift(f, dim=(-2, -1))).real
     return out * (box / big) ** 2
+
+
+def density(
+    coords: torch.Tensor, weights: torch.Tensor, box: int, pixel_size: float, sigma_angstrom: float
+) -> torch.Tensor:
+    """Density (D, D, D) [z, y, x] of Gaussian atoms at `coords` (N, 3) Å, centre at D // 2
+    (matches the projector); differentiable in the coordinates."""
+    x = coords / pixel_size + box // 2
+    g = torch.arange(box, dtype=coords.dtype, device=coords.device)
+    s = sigma_angstrom / pixel_size
+    gx, gy, gz = (torch.exp(-((g - x[:, i : i + 1]) ** 2) / (2 * s * s)) for i in range(3))
+    vol = (gz * weights[:, None]).T @ (gy[:, :, None] * gx[:, None, :]).reshape(len(x), -1)
+    return vol.reshape(box, box, box) / ((2 * math.pi) ** 1.5 * sigma_angstrom**3)
+
+
+def fourier_crop_volume(volume: torch.Tensor, box: int) -> torch.Tensor:
+    """Fourier-crop a volume (D, D, D) to (box, box, box), keeping the voxel values' scale."""
+    big = volume.shape[-1]
+    if box >= big:
+        return volume
+    f = torch.fft.fftshift(torch.fft.fftn(volume), dim=(-3, -2, -1))
+    lo = big // 2 - box // 2
+    f = f[..., lo : lo + box, lo : lo + box, lo : lo + box]
+    out = torch.fft.ifftn(torch.fft.ifftshift(f, dim=(-3, -2, -1)), dim=(-3, -2, -1)).real
+    return out * (box / big) ** 3
 
 
 def add_noise(images: torch.Tensor, snr: float, generator: torch.Generator) -> torch.Tensor:

@@ -34,26 +34,16 @@ ATOM_CHUNK = 512  # atoms per density pass: bounds memory to ATOM_CHUNK × (box�
 def density(
     coords: torch.Tensor, weights: torch.Tensor, box: int, pixel_size: float, sigma: float
 ) -> torch.Tensor:
-    """Density (box, box, box) [z, y, x] of Gaussian atoms (coords in Å, centre at box // 2),
-    sampled finely enough for the atoms (≤ 1.1 σ per voxel) and Fourier-cropped to `box`."""
+    """Density (box, box, box) [z, y, x] of Gaussian atoms (`imaging.density`), sampled finely
+    enough for the atoms (≤ 1.1 σ per voxel), ATOM_CHUNK atoms at a time, Fourier-cropped to
+    `box` (`imaging.fourier_crop_volume`)."""
     over = max(1, math.ceil(pixel_size / (1.1 * sigma)))
     big, step = box * over, pixel_size / over
-    g = torch.arange(big, dtype=coords.dtype)
-    vol = torch.zeros(big, big * big, dtype=coords.dtype)
-    for i in range(0, len(coords), ATOM_CHUNK):
-        x = coords[i : i + ATOM_CHUNK] / step + big // 2
-        gx, gy, gz = (
-            torch.exp(-((g - x[:, j : j + 1]) ** 2) / (2 * (sigma / step) ** 2)) for j in range(3)
-        )
-        w = weights[i : i + ATOM_CHUNK, None]
-        vol += (gz * w).T @ (gy[:, :, None] * gx[:, None, :]).reshape(len(x), -1)
-    vol = vol.reshape(big, big, big) / ((2 * math.pi) ** 1.5 * sigma**3)
-    if over == 1:
-        return vol
-    f = torch.fft.fftshift(torch.fft.fftn(vol), dim=(0, 1, 2))
-    lo = big // 2 - box // 2
-    f = f[lo : lo + box, lo : lo + box, lo : lo + box]
-    return torch.fft.ifftn(torch.fft.ifftshift(f, dim=(0, 1, 2))).real / over**3
+    vol = sum(
+        imaging.density(coords[i : i + ATOM_CHUNK], weights[i : i + ATOM_CHUNK], big, step, sigma)
+        for i in range(0, len(coords), ATOM_CHUNK)
+    )
+    return imaging.fourier_crop_volume(vol, box)
 
 
 def perturb_poses(
