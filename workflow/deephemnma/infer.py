@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import geometry, imaging
+from . import geometry
 from .files import InputError, require_file
 from .io import (
     EULER_COLUMNS,
@@ -172,15 +172,8 @@ def predict(
         x = preprocess(imgs, meta["box"])
         if views is not None:
             rows = np.arange(pos, pos + len(x))
-            box = meta["box"]
-            c = (
-                imaging.particle_ctf(ctf, rows, views.pixel_size, box, device)
-                if ctf is not None
-                else None
-            )
-            euler = torch.tensor(poses[0][rows], device=device)
-            shifts = torch.tensor(poses[1][rows] * box / ps.box, device=device)
-            x = torch.cat([x, views.render(euler, shifts, c).to(x.dtype)], 1)
+            v = views.of_particles(poses[0][rows], poses[1][rows], ps.box, ctf, rows, device)
+            x = torch.cat([x, v.to(x.dtype)], 1)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             y = net(x)

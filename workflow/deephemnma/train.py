@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from . import geometry, imaging, quality
+from . import geometry, quality
 from .figures import pyplot, save_figure
 from .files import InputError, atomic_path, require_file
 from .flexible import FlexibleModel
@@ -450,15 +450,12 @@ class Trainer:
         self, euler: np.ndarray, shifts_px: np.ndarray, ctf: dict | None, seed: int
     ) -> torch.Tensor:
         """Views (n, K + 1, box, box) at perturbed poses (shifts in pixels of the particles)."""
-        s, box = self.s, self.box
+        s = self.s
         euler, shifts = perturb_poses(euler, shifts_px, s.view_noise_deg, s.view_noise_px, seed)
-        shifts = shifts * box / self.ps.box
-        px = self.views.pixel_size
-        out = []
-        for i in range(0, len(euler), 512):
-            rows = np.arange(i, min(i + 512, len(euler)))
-            c = imaging.particle_ctf(ctf, rows, px, box) if ctf is not None else None
-            out.append(self.views.render(torch.tensor(euler[rows]), torch.tensor(shifts[rows]), c))
+        out = [
+            self.views.of_particles(euler[r], shifts[r], self.ps.box, ctf, r)
+            for r in np.array_split(np.arange(len(euler)), max(1, -(-len(euler) // 512)))
+        ]
         return torch.cat(out).to(self.device)
 
     def _loader(self, rows: np.ndarray, shuffle: bool):

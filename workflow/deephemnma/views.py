@@ -97,6 +97,26 @@ class ModeViews:
         vols = [density(t(x), w, box, pixel_size, sigma_angstrom) for x in moved]
         return cls(torch.stack(vols).float(), pixel_size)
 
+    def of_particles(
+        self,
+        euler: np.ndarray,
+        shifts_px: np.ndarray,
+        particle_box: int,
+        ctf_params: dict | None,
+        rows: np.ndarray,
+        device=None,
+    ) -> torch.Tensor:
+        """`render` for particles `rows`: Euler angles (n, 3) and shifts (n, 2) in pixels of the
+        particles' box (indexed by position in `rows`' batch), CTFs from
+        `ParticleSet.ctf_params()` arrays (None: no CTF)."""
+        box = self.volumes.shape[-1]
+        ctf = None
+        if ctf_params is not None:
+            ctf = imaging.particle_ctf(ctf_params, rows, self.pixel_size, box, device)
+        euler = torch.as_tensor(euler, device=device)
+        shifts = torch.as_tensor(shifts_px * box / particle_box, device=device)
+        return self.render(euler, shifts, ctf)
+
     def render(
         self, euler: torch.Tensor, shifts_px: torch.Tensor, ctf: torch.Tensor | None
     ) -> torch.Tensor:
