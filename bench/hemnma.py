@@ -6,6 +6,7 @@ distance to ground truth (mean/std, degrees), |amplitude error| per mode, shift 
 seconds per image per CPU core (wall × threads / images).
 
 Usage: python bench/hemnma.py [--n-images 200] [--box 128] [--no-noise] [--amplitude-prior 0]
+       [--threads 1]
 """
 
 import argparse
@@ -59,7 +60,11 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=hemnma.AlignSettings.candidates)
     p.add_argument("--n-directions", type=int, default=hemnma.AlignSettings.n_directions)
     p.add_argument("--amplitude-prior", type=float, default=hemnma.AlignSettings.amplitude_prior)
+    p.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (1: as one MPI rank per core runs)"
+    )
     a = p.parse_args()
+    torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as d:
         reference_set(d, a.n_images, a.box, not a.no_noise)

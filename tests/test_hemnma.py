@@ -76,6 +76,23 @@ def test_noise_free_recovery(adk_model_files, tmp_path, monkeypatch, ctf):
     assert res["cost"].max() < 0.02
 
 
+def test_a_batch_gives_what_one_image_at_a_time_gives(adk_model_files, tmp_path, monkeypatch):
+    """Batching cannot change the answer: 6 images in one batch = each image alone (1e-3)."""
+    star = simulate(tmp_path, adk_model_files, 6, 32, 4.4, True, seed=5)
+    monkeypatch.chdir(tmp_path)
+    ps = ParticleSet(star)
+    model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
+    settings = hemnma.AlignSettings(coarse_box=16, n_directions=100, iterations=(8, 12))
+    out = []
+    for batch in (6, 1):
+        al = hemnma.Aligner(
+            model, ps.box, ps.pixel_size, replace(settings, batch=batch), torch.device("cpu")
+        )
+        out.append(hemnma.align_rows(ps, np.arange(len(ps)), al))
+    for key in ("euler", "shifts_px", "amplitudes", "cost"):
+        np.testing.assert_allclose(out[0][key], out[1][key], atol=1e-3, err_msg=key)
+
+
 def test_global_search_finds_the_orientation(adk_model_files, tmp_path, monkeypatch):
     star = simulate(tmp_path, adk_model_files, 6, 32, 4.4, True, seed=2)
     monkeypatch.chdir(tmp_path)

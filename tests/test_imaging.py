@@ -22,12 +22,13 @@ def test_one_atom_lands_at_expected_pixel():
     px, box = 2.0, 48
     img = imaging.project(coords, a, shift, torch.ones(1, dtype=torch.float64), box, px, 3.0)[0]
     expected = (a[0] @ coords[0])[:2].numpy() / px + shift[0].numpy() + box // 2
-    # centroid of the blob = expected (x, y); its integral = weight / pixel area
+    # centroid of the blob = expected (x, y); its integral = weight / pixel area (the footprint
+    # cut at 4 sigma leaves out < 1e-4 of the atom)
     yy, xx = np.mgrid[:box, :box]
     im = img.numpy()
     centroid = np.array([(im * xx).sum(), (im * yy).sum()]) / im.sum()
-    np.testing.assert_allclose(centroid, expected, atol=1e-6)
-    assert im.sum() * px * px == pytest.approx(1.0, rel=1e-6)
+    np.testing.assert_allclose(centroid, expected, atol=1e-4)
+    assert im.sum() * px * px == pytest.approx(1.0, rel=1e-4)
     # a z displacement is invisible at tilt 0, psi 0, rot 0: projection along z
     ident = torch.eye(3, dtype=torch.float64)[None]
     zero = torch.zeros(1, 2, dtype=torch.float64)
@@ -35,6 +36,28 @@ def test_one_atom_lands_at_expected_pixel():
     c2 = coords + torch.tensor([0.0, 0.0, 9.0], dtype=torch.float64)
     p2 = imaging.project(c2, ident, zero, torch.ones(1, dtype=torch.float64), box, px, 1.5)
     np.testing.assert_allclose(p1.numpy(), p2.numpy())
+
+
+def test_projector_matches_the_untruncated_gaussian_sum():
+    """The footprint splat equals the sum of every atom's full Gaussian over every pixel, written
+    out in numpy; atoms near and beyond the edges included; gradients match finite differences."""
+    rng = np.random.default_rng(3)
+    box, px, sigma = 40, 1.3, 1.4
+    coords = torch.tensor(rng.uniform(-30, 30, (2, 60, 3)))
+    rot = geometry.euler_to_matrix(torch.tensor(rng.uniform(-180, 180, (2, 3))))
+    shift = torch.tensor(rng.uniform(-3, 3, (2, 2)))
+    w = torch.tensor(rng.uniform(0.5, 2.0, 60))
+    got = imaging.project(coords, rot, shift, w, box, px, sigma).numpy()
+    pos = np.einsum("bij,bnj->bni", rot.numpy()[:, :2], coords.numpy()) / px
+    pos += shift.numpy()[:, None] + box // 2
+    yy, xx = np.mgrid[:box, :box]
+    d2 = (xx - pos[..., 0, None, None]) ** 2 + (yy - pos[..., 1, None, None]) ** 2
+    g = np.exp(-d2 / (2 * (sigma / px) ** 2)) * w.numpy()[:, None, None]
+    want = g.sum(1) / (2 * math.pi * sigma**2)
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+    c = coords[:1, :5].clone().requires_grad_(True)
+    args = (rot[:1], shift[:1], w[:5], box, px, sigma)
+    assert torch.autograd.gradcheck(lambda x: imaging.project(x, *args), (c,))
 
 
 def test_inplane_rotation_equals_rotating_the_projection():
@@ -130,6 +153,19 @@ def test_fourier_crop_keeps_band_limited_content():
     )
     expected = 3.0 + torch.cos(2 * math.pi * 3 * xx2 / 32) + torch.sin(2 * math.pi * 5 * yy2 / 32)
     np.testing.assert_allclose(small.numpy(), expected.numpy(), atol=1e-9)
+
+
+@pytest.mark.parametrize("big,box", [(128, 64), (130, 64), (129, 64), (128, 63), (129, 63)])
+def test_fourier_crop_equals_cutting_out_the_centred_spectrum(big, box):
+    """The rfft-grid crop equals the crop of the full centred spectrum (numpy), Nyquist rows,
+    columns and odd sizes included."""
+    x = np.random.default_rng(big + box).normal(size=(2, big, big))
+    f = np.fft.fftshift(np.fft.fft2(x), axes=(-2, -1))
+    lo = big // 2 - box // 2
+    f = f[..., lo : lo + box, lo : lo + box]
+    want = np.fft.ifft2(np.fft.ifftshift(f, axes=(-2, -1))).real * (box / big) ** 2
+    got = imaging.fourier_crop(torch.from_numpy(x), box).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-12)
 
 
 def test_noise_snr():

@@ -232,8 +232,9 @@ class Target:
         with; correlation weights stop at 0.85 × Nyquist, where that sharpening stays moderate.
         """
         sigma_p = max(sigma_angstrom, 0.75 * self.pixel_size)
-        s2 = imaging.frequency_squared(self.box, self.pixel_size, self.ctf.device)
-        filt = torch.exp(-2 * math.pi**2 * (sigma_angstrom**2 - sigma_p**2) * s2)
+        dev = self.ctf.device
+        filt = imaging.widen_gaussians(self.box, self.pixel_size, sigma_p, sigma_angstrom, dev)
+        s2 = imaging.frequency_squared(self.box, self.pixel_size, dev)
         w = rfft_weights(self.box, self.ctf.device) * (s2 <= (0.85 / (2 * self.pixel_size)) ** 2)
         return sigma_p, filt, w
 

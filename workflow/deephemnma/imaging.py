@@ -16,6 +16,47 @@ from torch_ctf import calculate_ctf_2d
 
 # exp() of arguments below about -88 takes a slow denormal path in float32; nothing below matters
 _EXP_FLOOR = -60.0
+# the projector evaluates each atom's Gaussian this many widths around it
+FOOTPRINT_SIGMAS = 4.0
+CPU_CHUNK = 2**20  # footprint values per projector call on the CPU
+
+
+class _FootprintSplat(torch.autograd.Function):
+    """Images (B, box, box) of separable Gaussians at pixel positions `pos` (B, N, 2) with
+    weights `w` (B, N), each evaluated on its footprint of 2 * half pixels per axis; the
+    gradient flows to the positions only.
+
+    Footprints are added into an image padded by 2 * half on each side; an atom whose footprint
+    would leave the padded image lies wholly outside the box, so it is clamped into the margin.
+    """
+
+    @staticmethod
+    def forward(ctx, pos, w, box: int, sigma_px: float, half: int):
+        width, pad = 2 * half, 2 * half
+        size = box + 2 * pad
+        start = torch.floor(pos) - (half - 1)  # (B, N, 2): first pixel of each footprint
+        offsets = torch.arange(width, device=pos.device, dtype=pos.dtype)
+        d = start[..., None] + offsets - pos[..., None]  # (B, N, 2, W) pixel - atom
+        g = torch.exp((d * d * (-0.5 / sigma_px**2)).clamp_min(_EXP_FLOOR))
+        vals = (g[:, :, 1, :, None] * w[..., None, None]) * g[:, :, 0, None, :]  # [y, x]
+        corner = (start + pad).clamp(0, size - width).long()
+        pattern = (offsets[:, None] * size + offsets[None, :]).long().flatten()
+        flat = ((corner[..., 1] * size + corner[..., 0])[..., None] + pattern).flatten(1)
+        img = pos.new_zeros(len(pos), size * size).scatter_add_(1, flat, vals.flatten(1))
+        ctx.save_for_backward(flat, g, d, w)
+        ctx.sigma_px, ctx.pad = sigma_px, pad
+        return img.view(-1, size, size)[:, pad : pad + box, pad : pad + box].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat, g, d, w = ctx.saved_tensors
+        b, n, _, width = g.shape
+        grad = torch.nn.functional.pad(grad, (ctx.pad,) * 4).flatten(1)
+        near = grad.gather(1, flat).view(b, n, width, width)  # [y, x] around each atom
+        tx = (g[:, :, 1, None, :] @ near)[:, :, 0]  # Σ_y gy · grad: (B, N, W) along x
+        ty = (near @ g[:, :, 0, :, None])[..., 0]  # Σ_x grad · gx: along y
+        dpos = (torch.stack([tx, ty], 2) * g * d).sum(-1) * (w[..., None] / ctx.sigma_px**2)
+        return dpos, None, None, None, None
 
 
 def project(
@@ -34,21 +75,38 @@ def project(
     coords : (B, N, 3) or (N, 3) model coordinates in Å, centred.
     rotation : (B, 3, 3) RELION matrices A.
     shift_px : (B, 2) particle displacement (x, y) in pixels.
-    weights : (N,) or (B, N) scattering weights.
+    weights : (N,) or (B, N) scattering weights (no gradient flows to them).
     sigma_angstrom : width of each atom's Gaussian in Å.
 
-    Each atom integrates to its weight per Å², so values do not depend on the pixel size.
-    Separable Gaussians make the sum a batched matmul: img = Gyᵀ diag(w) Gx.
+    Each atom integrates to its weight per Å², so values do not depend on the pixel size. Each
+    atom's Gaussian is evaluated on a square footprint reaching ≥ FOOTPRINT_SIGMAS σ on every
+    side (beyond it the Gaussian is below exp(-8) of its peak) and added in by scatter-add: the
+    cost grows with the atoms, not with the box.
     """
     xy = torch.matmul(coords, rotation.transpose(-1, -2)[..., :2])  # (B, N, 2) Å
     pos = xy / pixel_size + shift_px[:, None, :] + box // 2  # pixel index coordinates
-    grid = torch.arange(box, device=coords.device, dtype=coords.dtype)
-    inv = 1.0 / (2.0 * (sigma_angstrom / pixel_size) ** 2)
-    gx = torch.exp((-inv * (grid - pos[..., 0:1]) ** 2).clamp_min(_EXP_FLOOR))  # (B, N, D)
-    gy = torch.exp((-inv * (grid - pos[..., 1:2]) ** 2).clamp_min(_EXP_FLOOR))
-    w = weights if weights.dim() == 2 else weights[None]
-    img = torch.matmul((gy * w[..., None]).transpose(-1, -2), gx)  # (B, D, D): [y, x]
+    sigma_px = sigma_angstrom / pixel_size
+    half = math.ceil(FOOTPRINT_SIGMAS * sigma_px) + 1
+    w = (weights if weights.dim() == 2 else weights[None]).expand(len(pos), -1).to(pos.dtype)
+    step = len(pos)
+    if pos.device.type == "cpu":  # a few images at a time keep the footprints in cache (2-3x)
+        step = max(1, CPU_CHUNK // (pos.shape[1] * 4 * half**2))
+    img = torch.cat(
+        [
+            _FootprintSplat.apply(pos[i : i + step], w[i : i + step], box, sigma_px, half)
+            for i in range(0, len(pos), step)
+        ]
+    )
     return img / (2.0 * math.pi * sigma_angstrom**2)
+
+
+def widen_gaussians(
+    box: int, pixel_size: float, sigma_from: float, sigma_to: float, device=None
+) -> torch.Tensor:
+    """Filter on the rfft grid (box, box // 2 + 1) that turns Gaussian atoms of width
+    `sigma_from` into width `sigma_to` (Å): exp(-2π² (sigma_to² - sigma_from²) |s|²)."""
+    s2 = frequency_squared(box, pixel_size, device)
+    return torch.exp(-2 * math.pi**2 * (sigma_to**2 - sigma_from**2) * s2)
 
 
 def electron_wavelength(voltage_kv: float) -> float:
@@ -131,17 +189,25 @@ def apply_ctf(images: torch.Tensor, ctf_rfft: torch.Tensor) -> torch.Tensor:
 
 
 def fourier_crop(images: torch.Tensor, box: int) -> torch.Tensor:
-    """Fourier-crop images (..., D, D) to (..., box, box), keeping pixel values (the mean)."""
+    """Fourier-crop images (..., D, D) to (..., box, box), keeping pixel values (the mean).
+
+    Keeps the frequencies -box // 2 ... (box - 1) // 2 of each axis (as centring the spectrum
+    and cutting it out does); computed on the rfft grid.
+    """
     big = images.shape[-1]
     if box == big:
         return images
     if box > big:
         raise ValueError(f"cannot Fourier-crop a {big}-pixel image to {box} pixels")
-    f = torch.fft.fftshift(torch.fft.fft2(images), dim=(-2, -1))
-    lo = big // 2 - box // 2
-    f = f[..., lo : lo + box, lo : lo + box]
-    out = torch.fft.ifft2(torch.fft.ifftshift(f, dim=(-2, -1))).real
-    return out * (box / big) ** 2
+    h = box // 2
+    f = torch.fft.rfft2(images)[..., : h + 1]
+    crop = torch.cat([f[..., : h + box % 2, :], f[..., big - h :, :]], -2)
+    if box % 2 == 0:
+        # frequency h is kept as -h only: the real image of the kept spectrum is that of the
+        # average of rows -h and +h, and at the corner (-h, -h) of the real part of F(h, h)
+        crop[..., h, :] = (crop[..., h, :] + f[..., h, :]) / 2
+        crop[..., h, h] = f[..., h, h]
+    return torch.fft.irfft2(crop, s=(box, box)) * (box / big) ** 2
 
 
 def density(

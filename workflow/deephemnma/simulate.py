@@ -120,8 +120,13 @@ def render(
     shift = torch.tensor(table_shifts_px(params, cfg.pixel_size), dtype=dt, device=dev)
     big, px_big = cfg.box * cfg.oversample, cfg.pixel_size / cfg.oversample
     shift = shift * cfg.oversample  # in pixels of the oversampled box
-    proj = imaging.project(deformed, rot, shift, model.weights, big, px_big, cfg.sigma_angstrom)
-    clean = imaging.fourier_crop(proj, cfg.box)
+    # atoms are splatted no wider than one oversampled pixel (small footprints), then widened
+    # to their width in Fourier space; what aliases back into the kept band is below 1e-4
+    narrow = min(cfg.sigma_angstrom, px_big)
+    proj = imaging.project(deformed, rot, shift, model.weights, big, px_big, narrow)
+    widen = imaging.widen_gaussians(cfg.box, cfg.pixel_size, narrow, cfg.sigma_angstrom, dev)
+    spectrum = torch.fft.rfft2(imaging.fourier_crop(proj, cfg.box)) * widen
+    clean = torch.fft.irfft2(spectrum, s=(cfg.box, cfg.box))
     out = {"clean": clean}
     if cfg.ctf:
         c = imaging.ctf(
@@ -135,7 +140,7 @@ def render(
             cfg.box,
             bfactor=cfg.bfactor,
         )
-        out["ctf"] = imaging.apply_ctf(clean, c)
+        out["ctf"] = torch.fft.irfft2(spectrum * c, s=(cfg.box, cfg.box))
     else:
         out["ctf"] = clean
     if cfg.snr is not None:
