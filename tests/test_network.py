@@ -306,6 +306,13 @@ def test_predict_matches_direct_forward(labelled, monkeypatch, tmp_path):
     assert cli([*args, "--variance"]) == 0
     net, meta = infer.load_network(str(tmp_path / "network.pt"), torch.device("cpu"))
     ps = ParticleSet(labelled / "p.star")
+    # the loaded network has its batch norms folded into the convolutions: same outputs
+    plain = build_network(meta["arch"], meta["n_out"]).eval()
+    plain.load_state_dict(meta["state_dict"])
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    with torch.no_grad():
+        x = preprocess(torch.from_numpy(ps.images[np.arange(5)]), meta["box"])
+        np.testing.assert_allclose(net(x).numpy(), plain(x).numpy(), rtol=1e-4, atol=1e-5)
     streamed = infer.predict(net, meta, ps, torch.device("cpu"), 64, 0)
     bf16 = infer.bf16_supported(torch.device("cpu"))  # predict uses bf16 where the CPU has it
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
