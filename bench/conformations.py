@@ -264,8 +264,9 @@ def align_and_report(
     aligners = [hemnma.Aligner(r, cfg.box, cfg.pixel_size, settings, cpu) for r in used]
     t0 = time.perf_counter()
     parts = []
-    for start in range(0, a.n_images, settings.batch):
-        r = np.arange(start, min(start + settings.batch, a.n_images))
+    bs = aligners[0].batch
+    for start in range(0, a.n_images, bs):
+        r = np.arange(start, min(start + bs, a.n_images))
         parts.append(hemnma.align_best(aligners, images[r], ctf, r, True))
     wall = time.perf_counter() - t0
     res = {k: np.concatenate([x[k] for x in parts]) for k in parts[0]}

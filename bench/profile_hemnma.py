@@ -121,7 +121,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--boxes", default="64,128")
     p.add_argument("--n-images", type=int, default=16)
-    p.add_argument("--batch", type=int, default=hemnma.AlignSettings.batch)
+    p.add_argument("--batch", type=int, default=8)
     a = p.parse_args()
     for box in map(int, a.boxes.split(",")):
         profile_box(box, a.n_images, a.batch)

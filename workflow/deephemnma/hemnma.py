@@ -72,7 +72,7 @@ class AlignSettings:
     min_separation_deg: float = 20.0
     max_shift_px: float = 6.0  # search window, pixels of the full box
     iterations: tuple[int, int] = (40, 60)
-    batch: int = 8
+    batch: int | None = None  # images aligned at once; None: 8 on a CPU, 128 on a GPU
     sigma_angstrom: float = 1.0
     lr_amplitude: float = 6.0
     lr_rotation: float = 0.02  # radians
@@ -496,6 +496,7 @@ class Aligner:
         device: torch.device,
     ):
         self.s, self.box, self.px, self.dev = settings, box, pixel_size, device
+        self.batch = settings.batch or (128 if device.type == "cuda" else 8)
         self.model = model.to(device)
         self.prior_sd = None
         if settings.amplitude_prior > 0:
@@ -652,7 +653,7 @@ def align_rows(
     aligners = [aligner] if isinstance(aligner, Aligner) else list(aligner)
     ctf_params = ps.ctf_params()
     parts: list[dict] = []
-    bs = aligners[0].s.batch
+    bs = aligners[0].batch
     for first in tqdm(range(0, len(rows), bs), desc=desc, unit="batch", mininterval=10):
         r = rows[first : first + bs]
         st = None if start is None else start.take(r)
@@ -744,7 +745,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=list(d.iterations),
         help="refinement iterations at the coarse box, then at the full box",
     )
-    p.add_argument("--batch", type=int, default=d.batch, help="images aligned at once")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="images aligned at once (default: 8 on a CPU, 128 on a GPU)",
+    )
     p.add_argument(
         "--sigma-angstrom", type=float, default=d.sigma_angstrom, help="atom Gaussian width (Å)"
     )
