@@ -109,6 +109,28 @@ def test_global_search_finds_the_orientation(adk_model_files, tmp_path, monkeypa
     assert np.median(best) < 12.0
 
 
+def test_separated_candidates_follow_the_greedy_rule():
+    """Each row's choice equals the greedy loop written out: walk the candidates best first,
+    keep one if it is more than the separation from every one kept, repeat the last if short."""
+    rng = np.random.default_rng(0)
+    euler = rng.uniform(-180, 180, (5, 40, 3)) * np.array([1, 0.25, 1])  # crowded in tilt
+    quat = geometry.euler_to_quaternion(euler)
+    got = hemnma.separated(torch.tensor(quat), 4, 30.0).numpy()
+    for b in range(5):
+        kept: list[int] = []
+        for m in range(40):
+            d = [geometry.quaternion_distance_deg(quat[b, m], quat[b, p]) for p in kept]
+            if all(x > 30.0 for x in d):
+                kept.append(m)
+            if len(kept) == 4:
+                break
+        kept += [kept[-1]] * (4 - len(kept))
+        assert got[b].tolist() == kept
+    # all candidates in one place: the first, repeated
+    same = torch.tensor(np.repeat(quat[:1, :1], 6, 1))
+    assert hemnma.separated(same, 3, 10.0).tolist() == [[0, 0, 0]]
+
+
 def test_gallery_rotation_matches_projection(adk_model_files):
     m = load_model(adk_model_files / "model.npz")
     t = lambda a: torch.tensor(a, dtype=torch.float32)

@@ -322,7 +322,7 @@ class Gallery:
         self.power = torch.cat(power, 1).contiguous()
         self.euler = np.tile(grid_euler, (len(amps), 1))
         self.amplitudes = np.repeat(amps, len(grid_euler), 0)
-        self.quat = geometry.euler_to_quaternion(self.euler)
+        self.quat = torch.tensor(geometry.euler_to_quaternion(self.euler), dtype=dt, device=dev)
 
 
 def global_search(
@@ -355,27 +355,29 @@ def global_search(
     norm = torch.sqrt((w * target.ctf**2).flatten(1) @ gallery.power)
     cc = cc / norm[:, None, :]
     best, idx = cc.max(1)  # over shifts: (B, M)
-    score = best.cpu().numpy()
-    shift = (lags[idx] * scale).cpu().numpy()  # (B, M, 2)
-    eulers, shifts, amps = [], [], []
-    for b in range(score.shape[0]):
-        order = np.argsort(-score[b])[: 64 * settings.candidates]
-        picked: list[int] = []
-        for m in order:
-            q = gallery.quat[m]
-            if all(
-                geometry.quaternion_distance_deg(q, gallery.quat[p]) > settings.min_separation_deg
-                for p in picked
-            ):
-                picked.append(m)
-                if len(picked) == settings.candidates:
-                    break
-        while len(picked) < settings.candidates:
-            picked.append(picked[-1])
-        eulers.append(gallery.euler[picked])
-        shifts.append(shift[b, picked])
-        amps.append(gallery.amplitudes[picked])
-    return np.array(eulers), np.array(shifts), np.array(amps)
+    top = best.topk(min(64 * settings.candidates, best.shape[1]), dim=1).indices  # best first
+    chosen = top.gather(
+        1, separated(gallery.quat[top], settings.candidates, settings.min_separation_deg)
+    )  # (B, C) gallery entries
+    shifts = (lags[idx.gather(1, chosen)] * scale).cpu().numpy()
+    chosen = chosen.cpu().numpy()
+    return gallery.euler[chosen], shifts, gallery.amplitudes[chosen]
+
+
+def separated(quat: torch.Tensor, n: int, min_deg: float) -> torch.Tensor:
+    """Greedy choice, per row of candidates ordered best first (quat: (B, T, 4) unit
+    quaternions), of the first `n` that are each more than `min_deg` from those chosen before;
+    positions (B, n) in the rows, the last choice repeated when fewer qualify."""
+    near = (quat @ quat.transpose(-1, -2)).abs() >= math.cos(math.radians(min_deg) / 2)
+    free = torch.ones(quat.shape[:2], dtype=torch.bool, device=quat.device)
+    rows = torch.arange(len(quat), device=quat.device)
+    picks: list[torch.Tensor] = []
+    for _ in range(n):
+        first = free.float().argmax(1)  # the first free candidate
+        pick = first if not picks else torch.where(free.any(1), first, picks[-1])
+        picks.append(pick)
+        free &= ~near[rows, pick]
+    return torch.stack(picks, 1)
 
 
 def skew(v: torch.Tensor) -> torch.Tensor:
