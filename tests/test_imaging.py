@@ -58,6 +58,8 @@ def test_projector_matches_the_untruncated_gaussian_sum():
     c = coords[:1, :5].clone().requires_grad_(True)
     args = (rot[:1], shift[:1], w[:5], box, px, sigma)
     assert torch.autograd.gradcheck(lambda x: imaging.project(x, *args), (c,))
+    empty = imaging.project(coords[:0], rot[:0], shift[:0], w, box, px, sigma)
+    assert empty.shape == (0, box, box)
 
 
 def test_inplane_rotation_equals_rotating_the_projection():

@@ -94,7 +94,7 @@ def project(
     img = torch.cat(
         [
             _FootprintSplat.apply(pos[i : i + step], w[i : i + step], box, sigma_px, half)
-            for i in range(0, len(pos), step)
+            for i in range(0, max(len(pos), 1), step)  # an empty batch gives (0, box, box)
         ]
     )
     return img / (2.0 * math.pi * sigma_angstrom**2)
