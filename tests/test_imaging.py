@@ -62,6 +62,26 @@ def test_projector_matches_the_untruncated_gaussian_sum():
     assert empty.shape == (0, box, box)
 
 
+def test_projector_in_chunks_equals_one_call(monkeypatch):
+    """Images and gradients do not depend on how the batch is cut (float32, per-image weights);
+    an image with a NaN atom is NaN, the others are untouched."""
+    rng = np.random.default_rng(4)
+    coords = torch.tensor(rng.uniform(-20, 20, (5, 30, 3)), dtype=torch.float32)
+    rot = geometry.euler_to_matrix(torch.tensor(rng.uniform(-180, 180, (5, 3)))).float()
+    w = torch.tensor(rng.uniform(0.5, 2.0, (5, 30)), dtype=torch.float32)
+    out = []
+    for chunk in (2**20, 30 * 64):  # one call; two images per call
+        monkeypatch.setattr(imaging, "CPU_CHUNK", chunk)
+        c = coords.clone().requires_grad_(True)
+        img = imaging.project(c, rot, torch.zeros(5, 2), w, 32, 1.5, 1.5)
+        (img * torch.arange(32.0)).sum().backward()
+        out.append((img.detach(), c.grad))
+    assert torch.equal(out[0][0], out[1][0]) and torch.allclose(out[0][1], out[1][1])
+    coords[2, 7, 0] = math.nan
+    img = imaging.project(coords, rot, torch.zeros(5, 2), w, 32, 1.5, 1.5)
+    assert torch.isnan(img[2]).all() and torch.equal(img[[0, 1, 3, 4]], out[0][0][[0, 1, 3, 4]])
+
+
 def test_inplane_rotation_equals_rotating_the_projection():
     rng = np.random.default_rng(0)
     coords = torch.tensor(rng.normal(scale=8.0, size=(40, 3)))

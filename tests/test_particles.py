@@ -118,6 +118,29 @@ def test_simulate_reproducible_and_matches_direct_projection(adk_model_files):
     np.testing.assert_allclose(out["clean"][2].numpy(), ref.numpy(), atol=1e-10)
 
 
+@pytest.mark.parametrize("max_shift_px", [2.0, 14.0])  # atoms inside; atoms past the edges
+def test_oversampled_render_equals_projecting_atoms_at_their_width(adk_model_files, max_shift_px):
+    """Narrow atoms widened in Fourier space (inside) or atoms at full width (near the edges):
+    the images equal the atoms projected at their width on the oversampled grid and cropped."""
+    from deephemnma.flexible import FlexibleModel
+
+    flexible = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
+    cfg = sim_config(
+        seed=5, pixel_size=2.0, box=48, oversample=2, sigma_angstrom=1.6, ctf=False,
+        max_shift_px=max_shift_px,
+    )  # fmt: skip
+    params = simulate.draw_parameters(4, flexible.mode_numbers, cfg)
+    f64 = flexible.to(dtype=torch.float64)
+    out = simulate.render(f64, params, cfg, torch.Generator())["clean"].numpy()
+    t = lambda a: torch.tensor(np.asarray(a, dtype=float))
+    amps = params[["dhAmplitudeMode7", "dhAmplitudeMode8", "dhAmplitudeMode9"]].to_numpy(float)
+    rot = geometry.euler_to_matrix(t(params[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]]))
+    shift = -t(params[["rlnOriginXAngst", "rlnOriginYAngst"]]) / 1.0  # pixels of the 96-px grid
+    proj = imaging.project(f64.deform(t(amps)), rot, shift, f64.weights, 96, 1.0, 1.6)
+    want = imaging.fourier_crop(proj, 48).numpy()
+    assert np.abs(out - want).max() < 1e-4 * np.abs(want).max()
+
+
 def test_amplitude_distributions():
     rng = np.random.default_rng(0)
     u = simulate.draw_amplitudes(4000, 3, "uniform", 150, 3, rng)

@@ -377,6 +377,7 @@ def separated(quat: torch.Tensor, n: int, min_deg: float) -> torch.Tensor:
         pick = first if not picks else torch.where(free.any(1), first, picks[-1])
         picks.append(pick)
         free &= ~near[rows, pick]
+        free[rows, pick] = False
     return torch.stack(picks, 1)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch_ctf import calculate_ctf_2d
 
 # exp() of arguments below about -88 takes a slow denormal path in float32; nothing below matters
@@ -19,6 +20,15 @@ _EXP_FLOOR = -60.0
 # the projector evaluates each atom's Gaussian this many widths around it
 FOOTPRINT_SIGMAS = 4.0
 CPU_CHUNK = 2**20  # footprint values per projector call on the CPU
+GPU_CHUNK = 2**26  # and on a GPU (≈ 0.8 GB of values and indices)
+
+
+def _footprint_index(corner: torch.Tensor, size: int, width: int) -> torch.Tensor:
+    """Flat pixel indices (B, N·W²) of the W × W footprints whose first pixels are `corner`
+    (B, N, 2: x, y) in an image of size × size."""
+    offsets = torch.arange(width, device=corner.device)
+    pattern = (offsets[:, None] * size + offsets[None, :]).flatten()
+    return ((corner[..., 1] * size + corner[..., 0])[..., None] + pattern).flatten(1)
 
 
 class _FootprintSplat(torch.autograd.Function):
@@ -28,6 +38,7 @@ class _FootprintSplat(torch.autograd.Function):
 
     Footprints are added into an image padded by 2 * half on each side; an atom whose footprint
     would leave the padded image lies wholly outside the box, so it is clamped into the margin.
+    An image with a non-finite position is NaN.
     """
 
     @staticmethod
@@ -39,24 +50,40 @@ class _FootprintSplat(torch.autograd.Function):
         d = start[..., None] + offsets - pos[..., None]  # (B, N, 2, W) pixel - atom
         g = torch.exp((d * d * (-0.5 / sigma_px**2)).clamp_min(_EXP_FLOOR))
         vals = (g[:, :, 1, :, None] * w[..., None, None]) * g[:, :, 0, None, :]  # [y, x]
-        corner = (start + pad).clamp(0, size - width).long()
-        pattern = (offsets[:, None] * size + offsets[None, :]).long().flatten()
-        flat = ((corner[..., 1] * size + corner[..., 0])[..., None] + pattern).flatten(1)
+        corner = torch.nan_to_num(start + pad, nan=0.0).clamp(0, size - width).long()
+        flat = _footprint_index(corner, size, width)
         img = pos.new_zeros(len(pos), size * size).scatter_add_(1, flat, vals.flatten(1))
-        ctx.save_for_backward(flat, g, d, w)
+        img = img.view(-1, size, size)[:, pad : pad + box, pad : pad + box].contiguous()
+        img[~torch.isfinite(pos).flatten(1).all(1)] = math.nan
+        ctx.save_for_backward(corner, g, d, w)
         ctx.sigma_px, ctx.pad = sigma_px, pad
-        return img.view(-1, size, size)[:, pad : pad + box, pad : pad + box].contiguous()
+        return img
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
-        flat, g, d, w = ctx.saved_tensors
+        corner, g, d, w = ctx.saved_tensors
         b, n, _, width = g.shape
-        grad = torch.nn.functional.pad(grad, (ctx.pad,) * 4).flatten(1)
-        near = grad.gather(1, flat).view(b, n, width, width)  # [y, x] around each atom
+        grad = torch.nn.functional.pad(grad, (ctx.pad,) * 4)
+        flat = _footprint_index(corner, grad.shape[-1], width)
+        near = grad.flatten(1).gather(1, flat).view(b, n, width, width)  # [y, x] near each atom
         tx = (g[:, :, 1, None, :] @ near)[:, :, 0]  # Σ_y gy · grad: (B, N, W) along x
         ty = (near @ g[:, :, 0, :, None])[..., 0]  # Σ_x grad · gx: along y
         dpos = (torch.stack([tx, ty], 2) * g * d).sum(-1) * (w[..., None] / ctx.sigma_px**2)
         return dpos, None, None, None, None
+
+
+def projected_positions(
+    coords: torch.Tensor,
+    rotation: torch.Tensor,
+    shift_px: torch.Tensor,
+    box: int,
+    pixel_size: float,
+) -> torch.Tensor:
+    """Pixel index coordinates (B, N, 2: x, y) of model points (B, N, 3) or (N, 3), Å, seen
+    with RELION matrices `rotation` (B, 3, 3) and displaced by `shift_px` (B, 2)."""
+    xy = torch.matmul(coords, rotation.transpose(-1, -2)[..., :2])  # (B, N, 2) Å
+    return xy / pixel_size + shift_px[:, None, :] + box // 2
 
 
 def project(
@@ -83,20 +110,21 @@ def project(
     side (beyond it the Gaussian is below exp(-8) of its peak) and added in by scatter-add: the
     cost grows with the atoms, not with the box.
     """
-    xy = torch.matmul(coords, rotation.transpose(-1, -2)[..., :2])  # (B, N, 2) Å
-    pos = xy / pixel_size + shift_px[:, None, :] + box // 2  # pixel index coordinates
+    pos = projected_positions(coords, rotation, shift_px, box, pixel_size)
     sigma_px = sigma_angstrom / pixel_size
     half = math.ceil(FOOTPRINT_SIGMAS * sigma_px) + 1
+    if weights.requires_grad:
+        raise ValueError("the projector gives no gradient to the atoms' weights")
     w = (weights if weights.dim() == 2 else weights[None]).expand(len(pos), -1).to(pos.dtype)
-    step = len(pos)
-    if pos.device.type == "cpu":  # a few images at a time keep the footprints in cache (2-3x)
-        step = max(1, CPU_CHUNK // (pos.shape[1] * 4 * half**2))
-    img = torch.cat(
-        [
-            _FootprintSplat.apply(pos[i : i + step], w[i : i + step], box, sigma_px, half)
-            for i in range(0, max(len(pos), 1), step)  # an empty batch gives (0, box, box)
-        ]
-    )
+    # a few images at a time: on the CPU the footprints stay in cache (2-3x faster); on a GPU
+    # the memory of a call stays bounded
+    budget = CPU_CHUNK if pos.device.type == "cpu" else GPU_CHUNK
+    step = max(1, budget // (pos.shape[1] * 4 * half**2))
+    parts = [
+        _FootprintSplat.apply(pos[i : i + step], w[i : i + step], box, sigma_px, half)
+        for i in range(0, max(len(pos), 1), step)  # an empty batch gives (0, box, box)
+    ]
+    img = parts[0] if len(parts) == 1 else torch.cat(parts)
     return img / (2.0 * math.pi * sigma_angstrom**2)
 
 

@@ -121,8 +121,12 @@ def render(
     big, px_big = cfg.box * cfg.oversample, cfg.pixel_size / cfg.oversample
     shift = shift * cfg.oversample  # in pixels of the oversampled box
     # atoms are splatted no wider than one oversampled pixel (small footprints), then widened
-    # to their width in Fourier space; what aliases back into the kept band is below 1e-4
-    narrow = min(cfg.sigma_angstrom, px_big)
+    # to their width in Fourier space; what aliases back into the kept band is below 1e-4. The
+    # widening is a circular convolution: with an atom within reach of the edges, full width
+    pos = imaging.projected_positions(deformed, rot, shift, big, px_big)
+    reach = imaging.FOOTPRINT_SIGMAS * cfg.sigma_angstrom / px_big + 1
+    inside = bool((pos >= reach).all() and (pos <= big - 1 - reach).all())
+    narrow = min(cfg.sigma_angstrom, px_big) if inside else cfg.sigma_angstrom
     proj = imaging.project(deformed, rot, shift, model.weights, big, px_big, narrow)
     widen = imaging.widen_gaussians(cfg.box, cfg.pixel_size, narrow, cfg.sigma_angstrom, dev)
     spectrum = torch.fft.rfft2(imaging.fourier_crop(proj, cfg.box)) * widen
