@@ -179,6 +179,12 @@ def test_select_all_or_the_most_uncertain_images():
     t["dhUncertaintyAngles"] = [9, 9, 1, 4, 2, 3]  # labelled rows never chosen
     t["dhUncertaintyShifts"] = [9, 9, 0.1, 0.2, 0.9, 0.3]
     np.testing.assert_array_equal(hybrid.select_rows(t, "uncertain", 0.5, "m.star"), [3, 4])
+    # the agreement with the model alone, or next to them: low agreement = uncertain
+    alone = t.drop(columns=["dhUncertaintyAngles", "dhUncertaintyShifts"])
+    alone["dhModelAgreement"] = [0.0, 0.0, 0.9, 0.8, 0.2, 0.7]
+    np.testing.assert_array_equal(hybrid.select_rows(alone, "uncertain", 0.5, "m.star"), [4, 5])
+    t["dhModelAgreement"] = [0.0, 0.0, 0.1, 0.8, 0.7, 0.9]
+    np.testing.assert_array_equal(hybrid.select_rows(t, "uncertain", 0.75, "m.star"), [2, 3, 4])
     with pytest.raises(InputError, match="missing _dhSourceShifts"):
         hybrid.select_rows(t.drop(columns="dhSourceShifts"), "all", 1, "m.star")
 

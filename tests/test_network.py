@@ -692,6 +692,29 @@ def test_views_match_the_atom_projector_and_follow_augmentation(adk_model_files)
         assert corr(plain[i, 0], again[i, 0]) > 0.999
 
 
+def test_agreement_is_highest_at_the_true_answer(adk_model_files):
+    """An image's agreement with the model at its true pose and amplitudes is near 1 (noise-free;
+    the views are first order in the amplitudes) and falls with the error of the pose or of the
+    amplitudes."""
+    flex = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
+    steps = torch.tensor([60.0, 60.0, 60.0])
+    mv = views.ModeViews.from_model(flex, steps.numpy(), 32, 4.4)
+    cfg = sim_config(box=32, pixel_size=4.4, seed=4, snr=None, ctf=False, amplitude_scale=60.0)
+    params = simulate.draw_parameters(8, flex.mode_numbers, cfg)
+    images = simulate.render(flex.to(), params, cfg, None)["clean"]
+    euler, shifts = table_euler(params), table_shifts_px(params, 4.4)
+    amps = torch.tensor(params[[f"dhAmplitudeMode{k}" for k in flex.mode_numbers]].to_numpy())
+    amps = amps.float()
+    at = lambda e, a: views.agreement(
+        images, mv.render(torch.tensor(e), torch.tensor(shifts), None), a, steps
+    )
+    true = at(euler, amps)
+    assert true.min() > 0.97
+    off = [at(views.perturb_poses(euler, shifts, deg, 0.0, seed=1)[0], amps) for deg in (10, 40)]
+    assert (off[0] < true).all() and off[1].mean() < off[0].mean() < true.mean()
+    assert (at(euler, amps + 120.0) < true).all()
+
+
 def test_view_noise_is_half_normal():
     """Perturbed poses: rotation angles |N(0, σ)| (mean σ √(2/π)), shifts N(0, σ_px)."""
     rng = np.random.default_rng(0)
@@ -749,6 +772,15 @@ def test_amplitudes_with_views_train_and_need_poses_to_infer(
     assert cli([*base, "--poses", "p.star"]) == 0
     t = starfile.read(tmp_path / "a.star")["particles"]
     assert len(t) == 160 and np.isfinite(t["dhAmplitudeMode7"]).all()
+    # with views, each image's agreement with the model at the answer (a correlation)
+    assert t["dhModelAgreement"].between(-1, 1).all() and t["dhModelAgreement"].nunique() > 1
+    q = ["quality", "--labels", "p.star", "--split", "split.csv", "--inferred"]
+    q += [str(tmp_path / "a.star"), "--out-json", str(tmp_path / "q.json")]
+    q += ["--out-md", str(tmp_path / "q.md"), "--out-figure", str(tmp_path / "c.png")]
+    assert cli(q) == 0
+    row = json.loads((tmp_path / "q.json").read_text())["networks"][0]
+    assert -1 <= row["agreement_spearman"] <= 1
+    assert "disagreement with the model" in (tmp_path / "q.md").read_text()
 
 
 def test_quarter_turn_test_time_augmentation_maps_rotations_back():

@@ -19,7 +19,14 @@ import numpy as np
 import pandas as pd
 
 from .files import InputError, require_file
-from .io import POSE_COLUMNS, amplitude_modes, read_star, uncertainty_column, write_star
+from .io import (
+    AGREEMENT_COLUMN,
+    POSE_COLUMNS,
+    amplitude_modes,
+    read_star,
+    uncertainty_column,
+    write_star,
+)
 from .merge import source_column
 from .shard import shard_rows
 
@@ -28,13 +35,17 @@ PARAMS = ("angles", "shifts", "amplitudes")
 
 
 def uncertainty_rank(table: pd.DataFrame, path: str) -> np.ndarray:
-    """Per image, the largest percentile rank (0-1] of its `_dhUncertainty<Param>` values over
-    the parameter types that have one: high when any of its answers is among the most uncertain."""
+    """Per image, the largest percentile rank (0-1] of its `_dhUncertainty<Param>` values and of
+    its disagreement with the model at the answer (`-_dhModelAgreement`), over those present:
+    high when any of its answers is among the most uncertain."""
     cols = [uncertainty_column(p) for p in PARAMS if uncertainty_column(p) in table]
-    if not cols:
-        wanted = ", ".join("_" + uncertainty_column(p) for p in PARAMS)
+    scores = table[cols].copy()
+    if AGREEMENT_COLUMN in table:
+        scores[AGREEMENT_COLUMN] = -table[AGREEMENT_COLUMN]
+    if scores.empty or not len(scores.columns):
+        wanted = ", ".join("_" + c for c in [*map(uncertainty_column, PARAMS), AGREEMENT_COLUMN])
         raise InputError(f"{path}: --select uncertain needs column(s) {wanted} (from infer)")
-    return table[cols].rank(pct=True).max(axis=1).to_numpy()
+    return scores.rank(pct=True).max(axis=1).to_numpy()
 
 
 def select_rows(table: pd.DataFrame, select: str, fraction: float, path: str) -> np.ndarray:

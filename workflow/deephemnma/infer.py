@@ -28,6 +28,7 @@ from tqdm import tqdm
 from . import geometry
 from .files import InputError, require_file
 from .io import (
+    AGREEMENT_COLUMN,
     EULER_COLUMNS,
     ORIGIN_COLUMNS,
     ParticleSet,
@@ -49,7 +50,7 @@ from .nets import (
     quarter_turn_mean,
     transform_images,
 )
-from .views import ModeViews
+from .views import ModeViews, agreement
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,8 @@ def predict(
     """Predictions for every image, in row order, then their uncertainty (NaN where the network
     predicts none): amplitudes (n, K + 1), shifts (n, 3) or Euler angles (n, 4) — see
     `uncertainty`. `poses` (Euler angles, shifts in pixels): for an amplitude network with
-    views. so3grid angle networks also see each image turned in plane by 90°, 180°, 270° (up
+    views; it adds a last column, the image's agreement with the model at the answer (pose and
+    amplitudes, `views.agreement`). so3grid angle networks also see each image turned in plane by 90°, 180°, 270° (up
     to `turns` - 1 of them): the answer decodes their mean distribution
     (`nets.quarter_turn_mean`), the uncertainty measures each one's mass away from it
     (`nets.grid_uncertainty`)."""
@@ -167,10 +169,11 @@ def predict(
     )
     mean, std = meta["mean"].to(device), meta["std"].to(device)
     angles = meta["param"] == "angles"
-    out = np.empty((len(ps), 4 if angles else len(meta["mean"]) + 1), dtype=np.float32)
+    views = ModeViews(**meta["views"]) if "views" in meta else None
+    width = 4 if angles else len(meta["mean"]) + 1 + (views is not None)
+    out = np.empty((len(ps), width), dtype=np.float32)
     pos = 0
     bf16 = bf16_supported(device)
-    views = ModeViews(**meta["views"]) if "views" in meta else None
     if views is not None and poses is None:
         raise InputError("this amplitude network sees views: give the images' poses (--poses)")
     ctf = ps.ctf_params() if ps.has_ctf else None
@@ -194,7 +197,10 @@ def predict(
             y = torch.cat([geometry.matrix_to_euler(rot.double()).float(), unc[:, None]], 1)
         else:
             y, sd = decode_regression(y.float(), mean, std)
-            y = torch.cat([y, uncertainty(meta["param"], sd, len(y), device)[:, None]], 1)
+            extra = [uncertainty(meta["param"], sd, len(y), device)[:, None]]
+            if views is not None:
+                extra.append(agreement(x[:, 0].float(), x[:, 1:].float(), y, std)[:, None])
+            y = torch.cat([y, *extra], 1)
         out[pos : pos + len(y)] = y.cpu().numpy()
         pos += len(y)
     return out
@@ -215,6 +221,8 @@ def prediction_table(
     n_values = {"angles": 3, "shifts": 2}.get(meta["param"], len(meta["mode_numbers"]))
     if values.shape[1] > n_values and not np.isnan(values[:, n_values]).all():
         t[uncertainty_column(meta["param"])] = values[:, n_values]
+    if "views" in meta:
+        t[AGREEMENT_COLUMN] = values[:, n_values + 1]
     return t
 
 

@@ -84,6 +84,12 @@ def amplitude_column(mode: int) -> str:
     return f"dhAmplitudeMode{mode}"
 
 
+# per image, the correlation of the image with the flexible model at the networks' answer (pose
+# and amplitudes; written by the inference of an amplitude network with views): low when the
+# answer does not explain the image
+AGREEMENT_COLUMN = "dhModelAgreement"
+
+
 def uncertainty_column(param: str) -> str:
     """STAR column holding a network's per-image uncertainty for a parameter type (e.g. angles)."""
     return f"dhUncertainty{param.capitalize()}"

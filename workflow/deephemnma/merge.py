@@ -3,8 +3,9 @@
 Images HEMNMA aligned keep HEMNMA's values (more accurate than any network's); the others take
 each parameter type from its network, and are marked untrusted (`_dhTrusted 0`) when a network
 they depend on failed its verdict (`deephemnma quality`). The column `_dhSource<Type>` says where
-each value came from (network | hemnma). A network's `_dhUncertainty<Type>` is kept on every row,
-HEMNMA-aligned ones included (there it is what calibrates the uncertainty against HEMNMA).
+each value came from (network | hemnma). A network's `_dhUncertainty<Type>` and the networks'
+`_dhModelAgreement` are kept on every row, HEMNMA-aligned ones included (there they are what
+calibrates them against HEMNMA).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import pandas as pd
 
 from .files import InputError, require_file
-from .io import read_star, uncertainty_column, write_star
+from .io import AGREEMENT_COLUMN, read_star, uncertainty_column, write_star
 from .quality import param_of
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def main(args: argparse.Namespace) -> None:
             raise InputError(f"{path}: does not cover every particle of {args.particles}")
         parts[cols] = merged[cols].to_numpy()
         parts[source_column(param)] = "network"
-        values = [c for c in cols if c != uncertainty_column(param)]
+        values = [c for c in cols if c not in (uncertainty_column(param), AGREEMENT_COLUMN)]
         if has.any():
             names = parts.loc[has, "rlnImageName"]
             parts.loc[has, values] = labelled.loc[names, values].to_numpy()

@@ -9,7 +9,8 @@ held-out images, the only check real data allow. A network is trusted when its e
 (first in the report), in plain words. Where a network predicts a per-image uncertainty
 (`_dhUncertainty<Type>`: angles, amplitudes, shifts), its calibration is measured on the same
 images: the Spearman correlation between predicted uncertainty and actual error, and a scatter plot
-per network.
+per network; so is, for every network, the image's disagreement with the model at the networks'
+answers (`_dhModelAgreement`, from the amplitude inference with views): a check real data allow.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from . import geometry
 from .figures import pyplot, save_figure
 from .files import InputError, atomic_path, require_file
 from .io import (
+    AGREEMENT_COLUMN,
     EULER_COLUMNS,
     ORIGIN_COLUMNS,
     ParticleSet,
@@ -148,6 +150,13 @@ def markdown(rows: list[dict], images: int, which: str) -> str:
         if r.get("spearman") is not None
     ]
     lines += [
+        f"- {r['param']}: the image's disagreement with the model at the networks' answers "
+        f"(1 − `_dhModelAgreement`) ranks the actual errors with Spearman ρ = "
+        f"{r['agreement_spearman']:.2f}."
+        for r in rows
+        if r.get("agreement_spearman") is not None
+    ]
+    lines += [
         "",
         f"Measured on {images} {which} images. Baseline: the best constant answer learnt "
         "from the training labels.",
@@ -196,13 +205,15 @@ def main(args: argparse.Namespace) -> None:
     ref = labels_of(table.loc[held_out], ps.pixel_size, modes)
     base = baseline(labels_of(table.loc[train_names], ps.pixel_size, modes), len(held_out))
     reference = "HEMNMA on held-out images" if args.label_source == "hemnma" else "ground truth"
-    rows, points = [], {}
+    rows, points, tables = [], {}, {}
     for path in args.inferred:
         inferred = read_star(require_file(path, "inferred STAR"), ["rlnImageName"])["particles"]
-        inferred = inferred.set_index("rlnImageName")
-        missing = held_out.difference(inferred.index)
+        tables[path] = inferred.set_index("rlnImageName")
+        missing = held_out.difference(tables[path].index)
         if len(missing):
             raise InputError(f"{path}: no estimate for image {missing[0]}")
+    agree = [t.loc[held_out, AGREEMENT_COLUMN] for t in tables.values() if AGREEMENT_COLUMN in t]
+    for inferred in tables.values():
         param = param_of(inferred)
         est = {**ref, **labels_of(inferred.loc[held_out], ps.pixel_size, modes)}
         per_image = errors(param, est, ref)
@@ -214,6 +225,9 @@ def main(args: argparse.Namespace) -> None:
             points[param] = (unc, per_image)
             rows[-1]["spearman"] = calibration(unc, per_image)
             log.info("%s: uncertainty calibration Spearman %.2f", param, rows[-1]["spearman"])
+        if agree:
+            rows[-1]["agreement_spearman"] = calibration(-agree[0].to_numpy(float), per_image)
+            log.info("%s: model agreement Spearman %.2f", param, rows[-1]["agreement_spearman"])
     with atomic_path(args.out_json) as tmp:
         tmp.write_text(json.dumps({"images": len(held_out), "set": which, "networks": rows}))
     with atomic_path(args.out_md) as tmp:
