@@ -90,6 +90,8 @@ rule infer:
         particles=res("particles/particles.star"),
         stacks=res("particles/stacks"),
         poses=pose_inputs,
+        model=res("model/model.npz"),
+        modes=res("model/modes.npz"),
     output:
         res("network/{param}/inferred.star"),
     log:
@@ -103,12 +105,14 @@ rule infer:
         gpu=1,
     params:
         args=quoted(infer_args()),
-        poses=lambda wildcards, input: quoted(
-            ["--poses", *input.poses] if input.poses else []
+        views=lambda wildcards, input: quoted(
+            ["--poses", *input.poses, "--model", input.model, "--modes", input.modes]
+            if input.poses
+            else []
         ),
     shell:
         "deephemnma infer --network {input.network:q} --particles {input.particles:q} "
-        "{params.poses} {params.args} --out {output:q} "
+        "{params.views} {params.args} --out {output:q} "
         "> {log:q} 2>&1"
 
 

@@ -692,27 +692,19 @@ def test_views_match_the_atom_projector_and_follow_augmentation(adk_model_files)
         assert corr(plain[i, 0], again[i, 0]) > 0.999
 
 
-def test_agreement_is_highest_at_the_true_answer(adk_model_files):
-    """An image's agreement with the model at its true pose and amplitudes is near 1 (noise-free;
-    the views are first order in the amplitudes) and falls with the error of the pose or of the
-    amplitudes."""
+def test_agreement_is_highest_at_the_true_answer(labelled, adk_model_files, monkeypatch):
+    """An image's agreement with the model at its true pose and amplitudes beats that at a pose
+    off by 10°, which beats 40°; wrong amplitudes lower it too (160 images, SNR 1)."""
+    monkeypatch.chdir(labelled)
+    ps = ParticleSet("p.star")
     flex = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
-    steps = torch.tensor([60.0, 60.0, 60.0])
-    mv = views.ModeViews.from_model(flex, steps.numpy(), 32, 4.4)
-    cfg = sim_config(box=32, pixel_size=4.4, seed=4, snr=None, ctf=False, amplitude_scale=60.0)
-    params = simulate.draw_parameters(8, flex.mode_numbers, cfg)
-    images = simulate.render(flex.to(), params, cfg, None)["clean"]
-    euler, shifts = table_euler(params), table_shifts_px(params, 4.4)
-    amps = torch.tensor(params[[f"dhAmplitudeMode{k}" for k in flex.mode_numbers]].to_numpy())
-    amps = amps.float()
-    at = lambda e, a: views.agreement(
-        images, mv.render(torch.tensor(e), torch.tensor(shifts), None), a, steps
-    )
+    euler, shifts, amps = ps.euler(), ps.shifts_px(), ps.amplitudes(flex.mode_numbers)
+    cpu = torch.device("cpu")
+    at = lambda e, a: infer.model_agreement(ps, flex, (e, shifts), a, 32, cpu, batch=64)
     true = at(euler, amps)
-    assert true.min() > 0.97
     off = [at(views.perturb_poses(euler, shifts, deg, 0.0, seed=1)[0], amps) for deg in (10, 40)]
-    assert (off[0] < true).all() and off[1].mean() < off[0].mean() < true.mean()
-    assert (at(euler, amps + 120.0) < true).all()
+    assert np.mean(off[0] < true) > 0.9 and off[1].mean() < off[0].mean() < true.mean()
+    assert np.mean(at(euler, amps + 150.0) < true) > 0.9
 
 
 def test_view_noise_is_half_normal():
@@ -769,7 +761,7 @@ def test_amplitudes_with_views_train_and_need_poses_to_infer(
     assert cli(base) == 2
     assert "give the images' poses (--poses)" in capsys.readouterr().err
     assert not (tmp_path / "a.star").exists()
-    assert cli([*base, "--poses", "p.star"]) == 0
+    assert cli([*base, "--poses", "p.star", *flexible]) == 0
     t = starfile.read(tmp_path / "a.star")["particles"]
     assert len(t) == 160 and np.isfinite(t["dhAmplitudeMode7"]).all()
     # with views, each image's agreement with the model at the answer (a correlation)

@@ -27,6 +27,8 @@ from tqdm import tqdm
 
 from . import geometry
 from .files import InputError, require_file
+from .flexible import FlexibleModel
+from .hemnma import AlignSettings, make_target, model_ncc
 from .io import (
     AGREEMENT_COLUMN,
     EULER_COLUMNS,
@@ -50,7 +52,7 @@ from .nets import (
     quarter_turn_mean,
     transform_images,
 )
-from .views import ModeViews, agreement
+from .views import ModeViews
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +161,7 @@ def predict(
     """Predictions for every image, in row order, then their uncertainty (NaN where the network
     predicts none): amplitudes (n, K + 1), shifts (n, 3) or Euler angles (n, 4) — see
     `uncertainty`. `poses` (Euler angles, shifts in pixels): for an amplitude network with
-    views; it adds a last column, the image's agreement with the model at the answer (pose and
-    amplitudes, `views.agreement`). so3grid angle networks also see each image turned in plane by 90°, 180°, 270° (up
+    views. so3grid angle networks also see each image turned in plane by 90°, 180°, 270° (up
     to `turns` - 1 of them): the answer decodes their mean distribution
     (`nets.quarter_turn_mean`), the uncertainty measures each one's mass away from it
     (`nets.grid_uncertainty`)."""
@@ -170,8 +171,7 @@ def predict(
     mean, std = meta["mean"].to(device), meta["std"].to(device)
     angles = meta["param"] == "angles"
     views = ModeViews(**meta["views"]) if "views" in meta else None
-    width = 4 if angles else len(meta["mean"]) + 1 + (views is not None)
-    out = np.empty((len(ps), width), dtype=np.float32)
+    out = np.empty((len(ps), 4 if angles else len(meta["mean"]) + 1), dtype=np.float32)
     pos = 0
     bf16 = bf16_supported(device)
     if views is not None and poses is None:
@@ -197,10 +197,7 @@ def predict(
             y = torch.cat([geometry.matrix_to_euler(rot.double()).float(), unc[:, None]], 1)
         else:
             y, sd = decode_regression(y.float(), mean, std)
-            extra = [uncertainty(meta["param"], sd, len(y), device)[:, None]]
-            if views is not None:
-                extra.append(agreement(x[:, 0].float(), x[:, 1:].float(), y, std)[:, None])
-            y = torch.cat([y, *extra], 1)
+            y = torch.cat([y, uncertainty(meta["param"], sd, len(y), device)[:, None]], 1)
         out[pos : pos + len(y)] = y.cpu().numpy()
         pos += len(y)
     return out
@@ -221,9 +218,34 @@ def prediction_table(
     n_values = {"angles": 3, "shifts": 2}.get(meta["param"], len(meta["mode_numbers"]))
     if values.shape[1] > n_values and not np.isnan(values[:, n_values]).all():
         t[uncertainty_column(meta["param"])] = values[:, n_values]
-    if "views" in meta:
-        t[AGREEMENT_COLUMN] = values[:, n_values + 1]
     return t
+
+
+@torch.no_grad()
+def model_agreement(
+    ps: ParticleSet,
+    model: FlexibleModel,
+    poses: tuple[np.ndarray, np.ndarray],
+    amplitudes: np.ndarray,
+    box: int,
+    device: torch.device,
+    batch: int = 256,
+) -> np.ndarray:
+    """How well the flexible model at each image's answer explains it (n,): the CTF-weighted
+    correlation HEMNMA maximises (`hemnma.model_ncc`), at the working `box`, of the image with
+    the model deformed by `amplitudes` (n, K), seen at `poses` (Euler angles, shifts in pixels).
+    Low when the pose or the amplitudes are wrong: a check that needs no labels."""
+    model, ctf = model.to(device), ps.ctf_params()
+    settings, out = AlignSettings(), []
+    f32 = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)
+    for first in range(0, len(ps), batch):
+        r = np.arange(first, min(first + batch, len(ps)))
+        images = f32(ps.images[r])
+        target = make_target(images, ctf, r, min(box, ps.box), ps.pixel_size, ps.has_ctf)
+        rot = geometry.euler_to_matrix(f32(poses[0][r]))
+        c = model_ncc(target, model, rot, f32(poses[1][r]), f32(amplitudes[r]), settings, ps.box)
+        out.append(c.cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -244,9 +266,39 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "mean of their distributions, the uncertainty their spread around it "
         "(default: %(default)s: 0°, 90°, 180°, 270°; 1: the image as given only)",
     )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model.npz (with --modes, for an amplitude network with --poses): write each "
+        "image's agreement with the model at the answer (_dhModelAgreement)",
+    )
+    p.add_argument("--modes", default=None, help="modes.npz of --model")
     p.add_argument("--batch", type=int, default=256, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--out", required=True, help="STAR with the predicted columns")
+
+
+def agreement_of(
+    args: argparse.Namespace,
+    meta: dict,
+    ps: ParticleSet,
+    poses: tuple[np.ndarray, np.ndarray] | None,
+    values: np.ndarray,
+    device: torch.device,
+) -> np.ndarray:
+    """`model_agreement` of an amplitude network's answers with `--model`, `--modes`."""
+    if meta["param"] != "amplitudes" or poses is None or args.modes is None:
+        raise InputError("--model (the agreement) needs --modes, an amplitude network, --poses")
+    model = FlexibleModel.load(require_file(args.model, "model"), require_file(args.modes, "modes"))
+    if list(model.mode_numbers) != list(meta["mode_numbers"]):
+        raise InputError(
+            f"{args.modes}: modes {list(model.mode_numbers)}, but "
+            f"{args.network} predicts modes {list(meta['mode_numbers'])}"
+        )
+    k = len(meta["mode_numbers"])
+    agree = model_agreement(ps, model, poses, values[:, :k], meta["box"], device)
+    log.info("agreement with the model at the answer: median %.3f", np.median(agree))
+    return agree
 
 
 def main(args: argparse.Namespace) -> None:
@@ -257,5 +309,7 @@ def main(args: argparse.Namespace) -> None:
     poses = read_poses(args.poses, ps) if args.poses else None
     values = predict(net, meta, ps, device, args.batch, args.workers, poses, args.turns)
     table = prediction_table(meta, ps.particles["rlnImageName"], values, ps.pixel_size)
+    if args.model:
+        table[AGREEMENT_COLUMN] = agreement_of(args, meta, ps, poses, values, device)
     write_star(args.out, ps.optics, table)
     log.info("inferred %s for %d images", meta["param"], len(ps))

@@ -130,17 +130,3 @@ class ModeViews:
             views = imaging.apply_ctf(views, ctf[:, None].to(views.dtype))
         views = torch.cat([views[:, :1], views[:, 1:] - views[:, :1]], 1)
         return views / views[:, :1].std(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
-
-
-def agreement(
-    images: torch.Tensor, views: torch.Tensor, amplitudes: torch.Tensor, steps: torch.Tensor
-) -> torch.Tensor:
-    """How well the reference at an answer explains each image (B,): the correlation over pixels
-    of the image (B, box, box) with the first-order model P(0) + Σ_k (a_k / h_k) ΔP_k built from
-    its views (B, K + 1, box, box) at the answer's pose and the answer's amplitudes (B, K) (h:
-    the views' steps (K,)). Low when the pose or the amplitudes are wrong."""
-    model = views[:, 0] + (views[:, 1:] * (amplitudes / steps)[..., None, None]).sum(1)
-    a = images - images.mean((-2, -1), keepdim=True)
-    b = model - model.mean((-2, -1), keepdim=True)
-    den = (a.square().sum((-2, -1)) * b.square().sum((-2, -1))).sqrt().clamp_min(1e-30)
-    return (a * b).sum((-2, -1)) / den
