@@ -443,7 +443,7 @@ def test_easy_task_learns(adk_model_files, tmp_path, monkeypatch):
     params[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]] = [30.0, 60.0, 0.0]
     params[["rlnOriginXAngst", "rlnOriginYAngst"]] = 0.0
     out = simulate.render(model.to(), params, cfg, None)
-    net, base, err = train_in_memory(out["final"], params, model.mode_numbers, epochs=12)
+    net, base, err = train_in_memory(out["final"], params, model.mode_numbers, 12, cosine=True)
     print(f"easy task: error {err:.1f}, baseline {base:.1f}")
     assert err < 0.3 * base
 
