@@ -326,6 +326,18 @@ def test_predict_matches_direct_forward(labelled, monkeypatch, tmp_path):
     np.testing.assert_allclose(streamed[:5, 2], sd.norm(dim=1).numpy(), rtol=1e-3)
 
 
+def test_fine_tuning_gets_its_own_warm_up_and_decay():
+    """After pretraining the learning rate climbs again (to 0.3 of the peak) and decays to zero
+    over the fine-tuning steps; without pretraining fine-tuning has the whole peak."""
+    f = train.phased_schedule(1000, 100)
+    pre = [f(s) for s in range(1000)]
+    fine = [f(s) for s in range(1000, 1100)]
+    assert max(pre) == pytest.approx(1.0) and pre[-1] < 1e-4
+    assert max(fine) == pytest.approx(0.3) and fine[-1] < 1e-3 and fine[0] < fine[5]
+    alone = [train.phased_schedule(0, 100)(s) for s in range(100)]
+    assert max(alone) == pytest.approx(1.0)
+
+
 def test_sixd_output_follows_the_relion_convention():
     """6D targets are the first two rows of RELION's matrix; outputs map back to the same Euler
     angles, noisy outputs to proper rotations, and the matrix angle equals the quaternion one."""

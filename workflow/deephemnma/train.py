@@ -299,6 +299,21 @@ def warmup_cosine(total_steps: int, warmup_fraction: float = 0.05):
     return factor
 
 
+def phased_schedule(pretrain_steps: int, finetune_steps: int, finetune_scale: float = 0.3):
+    """LR multiplier per step over pretraining then fine-tuning: each phase its own warm-up and
+    cosine decay, fine-tuning peaking at `finetune_scale` (one cosine over both phases would
+    leave the fine-tuning steps, the last few, at a learning rate near zero)."""
+    pre = warmup_cosine(pretrain_steps) if pretrain_steps else None
+    fine = warmup_cosine(finetune_steps)
+
+    def factor(step: int) -> float:
+        if step < pretrain_steps:
+            return pre(step)
+        return (finetune_scale if pretrain_steps else 1.0) * fine(step - pretrain_steps)
+
+    return factor
+
+
 @dataclass
 class TrainSettings:
     """How one network is trained; the CLI's defaults are these."""
@@ -380,8 +395,10 @@ class Trainer:
         self.train_loader, self.train_sampler = self._loader(train_rows, shuffle=True)
         self.val_loader, _ = self._loader(val_rows, shuffle=False)
         syn_steps = syn.n_batches(s.batch_size, self.world) if syn else 0
-        steps = self.pretrain_epochs * syn_steps + s.epochs * len(self.train_loader)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(steps))
+        schedule = phased_schedule(
+            self.pretrain_epochs * syn_steps, s.epochs * len(self.train_loader)
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
         self.out = Path(out_dir)
         self.ckpt_path = self.out / "checkpoint.pt"
         self.state = {"epoch": 0, "best_val": math.inf, "best_state": None, "bad_epochs": 0}
