@@ -107,6 +107,7 @@ rule infer:
         args=quoted(infer_args()),
         views=lambda wildcards, input: quoted(
             ["--poses", *input.poses, "--model", input.model, "--modes", input.modes]
+            + ["--sigma-angstrom", sigma_angstrom()]
             if input.poses
             else []
         ),

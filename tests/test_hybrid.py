@@ -185,6 +185,9 @@ def test_select_all_or_the_most_uncertain_images():
     np.testing.assert_array_equal(hybrid.select_rows(alone, "uncertain", 0.5, "m.star"), [4, 5])
     t["dhModelAgreement"] = [0.0, 0.0, 0.1, 0.8, 0.7, 0.9]
     np.testing.assert_array_equal(hybrid.select_rows(t, "uncertain", 0.75, "m.star"), [2, 3, 4])
+    # every image labelled by HEMNMA: nothing to refine, no error
+    done = t.assign(dhHemnmaLabelled=1)
+    assert len(hybrid.select_rows(done, "uncertain", 0.5, "m.star")) == 0
     with pytest.raises(InputError, match="missing _dhSourceShifts"):
         hybrid.select_rows(t.drop(columns="dhSourceShifts"), "all", 1, "m.star")
 

@@ -42,7 +42,7 @@ def uncertainty_rank(table: pd.DataFrame, path: str) -> np.ndarray:
     scores = table[cols].copy()
     if AGREEMENT_COLUMN in table:
         scores[AGREEMENT_COLUMN] = -table[AGREEMENT_COLUMN]
-    if scores.empty or not len(scores.columns):
+    if not len(scores.columns):
         wanted = ", ".join("_" + c for c in [*map(uncertainty_column, PARAMS), AGREEMENT_COLUMN])
         raise InputError(f"{path}: --select uncertain needs column(s) {wanted} (from infer)")
     return scores.rank(pct=True).max(axis=1).to_numpy()

@@ -170,10 +170,10 @@ def predict(
     )
     mean, std = meta["mean"].to(device), meta["std"].to(device)
     angles = meta["param"] == "angles"
-    views = ModeViews(**meta["views"]) if "views" in meta else None
     out = np.empty((len(ps), 4 if angles else len(meta["mean"]) + 1), dtype=np.float32)
     pos = 0
     bf16 = bf16_supported(device)
+    views = ModeViews(**meta["views"]) if "views" in meta else None
     if views is not None and poses is None:
         raise InputError("this amplitude network sees views: give the images' poses (--poses)")
     ctf = ps.ctf_params() if ps.has_ctf else None
@@ -229,14 +229,15 @@ def model_agreement(
     amplitudes: np.ndarray,
     box: int,
     device: torch.device,
+    sigma_angstrom: float = 1.0,
     batch: int = 256,
 ) -> np.ndarray:
     """How well the flexible model at each image's answer explains it (n,): the CTF-weighted
     correlation HEMNMA maximises (`hemnma.model_ncc`), at the working `box`, of the image with
-    the model deformed by `amplitudes` (n, K), seen at `poses` (Euler angles, shifts in pixels).
-    Low when the pose or the amplitudes are wrong: a check that needs no labels."""
+    the model (atoms of width `sigma_angstrom`) deformed by `amplitudes` (n, K), seen at `poses`
+    (Euler angles, shifts in pixels). Low when the pose or the amplitudes are wrong: a check that needs no labels."""
     model, ctf = model.to(device), ps.ctf_params()
-    settings, out = AlignSettings(), []
+    settings, out = AlignSettings(sigma_angstrom=sigma_angstrom), []
     f32 = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)
     for first in range(0, len(ps), batch):
         r = np.arange(first, min(first + batch, len(ps)))
@@ -273,6 +274,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "image's agreement with the model at the answer (_dhModelAgreement)",
     )
     p.add_argument("--modes", default=None, help="modes.npz of --model")
+    p.add_argument(
+        "--sigma-angstrom", type=float, default=1.0, help="--model's atom Gaussian width (Å)"
+    )
     p.add_argument("--batch", type=int, default=256, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--out", required=True, help="STAR with the predicted columns")
@@ -296,7 +300,9 @@ def agreement_of(
             f"{args.network} predicts modes {list(meta['mode_numbers'])}"
         )
     k = len(meta["mode_numbers"])
-    agree = model_agreement(ps, model, poses, values[:, :k], meta["box"], device)
+    agree = model_agreement(
+        ps, model, poses, values[:, :k], meta["box"], device, args.sigma_angstrom
+    )
     log.info("agreement with the model at the answer: median %.3f", np.median(agree))
     return agree
 

@@ -85,8 +85,8 @@ def amplitude_column(mode: int) -> str:
 
 
 # per image, the correlation of the image with the flexible model at the networks' answer (pose
-# and amplitudes; written by the inference of an amplitude network with views): low when the
-# answer does not explain the image
+# and amplitudes; written by `infer --model --modes` for an amplitude network with views): low
+# when the answer does not explain the image
 AGREEMENT_COLUMN = "dhModelAgreement"
 
 

@@ -212,7 +212,9 @@ def main(args: argparse.Namespace) -> None:
         missing = held_out.difference(tables[path].index)
         if len(missing):
             raise InputError(f"{path}: no estimate for image {missing[0]}")
-    agree = [t.loc[held_out, AGREEMENT_COLUMN] for t in tables.values() if AGREEMENT_COLUMN in t]
+    agree = next(
+        (t.loc[held_out, AGREEMENT_COLUMN] for t in tables.values() if AGREEMENT_COLUMN in t), None
+    )
     for inferred in tables.values():
         param = param_of(inferred)
         est = {**ref, **labels_of(inferred.loc[held_out], ps.pixel_size, modes)}
@@ -225,8 +227,8 @@ def main(args: argparse.Namespace) -> None:
             points[param] = (unc, per_image)
             rows[-1]["spearman"] = calibration(unc, per_image)
             log.info("%s: uncertainty calibration Spearman %.2f", param, rows[-1]["spearman"])
-        if agree:
-            rows[-1]["agreement_spearman"] = calibration(-agree[0].to_numpy(float), per_image)
+        if agree is not None:
+            rows[-1]["agreement_spearman"] = calibration(-agree.to_numpy(float), per_image)
             log.info("%s: model agreement Spearman %.2f", param, rows[-1]["agreement_spearman"])
     with atomic_path(args.out_json) as tmp:
         tmp.write_text(json.dumps({"images": len(held_out), "set": which, "networks": rows}))
