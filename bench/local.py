@@ -6,11 +6,13 @@
    (random direction), amplitudes starting at zero as from a rigid consensus refinement; then
    from larger perturbations (`--basin`, the basin of convergence). Errors against the truth and
    seconds per image per core (wall × threads / images).
-2. Hybrid (with `--results`, a finished simulated workflow run): on its test images, the errors of
-   the networks (inferred STARs), of local refinement from the networks' answers (hybrid, with and
-   without the 180° in-plane flip candidate) and of HEMNMA, against the truth.
+2. Hybrid (with `--results`, a finished simulated workflow run with `hybrid.enabled`): on the first
+   `--n-images` images its hybrid refined, the errors against the truth of its networks
+   (network/deephemnma.star), of its hybrid (network/hybrid.star) and of full HEMNMA run here on
+   the same images; seconds per image per core.
 
     flock /tmp/heavy.lock python bench/local.py [--n-images 64] [--box 64] [--results results]
+        [--skip-priors]
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ from hemnma import reference_set  # noqa: E402
 
 from deephemnma import geometry, hemnma, quality  # noqa: E402
 from deephemnma.flexible import FlexibleModel  # noqa: E402
-from deephemnma.io import ParticleSet, read_star  # noqa: E402
+from deephemnma.io import (  # noqa: E402
+    ParticleSet,
+    read_star,
+)
 
 MODES = [7, 8, 9]
 LABELS = {"euler": "euler", "shifts_px": "shifts", "amplitudes": "amplitudes"}  # result: label
@@ -107,71 +112,58 @@ def priors_figure(a: argparse.Namespace, settings: hemnma.AlignSettings) -> None
     print("\n".join(HEADER + lines))
 
 
-def network_start(results: Path, names: pd.Index, pixel_size: float) -> hemnma.Start:
-    """The networks' answers for the images `names` from results/network/<param>/inferred.star."""
-    table = pd.DataFrame(index=names)
-    for param in ("angles", "shifts", "amplitudes"):
-        inf = read_star(results / f"network/{param}/inferred.star")["particles"]
-        inf = inf.set_index("rlnImageName").loc[names]
-        table = table.join(inf)
+def table_start(table: pd.DataFrame, pixel_size: float) -> hemnma.Start:
+    """Poses, shifts and amplitudes of a STAR's particle table, as a Start."""
     lab = quality.labels_of(table, pixel_size, MODES)
     return hemnma.Start(lab["euler"], lab["shifts"], lab["amplitudes"])
 
 
-def cpu_per_image(results: Path, pattern: str, stars: str) -> float:
-    """CPU seconds per image of the workflow's jobs `benchmarks/<pattern>` (Snakemake's
-    cpu_time, start-up included) over the particle rows of the STARs `<stars>` they ran on."""
-    cpu = sum(
-        pd.read_csv(f, sep="\t")["cpu_time"].sum() for f in results.glob(f"benchmarks/{pattern}")
-    )
+def seconds_per_image(results: Path, pattern: str, stars: str, threads: int) -> float:
+    """Seconds per image per core of the workflow's jobs `benchmarks/<pattern>` (Snakemake's wall
+    time × the jobs' `threads`, start-up included) over the particle rows of the STARs `<stars>`
+    they ran on."""
+    wall = sum(pd.read_csv(f, sep="\t")["s"].sum() for f in results.glob(f"benchmarks/{pattern}"))
     n = sum(len(read_star(f)["particles"]) for f in results.glob(stars))
-    return cpu / n if n else float("nan")  # nan: the run has no such jobs
+    return wall * threads / n if n else float("nan")  # nan: the run has no such jobs
 
 
 def hybrid_figure(a: argparse.Namespace, settings: hemnma.AlignSettings) -> None:
+    """The workflow's networks and hybrid against full HEMNMA run here, on the same images: the
+    first `--n-images` of those the hybrid refined (network/hybrid.star, `_dhSourceAngles`
+    hybrid)."""
     results = a.results.resolve()
     cwd = os.getcwd()
-    os.chdir(results.parent)  # image names are relative to the workflow's directory
+    os.chdir(a.workdir or results.parent)  # image names are relative to the workflow's directory
     try:
         ps = ParticleSet(results / "particles/particles.star")
-        split = pd.read_csv(results / "network/split.csv")
-        names = pd.Index(split.loc[split["set"] == "test", "rlnImageName"])
+        hyb = read_star(results / "network/hybrid.star")["particles"]
+        names = pd.Index(hyb.loc[hyb["dhSourceAngles"] == "hybrid", "rlnImageName"][: a.n_images])
         rows = np.flatnonzero(ps.particles["rlnImageName"].isin(names).to_numpy())
         names = pd.Index(ps.particles["rlnImageName"].iloc[rows])
         truth = hemnma.Start(ps.euler(rows), ps.shifts_px(rows), ps.amplitudes(MODES, rows))
-        hem = read_star(results / "hemnma/hemnma.star")["particles"].set_index("rlnImageName")
-        hem_lab = quality.labels_of(hem.loc[names], ps.pixel_size, MODES)
-        net = network_start(results, names, ps.pixel_size)
-        start = hemnma.Start(*(np.zeros((len(ps), v.shape[1])) for v in vars(net).values()))
-        for full, value in zip(vars(start).values(), vars(net).values(), strict=True):
-            full[rows] = value  # align_rows takes starting values by particle row
+        merged = read_star(results / "network/deephemnma.star")["particles"]
+        net = table_start(merged.set_index("rlnImageName").loc[names], ps.pixel_size)
+        hybrid = table_start(hyb.set_index("rlnImageName").loc[names], ps.pixel_size)
         model = FlexibleModel.load(results / "model/model.npz", results / "model/modes.npz")
-        new = lambda s: hemnma.Aligner(model, ps.box, ps.pixel_size, s, a.device)
-        hem_res = {k: hem_lab[v] for k, v in LABELS.items()}
-        lines = [
-            row("network", errors(vars(net), truth), None),
-            row("HEMNMA (the workflow's labels)", errors(hem_res, truth), None),
-        ]
-        for flip in (False, True):
-            local = new(replace(settings, start="network", local_flip=flip))
-            res, per = timed(ps, rows, local, start)
-            lines.append(
-                row(
-                    f"hybrid (local from network{', + flip' if flip else ''})",
-                    errors(res, truth),
-                    per,
-                )
-            )
+        full, per = timed(
+            ps, rows, hemnma.Aligner(model, ps.box, ps.pixel_size, settings, a.device)
+        )
     finally:
         os.chdir(cwd)
-    print(f"\n2. Hybrid on the {len(rows)} test images of {results}")
+    ranks = a.ranks  # threads of a shard job (hemnma.ranks)
+    t = lambda pattern, stars, n: seconds_per_image(results, pattern, stars, n)
+    lines = [
+        row("networks", errors(vars(net), truth), t("infer_*.tsv", "particles/particles.star", 2)),
+        row("hybrid (the workflow's)", errors(vars(hybrid), truth), t("hybrid/*.tsv", "hybrid/shards/*.star", ranks)),
+        row("HEMNMA (global search, run here)", errors(full, truth), per),
+    ]  # fmt: skip
+    print(f"\n2. Hybrid: {len(rows)} of the images {results} refined by the hybrid")
     print("\n".join(HEADER + lines))
-    print("\nthe workflow's CPU seconds per image (Snakemake benchmarks, job start-up included):")
     print(
-        f"network (3 inferences): {cpu_per_image(results, 'infer_*.tsv', 'particles/particles.star'):.3f}"
+        "(seconds per image per core: the workflow's jobs from their Snakemake benchmarks, wall × "
+        "threads, start-up included; HEMNMA's in-process. The workflow's own HEMNMA jobs: "
+        f"{t('hemnma/*.tsv', 'hemnma/shards/*.star', ranks):.3f})"
     )
-    print(f"HEMNMA: {cpu_per_image(results, 'hemnma/*.tsv', 'hemnma/shards/*.star'):.3f}")
-    print(f"hybrid: {cpu_per_image(results, 'hybrid/*.tsv', 'hybrid/shards/*.star'):.3f}")
 
 
 def main() -> None:
@@ -185,6 +177,13 @@ def main() -> None:
     p.add_argument("--iterations", type=int, nargs=2, default=hemnma.AlignSettings.local_iterations)
     p.add_argument("--results", type=Path, default=None, help="a finished simulated run")
     p.add_argument("--skip-priors", action="store_true")
+    p.add_argument("--ranks", type=int, default=1, help="the run's hemnma.ranks")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the run was made (default: above --results)",
+    )
     a = p.parse_args()
     a.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = hemnma.AlignSettings(

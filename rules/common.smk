@@ -253,14 +253,13 @@ def fit_args():
 
 
 def hybrid_args():
-    """CLI arguments of `deephemnma hemnma` in hybrid_refine: HEMNMA's refinement settings and
-    hemnma.local, starting from the networks' answers (no search)."""
-    c = config["hemnma"]
-    refine = {
-        k: c[k] for k in ("coarse_box", "amplitude_prior", "gallery_amplitude", "batch")
-    }
-    args = cli_flags(refine) + cli_flags(c["local"], prefix="local")
-    return args + ["--start", "network", "--sigma-angstrom", sigma_angstrom()]
+    """CLI arguments of `deephemnma hemnma` in hybrid_refine: config hemnma (the refinement,
+    hemnma.local, and the global search of the escalated images), starting from the networks'
+    answers."""
+    skip = ["subset", "seed", "shards", "ranks", "flag_z", "reference_update", "start"]
+    args = cli_flags(config["hemnma"], skip) + ["--start", "network"]
+    args += ["--escalate", config["hybrid"]["escalate"]]
+    return args + ["--sigma-angstrom", sigma_angstrom()]
 
 
 def hybrid_enabled():
@@ -276,7 +275,15 @@ def hybrid_shard_ids():
 
 def hybrid_select_args():
     """CLI arguments of `deephemnma hybrid select`."""
-    return cli_flags(config["hybrid"], skip=["enabled", "shards"])
+    return cli_flags(config["hybrid"], skip=["enabled", "shards", "candidates", "escalate"])
+
+
+def candidate_args(wildcards):
+    """`infer --candidates` for the so3grid angle network when the hybrid refines from it."""
+    so3grid = config["network"]["angle_repr"] == "so3grid"
+    if wildcards.param != "angles" or not so3grid or not hybrid_enabled():
+        return ""
+    return quoted(["--candidates", config["hybrid"]["candidates"]])
 
 
 def sigma_angstrom():

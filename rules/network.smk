@@ -105,6 +105,7 @@ rule infer:
         gpu=1,
     params:
         args=quoted(infer_args()),
+        candidates=candidate_args,
         views=lambda wildcards, input: quoted(
             ["--poses", *input.poses, "--model", input.model, "--modes", input.modes]
             + ["--sigma-angstrom", sigma_angstrom()]
@@ -113,7 +114,7 @@ rule infer:
         ),
     shell:
         "deephemnma infer --network {input.network:q} --particles {input.particles:q} "
-        "{params.views} {params.args} --out {output:q} "
+        "{params.views} {params.args} {params.candidates} --out {output:q} "
         "> {log:q} 2>&1"
 
 

@@ -115,7 +115,7 @@ def test_separated_candidates_follow_the_greedy_rule():
     rng = np.random.default_rng(0)
     euler = rng.uniform(-180, 180, (5, 40, 3)) * np.array([1, 0.25, 1])  # crowded in tilt
     quat = geometry.euler_to_quaternion(euler)
-    got = hemnma.separated(torch.tensor(quat), 4, 30.0).numpy()
+    got = geometry.separated(torch.tensor(quat), 4, 30.0).numpy()
     for b in range(5):
         kept: list[int] = []
         for m in range(40):
@@ -128,7 +128,7 @@ def test_separated_candidates_follow_the_greedy_rule():
         assert got[b].tolist() == kept
     # all candidates in one place: the first, repeated
     same = torch.tensor(np.repeat(quat[:1, :1], 6, 1))
-    assert hemnma.separated(same, 3, 10.0).tolist() == [[0, 0, 0]]
+    assert geometry.separated(same, 3, 10.0).tolist() == [[0, 0, 0]]
 
 
 def test_gallery_rotation_matches_projection(adk_model_files):

@@ -82,6 +82,45 @@ def test_local_refinement_stays_within_its_bounds(noise_free, monkeypatch):
     assert geometry.euler_distance_deg(res["euler"], ps.euler(rows)).max() < 7.0
 
 
+def test_orientation_candidates_rescue_a_start_beyond_the_bound(noise_free, monkeypatch):
+    """A start 90° off stays wrong (the rotation is bound to 25° around it); with the truth's
+    neighbourhood among its candidates (an angle network's next best), the best candidate wins."""
+    d, star, aligner = noise_free
+    monkeypatch.chdir(d)
+    ps = ParticleSet(star)
+    rows = np.arange(4)
+    far = perturb(ps.euler(rows), 90.0, seed=2)
+    zero = np.zeros((len(rows), 3))
+    al = aligner(ps)
+    alone = hemnma.align_rows(ps, rows, al, start=hemnma.Start(far, ps.shifts_px(rows), zero))
+    assert geometry.euler_distance_deg(alone["euler"], ps.euler(rows)).min() > 60.0
+    # candidates: another wrong orientation, then one 8° off (a grid point near the truth)
+    others = np.stack([perturb(ps.euler(rows), 120.0, seed=4), perturb(ps.euler(rows), 8.0, 5)], 1)
+    start = hemnma.Start(far, ps.shifts_px(rows), zero, others)
+    res = hemnma.align_rows(ps, rows, al, start=start)
+    ang = geometry.euler_distance_deg(res["euler"], ps.euler(rows))
+    print(f"from 90° with candidates: {ang.round(2)}")
+    assert ang.mean() < 0.6 and ang.max() < 1.5  # as from 4° alone
+
+
+def test_escalation_sends_the_worst_explained_images_to_the_global_search(noise_free, monkeypatch):
+    """Starts 90° off leave every image unexplained (high cost); escalating half of them aligns
+    exactly those two again from the global search, which finds their orientation."""
+    d, star, aligner = noise_free
+    monkeypatch.chdir(d)
+    ps = ParticleSet(star)
+    rows = np.arange(4)
+    start = hemnma.Start(perturb(ps.euler(), 90.0, seed=2), ps.shifts_px(), np.zeros((len(ps), 3)))
+    al = aligner(ps)
+    local = hemnma.align_rows(ps, rows, al, start=start)
+    res = hemnma.escalate(ps, rows, [al.model], al.s, torch.device("cpu"), local, 0.5)
+    ang = geometry.euler_distance_deg(res["euler"], ps.euler(rows))
+    worst = np.argsort(local["cost"])[2:]
+    print(f"escalated {worst}: {ang.round(2)}")
+    assert ang[worst].max() < 1.5 and np.delete(ang, worst).min() > 60.0
+    assert (res["cost"][worst] < local["cost"][worst]).all()
+
+
 def relion_star(path, version: str, pose: bool = True) -> pd.DataFrame:
     """A 2-particle RELION STAR (3.0: one block, pixels; 3.1: optics + Å) with a consensus pose."""
     df = pd.DataFrame({"rlnImageName": ["1@a.mrcs", "2@a.mrcs"], "rlnDefocusU": 5000.0})
@@ -144,6 +183,8 @@ def test_priors_start_without_a_consensus_pose_is_a_one_line_error(
         "deephemnma hemnma: error: o.star: --start priors needs column(s) _rlnAngleRotPrior, "
         "_rlnAngleTiltPrior, _rlnAnglePsiPrior, _rlnOriginXPriorAngst, _rlnOriginYPriorAngst"
     ]
+    assert cli([*argv, "--escalate", "0.2"]) == 2  # a global search has nothing to escalate
+    assert "--escalate 0.2: a fraction in [0, 1], local mode only" in capsys.readouterr().err
     with pytest.raises(
         InputError, match=r"o\.star: --start network needs column\(s\) _rlnAngleRot,"
     ):

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import numpy as np
@@ -7,12 +8,19 @@ import pytest
 import starfile
 import torch
 
-from deephemnma import geometry, infer, quality, simulate, synthesize, train, views
+from deephemnma import geometry, hemnma, infer, nets, quality, simulate, synthesize, train, views
 from deephemnma.cli import main as cli
 from deephemnma.flexible import FlexibleModel
 from deephemnma.imaging import ctf as ctf_fn
 from deephemnma.imaging import fourier_crop
-from deephemnma.io import ParticleSet, table_euler, table_shifts_px, write_star
+from deephemnma.io import (
+    EULER_COLUMNS,
+    ParticleSet,
+    candidate_columns,
+    table_euler,
+    table_shifts_px,
+    write_star,
+)
 from deephemnma.nets import (
     ResNet,
     build_network,
@@ -295,6 +303,56 @@ def test_inference_one_row_per_image_and_merge(labelled, monkeypatch, tmp_path):
     assert [r["param"] for r in rows if "spearman" in r] == ["angles", "amplitudes"]
     assert all(-1 <= r["spearman"] <= 1 for r in rows if "spearman" in r)
     assert "amplitudes: the predicted per-image uncertainty" in (tmp_path / "q.md").read_text()
+
+
+def test_angle_candidates_are_written_kept_by_merge_and_read_by_the_hybrid(
+    labelled, monkeypatch, tmp_path, capsys
+):
+    monkeypatch.chdir(labelled)
+    if not (labelled / "angles" / "network.pt").exists():
+        assert cli(train_args(labelled, "angles", 1)) == 0
+    net = str(labelled / "angles" / "network.pt")
+    base = ["infer", "--network", net, "--particles", "p.star", "--workers", "0", "--out"]
+    assert cli([*base, str(tmp_path / "one.star")]) == 0
+    assert cli([*base, str(tmp_path / "a.star"), "--candidates", "3"]) == 0
+    one = starfile.read(tmp_path / "one.star")["particles"]
+    t = starfile.read(tmp_path / "a.star")["particles"]
+    answer = t[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    np.testing.assert_allclose(answer, one[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]])
+    euler = [answer] + [t[candidate_columns(j)].to_numpy() for j in (2, 3)]
+    for a in range(3):
+        for b in range(a):  # each candidate more than 30° from those before it
+            assert geometry.euler_distance_deg(euler[a], euler[b]).min() > 30.0 - 1e-3
+    # merge keeps them on every row, HEMNMA-labelled ones included; the hybrid start reads them
+    star = starfile.read(labelled / "p.star")
+    hem = {"optics": star["optics"], "particles": star["particles"].iloc[:40]}
+    starfile.write(hem, tmp_path / "hemnma.star", overwrite=True)
+    merged = tmp_path / "merged.star"
+    assert cli(["merge", "--particles", "p.star", "--inferred", str(tmp_path / "a.star"),
+                "--labelled", str(tmp_path / "hemnma.star"), "--out", str(merged)]) == 0  # fmt: skip
+    start = hemnma.read_start(ParticleSet(merged), "network", [7, 8, 9])
+    np.testing.assert_allclose(start.candidates, np.stack(euler[1:], 1), atol=1e-3)
+    np.testing.assert_allclose(
+        start.euler[:40], star["particles"][EULER_COLUMNS].iloc[:40], atol=1e-3
+    )
+    # only so3grid angle networks have candidates
+    capsys.readouterr()
+    assert cli([*base, str(tmp_path / "b.star"), "--candidates", "0"]) == 2
+    assert "--candidates 0 needs an so3grid angle network" in capsys.readouterr().err
+    assert not (tmp_path / "b.star").exists()
+
+
+def test_grid_candidates_start_at_the_answer_and_follow_the_distribution():
+    grid = nets.rotation_grid()
+    far = geometry.grid_angles(grid[:1], grid)[0] > math.radians(60)
+    i, j = 0, int(torch.nonzero(far)[0])  # two grid rotations more than 60° apart
+    logits = torch.zeros(1, nets.GRID_SIZE)
+    logits[0, i], logits[0, j] = 9.0, 8.0
+    cands = nets.grid_candidates(torch.log_softmax(logits, -1), grid[i : i + 1], 4)
+    assert cands.shape == (1, 4, 3, 3)
+    assert torch.allclose(cands[0, 0], grid[i]) and torch.allclose(cands[0, 1], grid[j])
+    angles = geometry.grid_angles(cands[0], cands[0])
+    assert (angles[~torch.eye(4, dtype=torch.bool)] > math.radians(30) - 1e-4).all()
 
 
 def test_predict_matches_direct_forward(labelled, monkeypatch, tmp_path):

@@ -203,6 +203,8 @@ def test_hybrid_output_has_every_image_with_its_source(done):
     same = ["rlnAngleRot", "dhAmplitudeMode7"]
     assert (out.loc[labelled, same] == merged.loc[labelled, same]).all().all()
     assert (out.loc[~labelled, "rlnAngleRot"] != merged.loc[~labelled, "rlnAngleRot"]).all()
+    # the hybrid started from the angle network's 8 orientation candidates (hybrid.candidates)
+    assert [c for c in merged if c.startswith("dhAngleCandidate")][-1] == "dhAngleCandidate8Psi"
 
 
 def test_local_settings_rerun_only_the_hybrid(done):

@@ -11,6 +11,8 @@ All functions take numpy arrays or torch tensors with any leading batch shape.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -212,3 +214,20 @@ def mean_rotation(mats: np.ndarray) -> np.ndarray:
     u, _, vt = np.linalg.svd(mats.sum(0))
     d = np.sign(np.linalg.det(u @ vt))
     return u @ np.diag([1.0, 1.0, d]) @ vt
+
+
+def separated(quat: torch.Tensor, n: int, min_deg: float) -> torch.Tensor:
+    """Greedy choice, per row of candidates ordered best first (quat: (B, T, 4) unit
+    quaternions), of the first `n` that are each more than `min_deg` from those chosen before;
+    positions (B, n) in the rows, the last choice repeated when fewer qualify."""
+    near = (quat @ quat.transpose(-1, -2)).abs() >= math.cos(math.radians(min_deg) / 2)
+    free = torch.ones(quat.shape[:2], dtype=torch.bool, device=quat.device)
+    rows = torch.arange(len(quat), device=quat.device)
+    picks: list[torch.Tensor] = []
+    for _ in range(n):
+        first = free.float().argmax(1)  # the first free candidate
+        pick = first if not picks else torch.where(free.any(1), first, picks[-1])
+        picks.append(pick)
+        free &= ~near[rows, pick]
+        free[rows, pick] = False
+    return torch.stack(picks, 1)

@@ -14,10 +14,12 @@ batched over images, identical on CPU and GPU:
 
 Local mode (`start` = priors | network) skips step 1: each image starts from a given pose (the
 consensus refinement's priors `_rlnAngleRotPrior`..., or the pose and amplitude columns of a
-network's inferred STAR), optionally also from its 180° in-plane flip; each start takes, of its
+network's inferred STAR), optionally also from its 180° in-plane flip and from the angle
+network's other orientation candidates (`_dhAngleCandidate<j>*`); each start takes, of its
 amplitudes and those ± `gallery_amplitude` along each mode, the ones that correlate best there;
-step 2 then runs as above with the rotation kept within `local_max_angle_deg` of the start and
-the shift within `local_max_shift_px` (projected after every step).
+step 2 then runs as above with the rotation kept within `local_max_angle_deg` of its start and
+the shift within `local_max_shift_px` (projected after every step). With `--escalate`, the
+fraction of images left with the highest cost is aligned again by the global search.
 
 The cost of each image is 1 - (final normalised correlation); under MPI, ranks split the images.
 
@@ -50,6 +52,8 @@ from .io import (
     POSE_COLUMNS,
     ParticleSet,
     amplitude_column,
+    candidate_columns,
+    candidate_numbers,
     pose_columns,
     table_euler,
     table_shifts_px,
@@ -79,7 +83,7 @@ class AlignSettings:
     lr_shift: float = 0.3  # pixels of the full box
     amplitude_prior: float = 0.0  # prior std of the softest mode (amplitude units); 0: no prior
     start: str = "search"  # search (global) | priors | network (local, from a given pose)
-    local_max_angle_deg: float = 10.0  # local mode: rotation kept this close to the start
+    local_max_angle_deg: float = 25.0  # local mode: rotation kept this close to the start
     local_max_shift_px: float = 3.0  # local mode: shift kept this close to the start
     local_iterations: tuple[int, int] = (25, 25)
     local_lr_amplitude: float = 12.0  # local mode: fewer iterations, larger amplitude steps
@@ -92,14 +96,17 @@ START_MODES = ("search", "priors", "network")
 @dataclass
 class Start:
     """Starting values of local refinement: euler (B, 3) degrees, shifts_px (B, 2) particle
-    displacements in pixels, amplitudes (B, K) on the first reference's modes."""
+    displacements in pixels, amplitudes (B, K) on the first reference's modes; optionally more
+    orientations to start from as well, candidates (B, C, 3) degrees (an angle network's)."""
 
     euler: np.ndarray
     shifts_px: np.ndarray
     amplitudes: np.ndarray
+    candidates: np.ndarray | None = None
 
     def take(self, rows: np.ndarray) -> Start:
-        return Start(self.euler[rows], self.shifts_px[rows], self.amplitudes[rows])
+        more = None if self.candidates is None else self.candidates[rows]
+        return Start(self.euler[rows], self.shifts_px[rows], self.amplitudes[rows], more)
 
 
 def read_start(ps: ParticleSet, mode: str, mode_numbers: Sequence[int]) -> Start:
@@ -108,7 +115,8 @@ def read_start(ps: ParticleSet, mode: str, mode_numbers: Sequence[int]) -> Start
     priors: RELION's consensus pose, which `deephemnma import` keeps (RELION 3.0 and 3.1 alike) as
     `_rlnAngle{Rot,Tilt,Psi}Prior` and `_rlnOrigin{X,Y}PriorAngst`; amplitudes start at zero.
     network: the pose, shift and amplitude columns (`_rlnAngleRot`..., `_dhAmplitudeMode<k>`) of
-    a STAR written by infer/merge. InputError naming the file and the missing columns otherwise.
+    a STAR written by infer/merge, and the angle network's orientation candidates where it has
+    them (`_dhAngleCandidate<j>*`). InputError naming the file and the missing columns otherwise.
     """
     k = len(mode_numbers)
     if mode == "priors":
@@ -128,18 +136,29 @@ def read_start(ps: ParticleSet, mode: str, mode_numbers: Sequence[int]) -> Start
         pose = pose.rename(columns={prior: c for c, prior in PRIOR.items()})
     n = len(pose)
     amplitudes = pose[cols[5:]].to_numpy(np.float64) if mode == "network" else np.zeros((n, k))
-    return Start(table_euler(pose), table_shifts_px(pose, ps.pixel_size), amplitudes)
+    more = candidate_numbers(pose) if mode == "network" else []
+    candidates = None
+    if more:
+        columns = [c for j in more for c in candidate_columns(j)]
+        candidates = pose[columns].to_numpy(np.float64).reshape(n, len(more), 3)
+    return Start(table_euler(pose), table_shifts_px(pose, ps.pixel_size), amplitudes, candidates)
 
 
 def local_candidates(start: Start, flip: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Candidates (B, C, ·) around the start: the start itself and, with `flip`, its 180°
-    in-plane flip (same projection direction, ψ + 180°; the shift is kept)."""
-    eul, sh, amp = start.euler[:, None], start.shifts_px[:, None], start.amplitudes[:, None]
+    """Candidates (B, C, ·) around the start: the start itself, with `flip` its 180° in-plane
+    flip (same projection direction, ψ + 180°), then the start's other orientations
+    (`start.candidates`); every candidate keeps the start's shift and amplitudes."""
+    eul = start.euler[:, None]
     if flip:
-        flipped = eul + np.array([0.0, 0.0, 180.0])
-        eul = np.concatenate([eul, flipped], 1)
-        sh, amp = np.repeat(sh, 2, 1), np.repeat(amp, 2, 1)
-    return eul, sh, amp
+        eul = np.concatenate([eul, eul + np.array([0.0, 0.0, 180.0])], 1)
+    if start.candidates is not None:
+        eul = np.concatenate([eul, start.candidates], 1)
+    c = eul.shape[1]
+    return (
+        eul,
+        np.repeat(start.shifts_px[:, None], c, 1),
+        np.repeat(start.amplitudes[:, None], c, 1),
+    )
 
 
 @dataclass
@@ -357,28 +376,11 @@ def global_search(
     best, idx = cc.max(1)  # over shifts: (B, M)
     top = best.topk(min(64 * settings.candidates, best.shape[1]), dim=1).indices  # best first
     chosen = top.gather(
-        1, separated(gallery.quat[top], settings.candidates, settings.min_separation_deg)
+        1, geometry.separated(gallery.quat[top], settings.candidates, settings.min_separation_deg)
     )  # (B, C) gallery entries
     shifts = (lags[idx.gather(1, chosen)] * scale).cpu().numpy()
     chosen = chosen.cpu().numpy()
     return gallery.euler[chosen], shifts, gallery.amplitudes[chosen]
-
-
-def separated(quat: torch.Tensor, n: int, min_deg: float) -> torch.Tensor:
-    """Greedy choice, per row of candidates ordered best first (quat: (B, T, 4) unit
-    quaternions), of the first `n` that are each more than `min_deg` from those chosen before;
-    positions (B, n) in the rows, the last choice repeated when fewer qualify."""
-    near = (quat @ quat.transpose(-1, -2)).abs() >= math.cos(math.radians(min_deg) / 2)
-    free = torch.ones(quat.shape[:2], dtype=torch.bool, device=quat.device)
-    rows = torch.arange(len(quat), device=quat.device)
-    picks: list[torch.Tensor] = []
-    for _ in range(n):
-        first = free.float().argmax(1)  # the first free candidate
-        pick = first if not picks else torch.where(free.any(1), first, picks[-1])
-        picks.append(pick)
-        free &= ~near[rows, pick]
-        free[rows, pick] = False
-    return torch.stack(picks, 1)
 
 
 def skew(v: torch.Tensor) -> torch.Tensor:
@@ -674,6 +676,37 @@ def align_rows(
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
+def escalate(
+    ps: ParticleSet,
+    rows: np.ndarray,
+    references: list[FlexibleModel],
+    settings: AlignSettings,
+    device: torch.device,
+    result: dict[str, np.ndarray],
+    fraction: float,
+) -> dict[str, np.ndarray]:
+    """`result` of local refinement of `rows`, with the `fraction` of images left with the
+    highest cost (a start outside the right basin leaves the image unexplained) aligned again
+    from the global search; each of them keeps the answer with the lower objective."""
+    n = min(len(rows), math.ceil(fraction * len(rows)))
+    if n == 0:
+        return result
+    worst = np.argsort(result["cost"], kind="stable")[len(rows) - n :]
+    search = replace(settings, start="search")
+    aligners = [Aligner(r, ps.box, ps.pixel_size, search, device) for r in references]
+    again = align_rows(ps, rows[worst], aligners, "hemnma (escalated)")
+    better = again["objective"] < result["objective"][worst]
+    out = {k: v.copy() for k, v in result.items()}
+    for k in out:
+        out[k][worst[better]] = again[k][better]
+    log.info(
+        "escalated the %d images with the highest cost to the global search: %d improved",
+        n,
+        int(better.sum()),
+    )
+    return out
+
+
 def result_table(
     ps: ParticleSet,
     result: dict,
@@ -795,6 +828,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=False,
         help="local mode: also try the 180° in-plane flip",
     )
+    p.add_argument(
+        "--escalate",
+        type=float,
+        default=0.0,
+        help="local mode: this fraction of the images, those left with the highest cost, are "
+        "aligned again by the global search; each keeps the better answer (default: none)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> AlignSettings:
@@ -833,7 +873,11 @@ def main(args: argparse.Namespace) -> None:
     start = None if settings.start == "search" else read_start(ps, settings.start, numbers)
     aligners = [Aligner(r, ps.box, ps.pixel_size, settings, device) for r in references]
     rows = np.arange(len(ps))[rank::size]
+    if not 0.0 <= args.escalate <= 1.0 or (args.escalate > 0 and start is None):
+        raise InputError(f"--escalate {args.escalate:g}: a fraction in [0, 1], local mode only")
     result = align_rows(ps, rows, aligners, f"hemnma rank {rank}/{size}", start)
+    if args.escalate > 0:
+        result = escalate(ps, rows, references, settings, device, result, args.escalate)
     gathered = comm.gather((rows, result), root=0)
     if rank == 0:
         order = np.concatenate([g[0] for g in gathered])

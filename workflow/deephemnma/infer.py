@@ -35,6 +35,7 @@ from .io import (
     ORIGIN_COLUMNS,
     ParticleSet,
     amplitude_column,
+    candidate_columns,
     pose_columns,
     read_star,
     table_euler,
@@ -47,6 +48,7 @@ from .nets import (
     build_network,
     decode_angles,
     decode_regression,
+    grid_candidates,
     grid_uncertainty,
     preprocess,
     quarter_turn_mean,
@@ -157,6 +159,7 @@ def predict(
     workers: int,
     poses: tuple[np.ndarray, np.ndarray] | None = None,
     turns: int = 4,
+    candidates: int = 1,
 ) -> np.ndarray:
     """Predictions for every image, in row order, then their uncertainty (NaN where the network
     predicts none): amplitudes (n, K + 1), shifts (n, 3) or Euler angles (n, 4) — see
@@ -164,13 +167,15 @@ def predict(
     views. so3grid angle networks also see each image turned in plane by 90°, 180°, 270° (up
     to `turns` - 1 of them): the answer decodes their mean distribution
     (`nets.quarter_turn_mean`), the uncertainty measures each one's mass away from it
-    (`nets.grid_uncertainty`)."""
+    (`nets.grid_uncertainty`); with `candidates` > 1 the Euler angles of the next
+    `candidates` - 1 orientation candidates (`nets.grid_candidates`) follow, (n, 4 + 3 (c - 1))."""
     loader = DataLoader(
         Chunks(ps, batch), batch_size=None, num_workers=workers, pin_memory=device.type == "cuda"
     )
     mean, std = meta["mean"].to(device), meta["std"].to(device)
     angles = meta["param"] == "angles"
-    out = np.empty((len(ps), 4 if angles else len(meta["mean"]) + 1), dtype=np.float32)
+    width = 4 + 3 * (candidates - 1) if angles else len(meta["mean"]) + 1
+    out = np.empty((len(ps), width), dtype=np.float32)
     pos = 0
     bf16 = bf16_supported(device)
     views = ModeViews(**meta["views"]) if "views" in meta else None
@@ -189,12 +194,18 @@ def predict(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             y = net(x)
         if angles:
-            rot, unc = decode_angles(y.float() * std + mean, meta["angle_repr"])
+            scores = y.float() * std + mean
+            rot, unc = decode_angles(scores, meta["angle_repr"])
             if turned:
-                scores = [y, *turned_scores(net, imgs, meta["box"], turns, bf16)]
-                rot, _ = decode_angles(quarter_turn_mean(scores), meta["angle_repr"])
-                unc = grid_uncertainty(scores, rot)
-            y = torch.cat([geometry.matrix_to_euler(rot.double()).float(), unc[:, None]], 1)
+                turned_all = [y, *turned_scores(net, imgs, meta["box"], turns, bf16)]
+                scores = quarter_turn_mean(turned_all)
+                rot, _ = decode_angles(scores, meta["angle_repr"])
+                unc = grid_uncertainty(turned_all, rot)
+            euler = lambda m: geometry.matrix_to_euler(m.double()).float()
+            y = torch.cat([euler(rot), unc[:, None]], 1)
+            if candidates > 1:
+                others = grid_candidates(torch.log_softmax(scores, -1), rot, candidates)[:, 1:]
+                y = torch.cat([y, euler(others).flatten(1)], 1)
         else:
             y, sd = decode_regression(y.float(), mean, std)
             y = torch.cat([y, uncertainty(meta["param"], sd, len(y), device)[:, None]], 1)
@@ -218,6 +229,9 @@ def prediction_table(
     n_values = {"angles": 3, "shifts": 2}.get(meta["param"], len(meta["mode_numbers"]))
     if values.shape[1] > n_values and not np.isnan(values[:, n_values]).all():
         t[uncertainty_column(meta["param"])] = values[:, n_values]
+    if meta["param"] == "angles":  # orientation candidates after the uncertainty
+        for j in range((values.shape[1] - 4) // 3):
+            t[candidate_columns(j + 2)] = values[:, 4 + 3 * j : 7 + 3 * j]
     return t
 
 
@@ -277,6 +291,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sigma-angstrom", type=float, default=1.0, help="--model's atom Gaussian width (Å)"
     )
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=1,
+        help="so3grid angles: also write the next best well-separated orientations, this many "
+        "in all with the answer (_dhAngleCandidate<j>Rot etc.; the hybrid refines from each)",
+    )
     p.add_argument("--batch", type=int, default=256, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--out", required=True, help="STAR with the predicted columns")
@@ -313,7 +334,16 @@ def main(args: argparse.Namespace) -> None:
     ps = ParticleSet(require_file(args.particles, "particle STAR"))
     check_geometry(meta, ps, args.network)
     poses = read_poses(args.poses, ps) if args.poses else None
-    values = predict(net, meta, ps, device, args.batch, args.workers, poses, args.turns)
+    if args.candidates < 1 or (
+        args.candidates > 1 and (meta["param"], meta.get("angle_repr")) != ("angles", "so3grid")
+    ):
+        raise InputError(
+            f"{args.network}: --candidates {args.candidates} needs an so3grid angle network "
+            f"(this one: {meta['param']}, {meta.get('angle_repr', '-')}) and a count of at least 1"
+        )
+    values = predict(
+        net, meta, ps, device, args.batch, args.workers, poses, args.turns, args.candidates
+    )
     table = prediction_table(meta, ps.particles["rlnImageName"], values, ps.pixel_size)
     if args.model:
         table[AGREEMENT_COLUMN] = agreement_of(args, meta, ps, poses, values, device)

@@ -5,6 +5,7 @@ and `ParticleSet`, a particle STAR with its images."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,22 @@ def amplitude_column(mode: int) -> str:
 # and amplitudes; written by `infer --model --modes` for an amplitude network with views): low
 # when the answer does not explain the image
 AGREEMENT_COLUMN = "dhModelAgreement"
+
+
+_CANDIDATE = re.compile(r"dhAngleCandidate(\d+)(?:Rot|Tilt|Psi)")
+
+
+def candidate_columns(j: int) -> list[str]:
+    """Euler-angle columns (rot, tilt, psi) of an angle network's j-th orientation candidate
+    (j ≥ 2; the first is the answer in `_rlnAngle*`), written by `infer --candidates` and
+    refined from by the hybrid: `_dhAngleCandidate<j>Rot` etc."""
+    return [f"dhAngleCandidate{j}{name}" for name in ("Rot", "Tilt", "Psi")]
+
+
+def candidate_numbers(particles: pd.DataFrame) -> list[int]:
+    """The candidate numbers j (sorted) with all three `candidate_columns(j)` in a table."""
+    found = {int(m[1]) for c in particles.columns if (m := _CANDIDATE.fullmatch(c))}
+    return sorted(j for j in found if all(c in particles for c in candidate_columns(j)))
 
 
 def uncertainty_column(param: str) -> str:

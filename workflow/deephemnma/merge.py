@@ -5,7 +5,8 @@ each parameter type from its network, and are marked untrusted (`_dhTrusted 0`) 
 they depend on failed its verdict (`deephemnma quality`). The column `_dhSource<Type>` says where
 each value came from (network | hemnma). A network's `_dhUncertainty<Type>` and the networks'
 `_dhModelAgreement` are kept on every row, HEMNMA-aligned ones included (there they are what
-calibrates them against HEMNMA).
+calibrates them against HEMNMA), and so are the angle network's orientation candidates
+(`_dhAngleCandidate<j>*`, where the hybrid starts from).
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import logging
 import pandas as pd
 
 from .files import InputError, require_file
-from .io import AGREEMENT_COLUMN, read_star, uncertainty_column, write_star
+from .io import (
+    AGREEMENT_COLUMN,
+    candidate_columns,
+    candidate_numbers,
+    read_star,
+    uncertainty_column,
+    write_star,
+)
 from .quality import param_of
 
 log = logging.getLogger(__name__)
@@ -59,7 +67,9 @@ def main(args: argparse.Namespace) -> None:
             raise InputError(f"{path}: does not cover every particle of {args.particles}")
         parts[cols] = merged[cols].to_numpy()
         parts[source_column(param)] = "network"
-        values = [c for c in cols if c not in (uncertainty_column(param), AGREEMENT_COLUMN)]
+        kept = {uncertainty_column(param), AGREEMENT_COLUMN}
+        kept |= {c for j in candidate_numbers(inferred) for c in candidate_columns(j)}
+        values = [c for c in cols if c not in kept]
         if has.any():
             names = parts.loc[has, "rlnImageName"]
             parts.loc[has, values] = labelled.loc[names, values].to_numpy()

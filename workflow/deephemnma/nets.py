@@ -23,6 +23,9 @@ GRID_SIZE = 4096
 GRID_SIGMA_DEG = 15.0
 GRID_RADIUS_DEG = 45.0
 GRID_WRONG_DEG = 20.0
+# Orientation candidates of a local refinement (hybrid): the answer, then the most probable grid
+# rotations each at least this far from the candidates before them.
+CANDIDATE_SEPARATION_DEG = 30.0
 # Regression networks with a variance head output a log-variance per value after the values
 # (standardised units), clamped to ±LOGVAR_MAX.
 LOGVAR_MAX = 10.0
@@ -191,6 +194,19 @@ def decode_angles(values: torch.Tensor, angle_repr: str) -> tuple[torch.Tensor, 
     if angle_repr == "quaternion":
         return geometry.quaternion_to_matrix(v), spread
     return geometry.euler_to_matrix(v), spread
+
+
+def grid_candidates(log_prob: torch.Tensor, answer: torch.Tensor, k: int) -> torch.Tensor:
+    """`k` orientation candidates (B, k, 3, 3) per image from so3grid log-probabilities
+    (B, GRID_SIZE) and the decoded answers (B, 3, 3): the answer first, then the most probable
+    grid rotations, each more than CANDIDATE_SEPARATION_DEG from the candidates chosen before it
+    (`geometry.separated`; the last one repeated when fewer qualify)."""
+    grid = rotation_grid(log_prob.device)
+    top = log_prob.topk(min(64 * k, GRID_SIZE), -1).indices  # best first
+    mats = torch.cat([answer[:, None].to(grid.dtype), grid[top]], 1)  # (B, 1 + T, 3, 3)
+    quat = geometry.euler_to_quaternion(geometry.matrix_to_euler(mats.double())).float()
+    pick = geometry.separated(quat, k, CANDIDATE_SEPARATION_DEG)
+    return mats[torch.arange(len(mats), device=mats.device)[:, None], pick]
 
 
 def grid_uncertainty(scores: list[torch.Tensor], rot: torch.Tensor) -> torch.Tensor:
