@@ -103,6 +103,23 @@ def test_orientation_candidates_rescue_a_start_beyond_the_bound(noise_free, monk
     assert ang.mean() < 0.6 and ang.max() < 1.5  # as from 4° alone
 
 
+def test_every_reference_starts_from_the_orientation_candidates(noise_free, monkeypatch):
+    """With several references, the others start undeformed but from the same orientations as
+    the first: the answer and every candidate."""
+    d, star, aligner = noise_free
+    monkeypatch.chdir(d)
+    ps = ParticleSet(star)
+    rows = np.arange(2)
+    others = np.stack([perturb(ps.euler(rows), 120.0, 4), perturb(ps.euler(rows), 8.0, 5)], 1)
+    start = hemnma.Start(ps.euler(rows), ps.shifts_px(rows), ps.amplitudes([7, 8, 9], rows), others)
+    seen = []
+    al = aligner(ps, local_iterations=(1, 1))
+    monkeypatch.setattr(al, "align", lambda *a: seen.append(a[-1]) or hemnma.Aligner.align(al, *a))
+    hemnma.align_best([al, al], ps.images[rows], ps.ctf_params(), rows, ps.has_ctf, start)
+    assert [s.candidates is others for s in seen] == [True, True]
+    assert (seen[1].amplitudes == 0).all()
+
+
 def test_escalation_sends_the_worst_explained_images_to_the_global_search(noise_free, monkeypatch):
     """Starts 90° off leave every image unexplained (high cost); escalating half of them aligns
     exactly those two again from the global search, which finds their orientation."""

@@ -630,11 +630,13 @@ def align_best(
     """Align one batch against every reference; each image keeps the lowest objective.
 
     Adds 'reference' (B,), the 0-based index of the chosen aligner. A `start`'s amplitudes are on
-    the first reference's modes: the other references start undeformed.
+    the first reference's modes: the other references start undeformed, from the same
+    orientations (the start's and its candidates).
     """
     starts = [start] * len(aligners)
     if start is not None:
-        undeformed = Start(start.euler, start.shifts_px, np.zeros_like(start.amplitudes))
+        zero = np.zeros_like(start.amplitudes)
+        undeformed = Start(start.euler, start.shifts_px, zero, start.candidates)
         starts = [start] + [undeformed] * (len(aligners) - 1)
     runs = [
         a.align(images, ctf_params, rows, has_ctf, st)
