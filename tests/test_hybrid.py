@@ -291,3 +291,31 @@ def test_select_and_combine_refuse_a_bad_fraction_and_overlapping_shards(tmp_pat
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "s.star").exists() and not (tmp_path / "h.star").exists()
+
+
+def test_an_incomplete_orientation_candidate_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """A candidate lacking one of its three angles (a hand-edited STAR) is refused, naming the
+    file and the column, by the hybrid's start and by merge (not skipped, not a KeyError)."""
+    monkeypatch.chdir(tmp_path)
+    optics = optics_table(2.2, 64, 200.0, 2.0, 0.1)
+    t = merged_table().drop(columns=["dhHemnmaLabelled"])
+    t["rlnOpticsGroup"], t["rlnDefocusU"], t["rlnDefocusV"] = 1, 5000.0, 5000.0
+    for c in ("Rot", "Tilt", "Psi"):
+        t[f"dhAngleCandidate2{c}"] = 10.0
+    t["dhAngleCandidate3Rot"], t["dhAngleCandidate3Tilt"] = 20.0, 30.0
+    write_star("m.star", optics, t)
+    write_mrc(tmp_path / "s.mrcs", np.zeros((6, 64, 64)), 2.2)
+    with pytest.raises(InputError, match=r"^m\.star: orientation candidate 3 lacks _dhAngleCand"):
+        hemnma.read_start(ParticleSet("m.star"), "network", [7])
+    angles = ["rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+    write_star("angles.star", optics, t[[*angles, *[c for c in t if "Candidate" in c]]])
+    write_star("p.star", optics, t.drop(columns=angles[1:]))
+    write_star("hemnma.star", optics, t[angles].iloc[:2])
+    argv = ["merge", "--particles", "p.star", "--inferred", "angles.star"]
+    capsys.readouterr()
+    assert cli([*argv, "--labelled", "hemnma.star", "--out", "o.star"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "deephemnma merge: error: angles.star: orientation candidate 3 lacks _dhAngleCandidate3Psi"
+    ]
+    assert not (tmp_path / "o.star").exists()

@@ -136,7 +136,7 @@ def read_start(ps: ParticleSet, mode: str, mode_numbers: Sequence[int]) -> Start
         pose = pose.rename(columns={prior: c for c, prior in PRIOR.items()})
     n = len(pose)
     amplitudes = pose[cols[5:]].to_numpy(np.float64) if mode == "network" else np.zeros((n, k))
-    more = candidate_numbers(pose) if mode == "network" else []
+    more = candidate_numbers(pose, ps.star) if mode == "network" else []
     candidates = None
     if more:
         columns = [c for j in more for c in candidate_columns(j)]

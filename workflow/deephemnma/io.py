@@ -101,10 +101,17 @@ def candidate_columns(j: int) -> list[str]:
     return [f"dhAngleCandidate{j}{name}" for name in ("Rot", "Tilt", "Psi")]
 
 
-def candidate_numbers(particles: pd.DataFrame) -> list[int]:
-    """The candidate numbers j (sorted) with all three `candidate_columns(j)` in a table."""
+def candidate_numbers(particles: pd.DataFrame, path: str | os.PathLike) -> list[int]:
+    """The candidate numbers j (sorted) of the `candidate_columns(j)` in the table of STAR
+    `path`; InputError naming the file when a candidate lacks one of its three angles."""
     found = {int(m[1]) for c in particles.columns if (m := _CANDIDATE.fullmatch(c))}
-    return sorted(j for j in found if all(c in particles for c in candidate_columns(j)))
+    for j in sorted(found):
+        lacking = [c for c in candidate_columns(j) if c not in particles]
+        if lacking:
+            raise InputError(
+                f"{path}: orientation candidate {j} lacks {', '.join('_' + c for c in lacking)}"
+            )
+    return sorted(found)
 
 
 def uncertainty_column(param: str) -> str:

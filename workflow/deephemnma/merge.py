@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> None:
         parts[cols] = merged[cols].to_numpy()
         parts[source_column(param)] = "network"
         kept = {uncertainty_column(param), AGREEMENT_COLUMN}
-        kept |= {c for j in candidate_numbers(inferred) for c in candidate_columns(j)}
+        kept |= {c for j in candidate_numbers(inferred, path) for c in candidate_columns(j)}
         values = [c for c in cols if c not in kept]
         if has.any():
             names = parts.loc[has, "rlnImageName"]
