@@ -871,12 +871,12 @@ def main(args: argparse.Namespace) -> None:
     ps = ParticleSet(args.particles)
     references = load_references(args.model, args.modes)
     settings = settings_from_args(args)
+    if not 0.0 <= args.escalate <= 1.0 or (args.escalate > 0 and settings.start == "search"):
+        raise InputError(f"--escalate {args.escalate:g}: a fraction in [0, 1], local mode only")
     numbers = references[0].mode_numbers
     start = None if settings.start == "search" else read_start(ps, settings.start, numbers)
     aligners = [Aligner(r, ps.box, ps.pixel_size, settings, device) for r in references]
     rows = np.arange(len(ps))[rank::size]
-    if not 0.0 <= args.escalate <= 1.0 or (args.escalate > 0 and start is None):
-        raise InputError(f"--escalate {args.escalate:g}: a fraction in [0, 1], local mode only")
     result = align_rows(ps, rows, aligners, f"hemnma rank {rank}/{size}", start)
     if args.escalate > 0:
         result = escalate(ps, rows, references, settings, device, result, args.escalate)
