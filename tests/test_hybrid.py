@@ -295,7 +295,8 @@ def test_select_and_combine_refuse_a_bad_fraction_and_overlapping_shards(tmp_pat
 
 def test_an_incomplete_orientation_candidate_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     """A candidate lacking one of its three angles (a hand-edited STAR) is refused, naming the
-    file and the column, by the hybrid's start and by merge (not skipped, not a KeyError)."""
+    file and the column, by the hybrid's start and by merge (not skipped, not a KeyError); a
+    missing value (NaN) is refused on reading like any other."""
     monkeypatch.chdir(tmp_path)
     optics = optics_table(2.2, 64, 200.0, 2.0, 0.1)
     t = merged_table().drop(columns=["dhHemnmaLabelled"])
@@ -319,3 +320,7 @@ def test_an_incomplete_orientation_candidate_is_a_one_line_error(tmp_path, capsy
         "deephemnma merge: error: angles.star: orientation candidate 3 lacks _dhAngleCandidate3Psi"
     ]
     assert not (tmp_path / "o.star").exists()
+    # complete, but one value missing: refused on reading, as in any of our columns
+    write_star("n.star", optics, t.assign(dhAngleCandidate3Psi=[40.0] * 3 + [np.nan] + [40.0] * 2))
+    with pytest.raises(InputError, match=r"^n\.star: particle 4@s.mrcs has _dhAngleCandidate3Psi"):
+        ParticleSet("n.star")
