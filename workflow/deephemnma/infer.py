@@ -9,7 +9,9 @@ each image's pose, taken from the angle and shift networks' answers (`--poses`).
 per-image uncertainty, where it predicts one, goes to `_dhUncertainty<Type>`: the share of the
 predicted orientation distribution farther than 20° from the answer (so3grid angles), the
 predicted standard deviation averaged over modes (amplitudes), the predicted root-mean-square
-shift error in pixels (shifts).
+shift error in pixels (shifts). With `--candidates K`, an so3grid angle network also writes the
+answer's K - 1 next most probable well-separated orientations (`nets.grid_candidates`) as
+`_dhAngleCandidate<j>Rot/Tilt/Psi`, j = 2 … K, which the hybrid refines from.
 """
 
 from __future__ import annotations
