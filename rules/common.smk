@@ -275,7 +275,9 @@ def hybrid_shard_ids():
 
 def hybrid_select_args():
     """CLI arguments of `deephemnma hybrid select`."""
-    return cli_flags(config["hybrid"], skip=["enabled", "shards", "candidates", "escalate"])
+    return cli_flags(
+        config["hybrid"], skip=["enabled", "shards", "candidates", "escalate"]
+    )
 
 
 def candidate_args(wildcards):
