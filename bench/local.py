@@ -127,7 +127,7 @@ def seconds_per_image(results: Path, pattern: str, stars: str, threads: int) -> 
     return wall * threads / n if n else float("nan")  # nan: the run has no such jobs
 
 
-def hybrid_figure(a: argparse.Namespace, settings: hemnma.AlignSettings) -> None:
+def hybrid_figure(a: argparse.Namespace) -> None:
     """The workflow's networks and hybrid against full HEMNMA run here, on the same images: the
     first `--n-images` of those the hybrid refined (network/hybrid.star, `_dhSourceAngles`
     hybrid)."""
@@ -145,9 +145,8 @@ def hybrid_figure(a: argparse.Namespace, settings: hemnma.AlignSettings) -> None
         net = table_start(merged.set_index("rlnImageName").loc[names], ps.pixel_size)
         hybrid = table_start(hyb.set_index("rlnImageName").loc[names], ps.pixel_size)
         model = FlexibleModel.load(results / "model/model.npz", results / "model/modes.npz")
-        full, per = timed(
-            ps, rows, hemnma.Aligner(model, ps.box, ps.pixel_size, settings, a.device)
-        )
+        search = hemnma.AlignSettings()  # the workflow's defaults
+        full, per = timed(ps, rows, hemnma.Aligner(model, ps.box, ps.pixel_size, search, a.device))
     finally:
         os.chdir(cwd)
     ranks = a.ranks  # threads of a shard job (hemnma.ranks)
@@ -199,7 +198,7 @@ def main() -> None:
     if not a.skip_priors:
         priors_figure(a, settings)
     if a.results is not None:
-        hybrid_figure(a, settings)
+        hybrid_figure(a)
 
 
 if __name__ == "__main__":
