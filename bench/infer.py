@@ -1,7 +1,7 @@
 """Inference throughput: images per second of a ResNet over memory-mapped 128² stacks.
 
-Usage: python bench/infer.py [--arch resnet34] [--n-images 2048] [--box 128] [--batch 256]
-       [--net-box 128]
+Usage: python bench/infer.py [--arch resnet34] [--n-images 2048] [--box 128] [--batch B]
+       [--net-box 128]   (B: the pipeline's default, 64 on a CPU and 256 on a GPU)
 On a CPU: fp32, channels_last and bf16 autocast (where the CPU supports it) are compared;
 on CUDA the pipeline's own path (bf16 + channels_last) is timed end to end.
 """
@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--arch", default="resnet34")
     p.add_argument("--n-images", type=int, default=2048)
     p.add_argument("--box", type=int, default=128)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=None, help="default: infer.default_batch")
     p.add_argument(
         "--net-box",
         type=int,
@@ -54,6 +54,7 @@ def main() -> None:
     a = p.parse_args()
     net_box = a.net_box or a.box
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    a.batch = a.batch or infer.default_batch(dev)
     net = ResNet(a.arch, 3).eval()
     meta = {"param": "amplitudes", "mean": torch.zeros(3), "std": torch.ones(3), "box": net_box}
     with tempfile.TemporaryDirectory() as d:

@@ -151,6 +151,12 @@ def turned_scores(
     return out
 
 
+def default_batch(device: torch.device) -> int:
+    """Images per forward pass: 64 on a CPU, whose caches favour small batches (ResNet-34 at
+    128², 2 cores: 277-312 images/s against 266-277 with 256), 256 on a GPU."""
+    return 256 if device.type == "cuda" else 64
+
+
 @torch.no_grad()
 def predict(
     net: torch.nn.Module,
@@ -300,7 +306,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="so3grid angles: also write the next best well-separated orientations, this many "
         "in all with the answer (_dhAngleCandidate<j>Rot etc.; the hybrid refines from each)",
     )
-    p.add_argument("--batch", type=int, default=256, help="images per forward pass")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="images per forward pass (default: 64 on a CPU, whose caches favour small batches; "
+        "256 on a GPU)",
+    )
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--out", required=True, help="STAR with the predicted columns")
 
@@ -343,9 +355,8 @@ def main(args: argparse.Namespace) -> None:
             f"{args.network}: --candidates {args.candidates} needs an so3grid angle network "
             f"(this one: {meta['param']}, {meta.get('angle_repr', '-')}) and a count of at least 1"
         )
-    values = predict(
-        net, meta, ps, device, args.batch, args.workers, poses, args.turns, args.candidates
-    )
+    batch = args.batch or default_batch(device)
+    values = predict(net, meta, ps, device, batch, args.workers, poses, args.turns, args.candidates)
     table = prediction_table(meta, ps.particles["rlnImageName"], values, ps.pixel_size)
     if args.model:
         table[AGREEMENT_COLUMN] = agreement_of(args, meta, ps, poses, values, device)
