@@ -11,7 +11,11 @@ and printed as it finishes:
      baselines (amplitudes with views at the angle and shift networks' poses, unless
      --no-views);
   5. inference throughput (ResNet-34, bf16) end to end from the memory-mapped stacks;
-  6. the same networks trained on HEMNMA's labels of part of the training/validation images.
+  6. the same networks trained on HEMNMA's labels of part of the training/validation images;
+  7. hybrid: on --hybrid-images test images, local refinement from each network set's answers
+     (the angle network's --candidates orientations, the --escalate fraction with the highest
+     cost aligned again by the global search) next to full HEMNMA on the same images: accuracy
+     against the truth and images/s.
 
 Usage: python bench/gpu_checks.py --inputs DIR --work DIR [--n-images 20000] [--box 128] ...
 """
@@ -21,6 +25,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +84,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--infer-repeats", type=int, default=5)
+    p.add_argument("--hybrid-images", type=int, default=512, help="test images (0: skip)")
+    p.add_argument("--candidates", type=int, default=8, help="hybrid: orientation candidates")
+    p.add_argument("--escalate", type=float, default=0.25, help="hybrid: share re-searched")
     p.add_argument(
         "--views",
         action=argparse.BooleanOptionalAction,
@@ -239,10 +247,53 @@ def main() -> None:
         len(test_rows),
     )
 
+    hybrid_rows = test_rows[: a.hybrid_images]
+    model = FlexibleModel.load(inp / "model.npz", inp / "modes.npz")
+
+    def timed_align(start: hemnma.Start | None) -> tuple[dict, float]:
+        """Align the hybrid rows (global search, or local from `start` then escalation)."""
+        s = replace(settings, start="search" if start is None else "network")
+        aligner = hemnma.Aligner(model, ps.box, ps.pixel_size, s, dev)
+        t = time.perf_counter()
+        res = hemnma.align_rows(ps, hybrid_rows, aligner, start=start)
+        if start is not None and a.escalate > 0:
+            res = hemnma.escalate(ps, hybrid_rows, [model], s, dev, res, a.escalate)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return res, time.perf_counter() - t
+
+    def accuracy(res: dict) -> dict:
+        ang = geometry.euler_distance_deg(res["euler"], ps.euler(hybrid_rows))
+        amp = np.abs(res["amplitudes"] - ps.amplitudes([7, 8, 9], hybrid_rows)).mean()
+        shift = np.linalg.norm(res["shifts_px"] - ps.shifts_px(hybrid_rows), axis=1).mean()
+        values = {"angle_mean": ang.mean(), "angle_median": np.median(ang), "amp_mean": amp,
+                  "shift_mean": shift, "beyond_5deg": (ang > 5).mean()}  # fmt: skip
+        return {k: round(float(v), 4) for k, v in values.items()}
+
+    def hybrid_figure(tag: str, answers: dict) -> None:
+        """7. the hybrid from the networks' answers against HEMNMA on the same test images."""
+        if not len(hybrid_rows):
+            return
+        n = len(ps)
+        start = hemnma.Start(
+            answers["angles"][:, :3], answers["shifts"][:, :2], answers["amplitudes"][:, :3],
+            answers["angles"][:, 4:].reshape(n, -1, 3) if a.candidates > 1 else None,
+        )  # fmt: skip
+        if "hemnma_same_images" not in summary:
+            res, dt = timed_align(None)
+            summary["hemnma_same_images"] = {**accuracy(res), "images_per_s": len(res["cost"]) / dt}
+            say(
+                f"HEMNMA on the {len(hybrid_rows)} hybrid test images: {summary['hemnma_same_images']}"
+            )
+        res, dt = timed_align(start)
+        summary[tag]["hybrid"] = {**accuracy(res), "images_per_s": len(res["cost"]) / dt}
+        say(f"[{tag}] hybrid on {len(hybrid_rows)} test images: {summary[tag]['hybrid']}")
+
     def train_and_test(labels: Path, split_csv: Path, tag: str) -> None:
         """Train the three networks on `labels`, judge them on the test images against truth."""
         summary[tag] = {}
         poses = {}  # the angle and shift networks' answers for every image
+        answers = {}  # every network's predictions for every image
         for param in ("angles", "shifts", "amplitudes"):
             folder = work / tag / param
             argv = ["--param", param, "--labels", str(labels), "--split", str(split_csv)]
@@ -261,7 +312,9 @@ def main() -> None:
             hist = pd.read_csv(folder / "history.csv")
             net, meta = infer.load_network(str(folder / "network.pt"), dev)
             given = (poses["angles"], poses["shifts"]) if views else None
-            pred = infer.predict(net, meta, ps, dev, 512, a.workers, given)
+            k = a.candidates if param == "angles" and meta["angle_repr"] == "so3grid" else 1
+            pred = infer.predict(net, meta, ps, dev, 512, a.workers, given, candidates=k)
+            answers[param] = pred
             if param != "amplitudes":
                 poses[param] = pred[:, :3] if param == "angles" else pred[:, :2]
             pred = pred[test_rows]
@@ -290,6 +343,7 @@ def main() -> None:
             (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
             if param == "amplitudes" and tag == "train_truth":
                 inference_benchmark(work / tag, ps, dev, a, summary, given)
+        hybrid_figure(tag, answers)
 
     train_and_test(star, work / "split.csv", "train_truth")
 
