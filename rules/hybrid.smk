@@ -44,12 +44,21 @@ rule hybrid:
     input:
         merged=rules.merge.output[0],
         refined=expand(res("hybrid/refined/shard_{i}.star"), i=hybrid_shard_ids()),
+        hemnma=res("hemnma/hemnma.star"),
     output:
-        res("network/hybrid.star"),
+        star=res("network/hybrid.star"),
+        md=report(
+            res("network/hybrid.md"),
+            caption="../report/hybrid.rst",
+            category="0. Verdicts",
+        ),
     log:
         res("logs/hybrid.log"),
     conda:
         "../envs/deephemnma.yaml"
+    params:
+        flag_z=config["hemnma"]["flag_z"],
     shell:
         "deephemnma hybrid combine --merged {input.merged:q} --refined {input.refined:q} "
-        "--out {output:q} > {log:q} 2>&1"
+        "--hemnma {input.hemnma:q} --flag-z {params.flag_z} --out {output.star:q} "
+        "--out-md {output.md:q} > {log:q} 2>&1"

@@ -170,7 +170,7 @@ rule evaluate:
     input:
         truth=res("particles/particles.star"),
         inferred=expand(res("network/{param}/inferred.star"), param=network_params()),
-        final=rules.merge.output[0],
+        final=space_input(),
         hemnma=res("hemnma/hemnma.star"),
         split=rules.split.output[0],
     output:

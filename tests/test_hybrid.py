@@ -273,6 +273,39 @@ def test_combine_replaces_refined_values_and_marks_them():
         hybrid.combine(t, refined, "r.star")
 
 
+def test_refined_images_are_trusted_when_their_cost_is_typical_of_hemnma(tmp_path):
+    """An image the refinement explains as well as HEMNMA explains its own is trusted, even
+    from an untrusted network's start; one left with an outlying cost is not."""
+    optics = optics_table(2.2, 64, 200.0, 2.0, 0.1)
+    t = merged_table()
+    t["dhTrusted"] = [1, 1, 0, 0, 0, 0]  # an untrusted network answered images 3-6
+    write_star(tmp_path / "m.star", optics, t)
+    refined = t.iloc[[2, 3]].assign(dhCost=[0.62, 0.75])  # typical, far above HEMNMA's
+    write_star(tmp_path / "r.star", optics, refined)
+    cost = np.random.default_rng(0).normal(0.62, 0.01, 200)  # HEMNMA's own images
+    hem = pd.DataFrame({"rlnImageName": [f"h{i}@s.mrcs" for i in range(200)], "dhCost": cost})
+    write_star(tmp_path / "h.star", optics, hem)
+    base = ["hybrid", "combine", "--merged", str(tmp_path / "m.star")]
+    base += ["--refined", str(tmp_path / "r.star"), "--out", str(tmp_path / "o.star")]
+    md = tmp_path / "v.md"
+    assert cli([*base, "--hemnma", str(tmp_path / "h.star"), "--out-md", str(md)]) == 0
+    out = starfile.read(tmp_path / "o.star")["particles"]
+    assert out["dhTrusted"].tolist() == [1, 1, 1, 0, 0, 0]
+    assert "2 of 6 images refined" in md.read_text() and "1 of them are explained" in md.read_text()
+    assert cli(base) == 0  # without HEMNMA's costs the merge's verdict stays
+    assert starfile.read(tmp_path / "o.star")["particles"]["dhTrusted"].tolist() == [
+        1,
+        1,
+        0,
+        0,
+        0,
+        0,
+    ]
+    np.testing.assert_array_equal(
+        hybrid.refined_trust(np.array([0.62, 0.64, 0.75]), cost, 3.0), [True, True, False]
+    )
+
+
 def test_select_and_combine_refuse_a_bad_fraction_and_overlapping_shards(tmp_path, capsys):
     optics = optics_table(2.2, 64, 200.0, 2.0, 0.1)
     t = merged_table()

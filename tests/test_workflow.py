@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -177,8 +178,10 @@ def test_full_run_outputs(done):
         assert trusted.all()
     else:  # untrusted networks: the images HEMNMA aligned keep HEMNMA's values and trust
         assert (trusted == net["particles"]["dhHemnmaLabelled"]).all()
-        space = (done / "results/space/space.csv").read_text().count("\n") - 1
-        assert space == 60
+    # the space is built from the hybrid's trusted images (analysis.source: hybrid, as the demo)
+    hybrid = starfile.read(done / "results/network/hybrid.star")["particles"]
+    space = pd.read_csv(done / "results/space/space.csv")
+    assert len(space) == hybrid["dhTrusted"].sum() and set(space["source"]) <= {"hemnma", "hybrid"}
     log = (done / "results/logs/quality.log").read_text()
     assert all(v["text"] in log for v in verdicts)
     hem = starfile.read(done / "results/hemnma/hemnma.star")["particles"]
@@ -203,15 +206,19 @@ def test_hybrid_output_has_every_image_with_its_source(done):
     same = ["rlnAngleRot", "dhAmplitudeMode7"]
     assert (out.loc[labelled, same] == merged.loc[labelled, same]).all().all()
     assert (out.loc[~labelled, "rlnAngleRot"] != merged.loc[~labelled, "rlnAngleRot"]).all()
+    verdict = (done / "results/network/hybrid.md").read_text()
+    assert f"{int((~labelled).sum())} of 120 images refined" in verdict
     # the hybrid started from the angle network's 8 orientation candidates (hybrid.candidates)
     assert [c for c in merged if c.startswith("dhAngleCandidate")][-1] == "dhAngleCandidate8Psi"
 
 
 def test_local_settings_rerun_only_the_hybrid(done):
+    # the hybrid and what reads it (analysis.source: hybrid): the space, its maps, the evaluation
+    after = {"hybrid", "evaluate", "space", "reconstruct", "fsc"}
     jobs = planned_jobs(done, **{"hemnma.local.max_angle_deg": 7.0})
-    assert set(jobs) - {"all"} == {"hybrid_refine", "hybrid"} and jobs["hybrid_refine"] == 2
+    assert set(jobs) - {"all"} == {"hybrid_refine", *after} and jobs["hybrid_refine"] == 2
     jobs = planned_jobs(done, **{"hybrid.select": "uncertain"})
-    assert set(jobs) - {"all"} == {"hybrid_select", "hybrid_refine", "hybrid"}
+    assert set(jobs) - {"all"} == {"hybrid_select", "hybrid_refine", *after}
 
 
 def test_nothing_reruns_after_complete_run(done):

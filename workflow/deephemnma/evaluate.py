@@ -57,8 +57,9 @@ def evaluation_table(
     final: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Comparison table. The network is judged on the test images; HEMNMA (not trained) on every
-    image it aligned; network vs HEMNMA on the test images HEMNMA aligned; the final merged
-    values (what the space uses) on every trusted image. Joined on names."""
+    image it aligned; network vs HEMNMA on the test images HEMNMA aligned; the final values (the
+    STAR the space uses: merged, HEMNMA's or the hybrid's) on every trusted image. Joined on
+    names."""
     modes = amplitude_modes(truth)
     t, n = truth.set_index("rlnImageName"), network.set_index("rlnImageName")
 
@@ -122,7 +123,9 @@ def overlap_figure(
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truth", required=True, help="simulated particles.star (ground truth)")
     p.add_argument("--inferred", nargs="+", required=True, help="STARs from infer (the networks)")
-    p.add_argument("--final", default=None, help="deephemnma.star (merged, with verdicts)")
+    p.add_argument(
+        "--final", default=None, help="the STAR the space uses (deephemnma.star, hybrid.star)"
+    )
     p.add_argument("--hemnma", default=None, help="hemnma.star")
     p.add_argument("--split", required=True, help="split CSV (test images are evaluated)")
     p.add_argument("--out-csv", required=True, help="accuracy table (CSV)")

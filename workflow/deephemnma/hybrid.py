@@ -6,7 +6,12 @@ to the `_dhUncertainty<Param>` columns) and splits them into shard STARs; `deeph
 --start network` refines each shard locally from the pose, shift and amplitude columns it holds;
 `hybrid combine` writes the merged STAR with the refined values in place and `_dhSource<Type>`
 set to `hybrid` for them (HEMNMA's values stay where HEMNMA labelled the image, the networks'
-elsewhere). `_dhTrusted` is kept from merge: a refinement cannot repair an untrusted start.
+elsewhere). A refined image is trusted (`_dhTrusted` 1) when HEMNMA's own images show that its
+cost is typical: robust z-score of its cost against the costs of the images HEMNMA aligned
+(median and MAD of their explained group, as gather's flag) at most `--flag-z`; the refinement
+repairs an untrusted network's answer when it finds the right basin (orientation candidates,
+escalation to the global search), and the cost says when it did not. Without `--hemnma`
+`_dhTrusted` is kept from merge.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from .files import InputError, require_file
+from .files import InputError, atomic_path, require_file
+from .gather import explained_group, robust_z
 from .io import (
     AGREEMENT_COLUMN,
     POSE_COLUMNS,
@@ -85,6 +91,13 @@ def combine(merged: pd.DataFrame, refined: pd.DataFrame, path: str) -> pd.DataFr
     return out
 
 
+def refined_trust(cost: np.ndarray, hemnma_cost: np.ndarray, flag_z: float) -> np.ndarray:
+    """Whether each refined image's cost (n,) is typical of HEMNMA's own images: its robust
+    z-score against the explained group of `hemnma_cost` is at most `flag_z`."""
+    baseline = np.asarray(hemnma_cost, dtype=np.float64)
+    return robust_z(cost, baseline[explained_group(baseline)]) <= flag_z
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     step = p.add_subparsers(dest="step", required=True, metavar="STEP")
     s = step.add_parser(
@@ -106,7 +119,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     c.add_argument("--merged", required=True, help="merged STAR (merge)")
     c.add_argument("--refined", nargs="+", required=True, help="shards from hemnma --start network")
+    c.add_argument(
+        "--hemnma",
+        default=None,
+        help="HEMNMA's STAR (gather, with _dhCost): refined images whose cost is typical of its "
+        "images are trusted, the others not (default: _dhTrusted kept from merge)",
+    )
+    c.add_argument(
+        "--flag-z", type=float, default=3.0, help="with --hemnma: the largest trusted cost z-score"
+    )
     c.add_argument("--out", required=True, help="hybrid STAR")
+    c.add_argument("--out-md", default=None, help="the hybrid's verdict in words (Markdown)")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -131,6 +154,35 @@ def main(args: argparse.Namespace) -> None:
     out = table
     for path, b in zip(args.refined, refined, strict=True):
         out = combine(out, b["particles"], path)
-    write_star(args.out, blocks["optics"], out)
     n = sum(len(b["particles"]) for b in refined)
     log.info("hybrid: %d of %d images refined from their network answers", n, len(out))
+    verdict = (
+        f"- hybrid: {n} of {len(out)} images refined by HEMNMA from the networks' answers; "
+        "`_dhTrusted` as merge set it (no HEMNMA costs to compare with)."
+    )
+    if args.hemnma is not None and n:
+        hem = read_star(require_file(args.hemnma, "HEMNMA STAR"), ["rlnImageName", "dhCost"])
+        parts = pd.concat([b["particles"] for b in refined])
+        if "dhCost" not in parts:
+            raise InputError(f"{args.refined[0]}: no _dhCost column (not from hemnma?)")
+        trusted = refined_trust(
+            parts["dhCost"].to_numpy(), hem["particles"]["dhCost"].to_numpy(), args.flag_z
+        )
+        where = pd.Index(out["rlnImageName"]).get_indexer(parts["rlnImageName"])
+        out = out.copy()
+        out.loc[out.index[where], "dhTrusted"] = trusted.astype(int)
+        good, bad = int(trusted.sum()), int((~trusted).sum())
+        log.info(
+            "hybrid: %d of %d refined images explained as well as HEMNMA's own (cost z <= %g): "
+            "trusted; %d not", good, n, args.flag_z, bad,
+        )  # fmt: skip
+        verdict = (
+            f"- {'✅' if bad <= 0.05 * n else '⚠️'} hybrid: {n} of {len(out)} images refined by "
+            f"HEMNMA from the networks' answers; {good} of them are explained as well as HEMNMA "
+            f"explains the images it aligned itself (cost robust z-score ≤ {args.flag_z:g}) and "
+            f"are trusted; {bad} are not (`_dhTrusted 0`)."
+        )
+    write_star(args.out, blocks["optics"], out)
+    if args.out_md:
+        with atomic_path(args.out_md) as tmp:
+            tmp.write_text(f"# Hybrid verdict\n\n{verdict}\n")
