@@ -306,6 +306,30 @@ def test_refined_images_are_trusted_when_their_cost_is_typical_of_hemnma(tmp_pat
     )
 
 
+def test_refined_trust_compares_each_reference_with_its_own_images(tmp_path):
+    """With several references HEMNMA's costs differ by reference (gather flags per reference):
+    a refined image on reference 2 is judged against HEMNMA's images on reference 2, one on a
+    reference HEMNMA gave fewer than MIN_GROUP images against all of HEMNMA's."""
+    rng = np.random.default_rng(1)
+    hem_cost = np.concatenate([rng.normal(0.60, 0.01, 200), rng.normal(0.70, 0.01, 200)])
+    hem_ref = np.repeat([1, 2], 200)
+    cost, ref = np.array([0.70, 0.70, 0.60, 0.61]), np.array([2, 1, 1, 3])
+    trusted = hybrid.refined_trust(cost, hem_cost, 3.0, ref, hem_ref)
+    np.testing.assert_array_equal(trusted, [True, False, True, True])
+    optics = optics_table(2.2, 64, 200.0, 2.0, 0.1)
+    t = merged_table().assign(dhTrusted=0)
+    write_star(tmp_path / "m.star", optics, t)
+    write_star(tmp_path / "r.star", optics, t.iloc[[2, 3]].assign(dhCost=0.70, dhReference=[2, 1]))
+    names = [f"h{i}@s.mrcs" for i in range(400)]
+    hem = pd.DataFrame({"rlnImageName": names, "dhCost": hem_cost, "dhReference": hem_ref})
+    write_star(tmp_path / "h.star", optics, hem)
+    args = ["hybrid", "combine", "--merged", str(tmp_path / "m.star"), "--refined"]
+    args += [str(tmp_path / "r.star"), "--hemnma", str(tmp_path / "h.star")]
+    assert cli([*args, "--out", str(tmp_path / "o.star")]) == 0
+    out = starfile.read(tmp_path / "o.star")["particles"]
+    assert out["dhTrusted"].tolist() == [0, 0, 1, 0, 0, 0]
+
+
 def test_select_and_combine_refuse_a_bad_fraction_and_overlapping_shards(tmp_path, capsys):
     optics = optics_table(2.2, 64, 200.0, 2.0, 0.1)
     t = merged_table()
