@@ -18,8 +18,8 @@ rule hybrid_refine:
     input:
         shard=res("hybrid/shards/shard_{i}.star"),
         stacks=res("particles/stacks"),
-        model=reference_files("model.npz"),
-        modes=reference_files("modes.npz"),
+        model=pass_references("model.npz", update_count()),
+        modes=pass_references("modes.npz", update_count()),
     output:
         res("hybrid/refined/shard_{i}.star"),
     log:

@@ -154,6 +154,9 @@ def test_reference_update_chains_the_passes(tmp_path):
     fitted = " ".join(f"results/model/update_2/reference_{g}/model.npz" for g in (0, 1))
     assert f"--model results/model/model.npz {fitted} " in out
     assert "--out results/hemnma/aligned/shard_0.star" in out
+    # the hybrid refines against the last pass's references: its costs are judged against it
+    hybrid = re.findall(r"--particles results/hybrid/shards/\S+ --model ([^-]+) --modes", out)
+    assert hybrid == [f"results/model/model.npz {fitted}"] * 2
     commands = re.findall(r"(?:^|\s)(deephemnma (?:fit|hemnma|gather) [^\n]*)", out)
     for command in commands:
         words = shlex.split(command)
