@@ -397,11 +397,12 @@ def output_dir(wildcards, output):
 
 def space_input():
     """Amplitudes of all images: merged (HEMNMA's where it aligned, the networks' elsewhere),
-    HEMNMA's alone, or the hybrid's."""
+    HEMNMA's alone, or the hybrid's (the merged STAR when HEMNMA aligned every image: nothing
+    to refine)."""
     source = config["analysis"]["source"]
     if source == "hemnma":
         return res("hemnma/hemnma.star")
-    if source == "hybrid":
+    if source == "hybrid" and hybrid_enabled():
         return res("network/hybrid.star")
     return res("network/deephemnma.star")
 

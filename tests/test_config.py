@@ -84,7 +84,12 @@ def filled_config(**changes):
         ),
         (
             {"analysis.source": "hybrid", "hybrid.enabled": False},
-            "key 'analysis.source': hybrid needs hybrid.enabled and a hemnma.subset",
+            "key 'analysis.source': hybrid needs hybrid.enabled",
+        ),
+        (
+            {"network.params": ["amplitudes"], "network.views": False},
+            "key 'hybrid.enabled': the hybrid starts from the angle, shift and amplitude "
+            "networks' answers; network.params lacks angles, shifts",
         ),
         (
             {
@@ -139,6 +144,25 @@ def test_snakemake_reports_sizes_when_it_loads(tmp_path):
     r = snakemake("-n", "--configfile", str(tmp_path / "subset.yaml"))
     assert r.returncode != 0
     assert "invalid config: keys 'hemnma.subset', 'hemnma.shards': 2 shards for 1" in r.stdout
+
+
+def test_real_data_example_and_all_images_aligned_plan_no_hybrid(tmp_path):
+    """On top of the demo (hybrid on, space from it) the real-data example runs no hybrid and
+    builds the space from the merged STAR; so does the demo with HEMNMA on every image
+    (hemnma.subset null: nothing to refine)."""
+    star = tmp_path / "p.star"
+    names = pd.DataFrame({"rlnImageName": [f"{i}@a.mrcs" for i in range(1, 20001)]})
+    starfile.write(names, star)
+    cfg = yaml.safe_load((REPO / "config/examples/em_map.yaml").read_text())
+    cfg["structure"] = str(REPO / "resources/adk_open.pdb")
+    cfg["particles"]["import"]["star"] = str(star)
+    (tmp_path / "em.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "all.yaml").write_text("hemnma:\n  subset: null\n")
+    for name in ("em.yaml", "all.yaml"):
+        r = snakemake("-n", "--configfile", str(tmp_path / name))
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "hybrid" not in r.stdout.split("Job stats:")[1].split("total")[0]
+        assert re.search(r"rule space:\n\s+input: \S+/network/deephemnma\.star,", r.stdout)
 
 
 def test_an_em_map_only_as_the_first_structure(tmp_path):

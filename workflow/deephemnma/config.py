@@ -106,16 +106,23 @@ def check_sizes(config: dict) -> None:
         raise ConfigError(
             "invalid config: key 'analysis.reconstruct.box': original needs particles.source import"
         )
-    if config["analysis"]["source"] == "hybrid" and not (hybrid["enabled"] and subset):
+    if config["analysis"]["source"] == "hybrid" and not hybrid["enabled"]:
         raise ConfigError(
-            "invalid config: key 'analysis.source': hybrid needs hybrid.enabled and a "
-            "hemnma.subset (images without HEMNMA values to refine)"
+            "invalid config: key 'analysis.source': hybrid needs hybrid.enabled (or "
+            "analysis.source merged)"
         )
     gives = network["angle_repr"] == "so3grid" or "amplitudes" in network["params"]
     if hybrid["select"] == "uncertain" and not gives:
         raise ConfigError(
             "invalid config: key 'hybrid.select': uncertain needs per-image uncertainties, "
             "which so3grid angles (network.angle_repr) or the amplitude network give"
+        )
+    needed = {"angles", "shifts", "amplitudes"} - set(network["params"])
+    if hybrid["enabled"] and subset is not None and needed:
+        raise ConfigError(
+            "invalid config: key 'hybrid.enabled': the hybrid starts from the angle, shift and "
+            f"amplitude networks' answers; network.params lacks {', '.join(sorted(needed))} "
+            "(or set hybrid.enabled: false)"
         )
     labelled = aligned if network["label_source"] == "hemnma" else n
     if labelled is not None:
