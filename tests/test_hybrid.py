@@ -10,6 +10,7 @@ from deephemnma import geometry, hemnma, hybrid, relion
 from deephemnma.cli import main as cli
 from deephemnma.files import InputError
 from deephemnma.flexible import FlexibleModel
+from deephemnma.gather import cost_z
 from deephemnma.io import ParticleSet, optics_table, write_star
 from deephemnma.mrc import write_mrc
 
@@ -302,7 +303,8 @@ def test_refined_images_are_trusted_when_their_cost_is_typical_of_hemnma(tmp_pat
         0,
     ]
     np.testing.assert_array_equal(
-        hybrid.refined_trust(np.array([0.62, 0.64, 0.75]), cost, 3.0), [True, True, False]
+        cost_z(pd.DataFrame({"dhCost": [0.62, 0.64, 0.75]}), pd.DataFrame({"dhCost": cost})) <= 3.0,
+        [True, True, False],
     )
 
 
@@ -314,7 +316,8 @@ def test_refined_trust_compares_each_reference_with_its_own_images(tmp_path):
     hem_cost = np.concatenate([rng.normal(0.60, 0.01, 200), rng.normal(0.70, 0.01, 200)])
     hem_ref = np.repeat([1, 2], 200)
     cost, ref = np.array([0.70, 0.70, 0.60, 0.61]), np.array([2, 1, 1, 3])
-    trusted = hybrid.refined_trust(cost, hem_cost, 3.0, ref, hem_ref)
+    refined = pd.DataFrame({"dhCost": cost, "dhReference": ref})
+    trusted = cost_z(refined, pd.DataFrame({"dhCost": hem_cost, "dhReference": hem_ref})) <= 3.0
     np.testing.assert_array_equal(trusted, [True, False, True, True])
     optics = optics_table(2.2, 64, 200.0, 2.0, 0.1)
     t = merged_table().assign(dhTrusted=0)

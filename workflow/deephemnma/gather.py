@@ -59,18 +59,23 @@ def explained_group(cost: np.ndarray) -> np.ndarray:
     return low
 
 
-def cost_z(parts: pd.DataFrame) -> np.ndarray:
-    """Robust z-score of `dhCost` against the explained group's median and MAD, per
-    `dhReference` when the column exists."""
-    cost = parts["dhCost"].to_numpy()
-    groups = (
-        parts.groupby("dhReference").indices.values()
-        if "dhReference" in parts
-        else [np.arange(len(parts))]
-    )
-    z = np.zeros(len(parts))
-    for rows in groups:
-        z[rows] = robust_z(cost[rows], cost[rows][explained_group(cost[rows])])
+def cost_z(parts: pd.DataFrame, baseline: pd.DataFrame | None = None) -> np.ndarray:
+    """Robust z-score of each image's `dhCost` against the median and MAD of the explained group
+    of `baseline`'s costs (default: `parts` itself), per `dhReference` when both tables have the
+    column; with a separate baseline, a reference on which it has fewer than MIN_GROUP images
+    is measured against all of its costs."""
+    base = parts if baseline is None else baseline
+    cost, ref_cost = parts["dhCost"].to_numpy(float), base["dhCost"].to_numpy(float)
+    z = np.full(len(cost), np.nan)
+    if "dhReference" in parts and "dhReference" in base:
+        ref = base["dhReference"].to_numpy()
+        for r, rows in parts.groupby("dhReference").indices.items():
+            own = ref_cost[ref == r]
+            if baseline is None or len(own) >= MIN_GROUP:
+                z[rows] = robust_z(cost[rows], own[explained_group(own)])
+    left = np.isnan(z)
+    if left.any():
+        z[left] = robust_z(cost[left], ref_cost[explained_group(ref_cost)])
     return z
 
 

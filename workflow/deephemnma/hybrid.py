@@ -8,7 +8,7 @@ to the `_dhUncertainty<Param>` columns) and splits them into shard STARs; `deeph
 set to `hybrid` for them (HEMNMA's values stay where HEMNMA labelled the image, the networks'
 elsewhere). A refined image is trusted (`_dhTrusted` 1) when HEMNMA's own images show that its
 cost is typical: robust z-score of its cost against the costs of the images HEMNMA aligned
-(median and MAD of their explained group, per reference as gather's flag) at most `--flag-z`;
+(`gather.cost_z`: per reference, as gather's flag) at most `--flag-z`;
 the refinement repairs an untrusted network's answer when it finds the right basin (orientation
 candidates, escalation to the global search), and the cost says when it did not. Without `--hemnma`
 `_dhTrusted` is kept from merge.
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .files import InputError, atomic_path, require_file
-from .gather import MIN_GROUP, explained_group, robust_z
+from .gather import cost_z
 from .io import (
     AGREEMENT_COLUMN,
     POSE_COLUMNS,
@@ -89,30 +89,6 @@ def combine(merged: pd.DataFrame, refined: pd.DataFrame, path: str) -> pd.DataFr
     for p in PARAMS:
         out.loc[out.index[where], source_column(p)] = "hybrid"
     return out
-
-
-def refined_trust(
-    cost: np.ndarray,
-    hemnma_cost: np.ndarray,
-    flag_z: float,
-    reference: np.ndarray | None = None,
-    hemnma_reference: np.ndarray | None = None,
-) -> np.ndarray:
-    """Whether each refined image's cost (n,) is typical of HEMNMA's own images: its robust
-    z-score against the explained group of `hemnma_cost` is at most `flag_z`. With references
-    (`dhReference` of both), per reference as gather's flag: against HEMNMA's images on the same
-    reference, or all of them where HEMNMA kept fewer than MIN_GROUP images on it."""
-    cost = np.asarray(cost, dtype=np.float64)
-    hem = np.asarray(hemnma_cost, dtype=np.float64)
-    z = robust_z(cost, hem[explained_group(hem)])
-    if reference is not None and hemnma_reference is not None:
-        reference, hemnma_reference = np.asarray(reference), np.asarray(hemnma_reference)
-        for r in np.unique(reference):
-            own = hem[hemnma_reference == r]
-            if len(own) >= MIN_GROUP:
-                sel = reference == r
-                z[sel] = robust_z(cost[sel], own[explained_group(own)])
-    return z <= flag_z
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -182,15 +158,7 @@ def main(args: argparse.Namespace) -> None:
         parts = pd.concat([b["particles"] for b in refined])
         if "dhCost" not in parts:
             raise InputError(f"{args.refined[0]}: no _dhCost column (not from hemnma?)")
-        hp = hem["particles"]
-        refs = "dhReference" in parts and "dhReference" in hp
-        trusted = refined_trust(
-            parts["dhCost"].to_numpy(),
-            hp["dhCost"].to_numpy(),
-            args.flag_z,
-            parts["dhReference"].to_numpy() if refs else None,
-            hp["dhReference"].to_numpy() if refs else None,
-        )
+        trusted = cost_z(parts, hem["particles"]) <= args.flag_z
         where = pd.Index(out["rlnImageName"]).get_indexer(parts["rlnImageName"])
         out = out.copy()
         out.loc[out.index[where], "dhTrusted"] = trusted.astype(int)
