@@ -179,13 +179,18 @@ def shard_args():
     return cli_flags({k: config["hemnma"][k] for k in ("subset", "seed")})
 
 
-def hemnma_args():
+def hemnma_args(start=None):
     """CLI arguments of `deephemnma hemnma`: config hemnma, less the keys of other rules
     (subset, seed and shards for shard, ranks for MPI, flag_z for gather, reference_update for
-    fit); the local settings only for a local start."""
-    skip = ["subset", "seed", "shards", "ranks", "flag_z", "reference_update"]
-    skip += ["start", "local"] if config["hemnma"]["start"] == "search" else []
-    return cli_flags(config["hemnma"], skip) + ["--sigma-angstrom", sigma_angstrom()]
+    fit); the local settings only for a local start. `start` replaces hemnma.start (the
+    hybrid's: network)."""
+    start = start or config["hemnma"]["start"]
+    skip = ["subset", "seed", "shards", "ranks", "flag_z", "reference_update", "start"]
+    skip += ["local"] if start == "search" else []
+    args = cli_flags(config["hemnma"], skip) + (
+        [] if start == "search" else ["--start", start]
+    )
+    return args + ["--sigma-angstrom", sigma_angstrom()]
 
 
 def update_count():
@@ -253,13 +258,10 @@ def fit_args():
 
 
 def hybrid_args():
-    """CLI arguments of `deephemnma hemnma` in hybrid_refine: config hemnma (the refinement,
+    """CLI arguments of `deephemnma hemnma` in hybrid_refine: HEMNMA's (the refinement,
     hemnma.local, and the global search of the escalated images), starting from the networks'
     answers."""
-    skip = ["subset", "seed", "shards", "ranks", "flag_z", "reference_update", "start"]
-    args = cli_flags(config["hemnma"], skip) + ["--start", "network"]
-    args += ["--escalate", config["hybrid"]["escalate"]]
-    return args + ["--sigma-angstrom", sigma_angstrom()]
+    return hemnma_args("network") + ["--escalate", config["hybrid"]["escalate"]]
 
 
 def hybrid_enabled():

@@ -348,12 +348,11 @@ def main(args: argparse.Namespace) -> None:
     ps = ParticleSet(require_file(args.particles, "particle STAR"))
     check_geometry(meta, ps, args.network)
     poses = read_poses(args.poses, ps) if args.poses else None
-    if args.candidates < 1 or (
-        args.candidates > 1 and (meta["param"], meta.get("angle_repr")) != ("angles", "so3grid")
-    ):
+    so3grid = (meta["param"], meta["angle_repr"]) == ("angles", "so3grid")
+    if args.candidates < 1 or (args.candidates > 1 and not so3grid):
         raise InputError(
             f"{args.network}: --candidates {args.candidates} needs an so3grid angle network "
-            f"(this one: {meta['param']}, {meta.get('angle_repr', '-')}) and a count of at least 1"
+            f"(this one: {meta['param']}, {meta['angle_repr']}) and a count of at least 1"
         )
     batch = args.batch or default_batch(device)
     values = predict(net, meta, ps, device, batch, args.workers, poses, args.turns, args.candidates)
