@@ -36,13 +36,9 @@ from hemnma import reference_set  # noqa: E402
 
 from deephemnma import geometry, hemnma, quality  # noqa: E402
 from deephemnma.flexible import FlexibleModel  # noqa: E402
-from deephemnma.io import (  # noqa: E402
-    ParticleSet,
-    read_star,
-)
+from deephemnma.io import ParticleSet, read_star  # noqa: E402
 
 MODES = [7, 8, 9]
-LABELS = {"euler": "euler", "shifts_px": "shifts", "amplitudes": "amplitudes"}  # result: label
 
 
 def perturbed(truth: hemnma.Start, deg: float, px: float, rng: np.random.Generator) -> hemnma.Start:
