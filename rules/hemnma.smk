@@ -50,6 +50,11 @@ rule gather:
             caption="../report/hemnma_cost.rst",
             category="3. HEMNMA",
         ),
+        md=report(
+            res("hemnma/verdict.md"),
+            caption="../report/hemnma_verdict.rst",
+            category="0. Verdicts",
+        ),
     log:
         res("logs/gather.log"),
     conda:
@@ -58,7 +63,7 @@ rule gather:
         args=quoted(cli_flags({"flag_z": config["hemnma"]["flag_z"]})),
     shell:
         "deephemnma gather --shards {input:q} --out {output.star:q} "
-        "--out-figure {output.figure:q} {params.args} > {log:q} 2>&1"
+        "--out-figure {output.figure:q} --out-md {output.md:q} {params.args} > {log:q} 2>&1"
 
 
 # Reference update (hemnma.reference_update.iterations > 0): passes 0..N-1 in hemnma/pass_{p}/,
@@ -85,6 +90,7 @@ use rule gather as gather_pass with:
     output:
         star=res("hemnma/pass_{p}/hemnma.star"),
         figure=res("hemnma/pass_{p}/cost.png"),
+        md=res("hemnma/pass_{p}/verdict.md"),
     log:
         res("logs/gather_pass_{p}.log"),
 

@@ -926,3 +926,46 @@ def test_variance_head_ranks_the_noisier_images_as_less_certain():
     assert err[held].mean() > 1.5 * err[~held].mean()  # the task: noise costs accuracy
     assert np.median(unc[held]) > 1.5 * np.median(unc[~held])
     assert rho > 0.3
+
+
+def test_flagged_images_are_left_out_of_labels_merge_trust_and_space(
+    labelled, monkeypatch, tmp_path
+):
+    """Images HEMNMA's quality flag marks are in no split set, do not widen the synthetic prior,
+    are untrusted after merge and left out of the space; the gather verdict says so."""
+    from deephemnma.gather import flag_verdict
+    from deephemnma.io import ParticleSet
+    from deephemnma.space import trusted_rows
+
+    monkeypatch.chdir(labelled)
+    star = starfile.read(labelled / "p.star")
+    parts = star["particles"].iloc[:40].copy()
+    parts["dhFlagged"] = [1] * 5 + [0] * 35
+    parts.loc[parts.index[:5], "dhAmplitudeMode7"] = 900.0  # a flagged image's wrong label
+    starfile.write({"optics": star["optics"], "particles": parts}, "flagged.star", overwrite=True)
+    split = tmp_path / "split.csv"
+    assert cli(["split", "--labels", "flagged.star", "--n-val", "5", "--n-test", "5",
+                "--out", str(split)]) == 0  # fmt: skip
+    sets = pd.read_csv(split)["set"].tolist()
+    assert sets[:5] == ["flagged"] * 5
+    assert sorted(sets[5:]).count("train") == 25 and sets[5:].count("test") == 5
+    prior = synthesize.Prior.from_labels(ParticleSet("flagged.star"))
+    assert prior.amplitude_high[0] == pytest.approx(parts["dhAmplitudeMode7"].iloc[5:].max())
+    inferred = tmp_path / "amplitudes.star"
+    cols = ["rlnImageName", "dhAmplitudeMode7", "dhAmplitudeMode8", "dhAmplitudeMode9"]
+    starfile.write({"optics": star["optics"], "particles": star["particles"][cols]}, inferred)
+    out = tmp_path / "merged.star"
+    assert cli(["merge", "--particles", "p.star", "--inferred", str(inferred), "--labelled",
+                "flagged.star", "--out", str(out)]) == 0  # fmt: skip
+    merged = starfile.read(out)["particles"]
+    assert merged["dhTrusted"].tolist() == [0] * 5 + [1] * 155
+    assert merged["dhFlagged"].tolist() == [1] * 5 + [0] * 155
+    assert len(trusted_rows(merged, "exclude", "m")) == 155
+    assert len(trusted_rows(merged, "keep", "m")) == 160
+    assert (
+        trusted_rows(parts, "exclude", "h")["rlnImageName"].tolist()
+        == parts["rlnImageName"].iloc[5:].tolist()
+    )
+    warn, fine = flag_verdict(5, 40, 3.0), flag_verdict(1, 300, 3.0)
+    assert warn.startswith("- ⚠️") and "5 of 40 images (12.5 %)" in warn and "structure" in warn
+    assert fine.startswith("- ✅") and "1 of 300" in fine and "reference_update" not in fine

@@ -177,10 +177,12 @@ def test_full_run_outputs(done):
     verdicts = json.loads((done / "results/network/quality.json").read_text())["networks"]
     assert {v["param"] for v in verdicts} == {"amplitudes", "angles", "shifts"}
     trusted = net["particles"]["dhTrusted"]
+    explained = net["particles"]["dhFlagged"] == 0  # images HEMNMA flagged are never trusted
     if all(v["trusted"] for v in verdicts):
-        assert trusted.all()
+        assert (trusted == explained).all()
     else:  # untrusted networks: the images HEMNMA aligned keep HEMNMA's values and trust
-        assert (trusted == net["particles"]["dhHemnmaLabelled"]).all()
+        labelled = net["particles"]["dhHemnmaLabelled"] == 1
+        assert (trusted == (labelled & explained)).all()
     # the space is built from the hybrid's trusted images (analysis.source: hybrid, as the demo)
     hybrid = starfile.read(done / "results/network/hybrid.star")["particles"]
     space = pd.read_csv(done / "results/space/space.csv")
@@ -190,6 +192,8 @@ def test_full_run_outputs(done):
     hem = starfile.read(done / "results/hemnma/hemnma.star")["particles"]
     assert len(hem) == 60 and "dhCost" in hem
     assert {"dhCostZ", "dhFlagged"} <= set(hem) and "dhReference" not in hem
+    verdict = (done / "results/hemnma/verdict.md").read_text()
+    assert f"{int(hem['dhFlagged'].sum())} of 60 images" in verdict
     assert (done / "results/evaluate/accuracy.md").read_text().count("|") > 20
     for g in (0, 1):
         assert (done / f"results/maps/group_{g}.mrc").stat().st_size > 32**3 * 4

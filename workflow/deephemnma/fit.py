@@ -31,7 +31,7 @@ from .files import InputError, atomic_path, require_file
 from .flexible import FlexibleModel, load_model
 from .hemnma import skew
 from .imaging import density, fourier_crop_volume
-from .io import ParticleSet, amplitude_modes
+from .io import ParticleSet, amplitude_modes, unflagged
 from .mrc import read_mrc, write_mrc
 from .nma import anm_modes
 
@@ -201,9 +201,7 @@ def group_rows(
     if grouping == "flagged":
         if group != 0:
             raise InputError(f"grouping flagged has one group (0), not {group}")
-        mask = np.zeros(len(parts), dtype=bool)
-        if "dhFlagged" in parts:
-            mask |= parts["dhFlagged"].to_numpy() == 1
+        mask = ~unflagged(parts)
         if "dhReference" in parts:
             mask |= parts["dhReference"].to_numpy() > originals
         return np.flatnonzero(mask)

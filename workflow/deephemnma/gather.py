@@ -1,7 +1,9 @@
 """gather: merge the aligned HEMNMA shards into one STAR, with a per-image quality flag.
 
 An image whose cost is far above the population's (robust z-score `dhCostZ` from the median and
-MAD, per reference when there are several) is one the model does not explain: `dhFlagged` = 1.
+MAD, per reference when there are several) is one the model does not explain: `dhFlagged` = 1;
+its values are not used as network labels nor in the conformational space, and the verdict
+(`--out-md`, first in the report) says how many there are.
 When the costs fall in two clearly separated groups (a two-component Gaussian mixture whose
 components are at least `SEPARATION` apart in Ashman's D), e.g. half the particles in a state the
 model does not reach, the median and MAD are those of the lower group: a population that is half
@@ -18,14 +20,15 @@ import numpy as np
 import pandas as pd
 
 from .figures import pyplot, save_figure
-from .files import InputError
-from .io import read_star, write_star
+from .files import InputError, atomic_path
+from .io import FLAG_COLUMN, read_star, write_star
 
 log = logging.getLogger(__name__)
 
 
 SEPARATION = 4.0  # Ashman's D between the two cost groups for the lower one to be the baseline
 MIN_GROUP = 20  # images in each group (and 5× that in all) before a split is considered
+WARN_SHARE = 0.05  # a verdict warns (⚠️) when more than this share of images is not explained
 
 
 def robust_z(cost: np.ndarray, baseline: np.ndarray | None = None) -> np.ndarray:
@@ -98,6 +101,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", nargs="+", required=True, help="aligned HEMNMA shard STARs")
     p.add_argument("--out", required=True, help="gathered HEMNMA STAR")
     p.add_argument("--out-figure", required=True, help="cost histogram (PNG)")
+    p.add_argument("--out-md", default=None, help="the flag's verdict (Markdown)")
     p.add_argument(
         "--flag-z",
         type=float,
@@ -105,6 +109,24 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="flag images whose cost robust z-score (against the lower of two clearly separated "
         "cost groups, if any) exceeds this",
     )
+
+
+def flag_verdict(flagged: int, n: int, flag_z: float) -> str:
+    """The quality flag's verdict, one Markdown line in plain words."""
+    share = flagged / max(n, 1)
+    line = (
+        f"- {'⚠️' if share > WARN_SHARE else '✅'} HEMNMA: {flagged} of {n} images "
+        f"({100 * share:.1f} %) are not explained by the model (cost robust z-score above "
+        f"{flag_z:g}, `_dhFlagged 1`): their poses and amplitudes are not trusted and are left out "
+        "of the networks' labels and of the conformational space."
+    )
+    if share > WARN_SHARE:
+        line += (
+            " So large a share suggests particles in a state the normal modes do not reach: "
+            "give that state as another structure (`structure`), or turn on "
+            "`hemnma.reference_update`."
+        )
+    return line
 
 
 def main(args: argparse.Namespace) -> None:
@@ -115,13 +137,19 @@ def main(args: argparse.Namespace) -> None:
             raise InputError(f"{s}: optics table differs from {args.shards[0]}")
     parts = pd.concat([b["particles"] for b in blocks], ignore_index=True)
     parts["dhCostZ"] = cost_z(parts)
-    parts["dhFlagged"] = (parts["dhCostZ"] > args.flag_z).astype(int)
+    parts[FLAG_COLUMN] = (parts["dhCostZ"] > args.flag_z).astype(int)
+    flagged = int(parts[FLAG_COLUMN].sum())
     write_star(args.out, optics, parts)
-    cost_figure(parts["dhCost"], parts["dhFlagged"].astype(bool), args.out_figure)
+    cost_figure(parts["dhCost"], parts[FLAG_COLUMN].astype(bool), args.out_figure)
+    if args.out_md:
+        with atomic_path(args.out_md) as tmp:
+            tmp.write_text(
+                f"# HEMNMA verdict\n\n{flag_verdict(flagged, len(parts), args.flag_z)}\n"
+            )
     log.info("gathered %d aligned particles from %d shards", len(parts), len(args.shards))
     log.info(
         "flagged %d of %d images (cost robust z > %g): the model does not explain them",
-        int(parts["dhFlagged"].sum()),
+        flagged,
         len(parts),
         args.flag_z,
     )

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .files import InputError, atomic_path, require_file
-from .gather import cost_z
+from .gather import WARN_SHARE, cost_z
 from .io import (
     AGREEMENT_COLUMN,
     POSE_COLUMNS,
@@ -168,7 +168,7 @@ def main(args: argparse.Namespace) -> None:
             "trusted; %d not", good, n, args.flag_z, bad,
         )  # fmt: skip
         verdict = (
-            f"- {'✅' if bad <= 0.05 * n else '⚠️'} hybrid: {n} of {len(out)} images refined by "
+            f"- {'✅' if bad <= WARN_SHARE * n else '⚠️'} hybrid: {n} of {len(out)} images refined by "
             f"HEMNMA from the networks' answers; {good} of them are explained as well as HEMNMA "
             f"explains the images it aligned itself (cost robust z-score ≤ {args.flag_z:g}) and "
             f"are trusted; {bad} are not (`_dhTrusted 0`)."

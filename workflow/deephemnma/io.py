@@ -91,6 +91,20 @@ def amplitude_column(mode: int) -> str:
 AGREEMENT_COLUMN = "dhModelAgreement"
 
 
+# per image, 1 when HEMNMA's quality flag (`gather`) says the model does not explain the image:
+# its values are the model's best guess for something it cannot reach, so they are not used as
+# network labels nor in the conformational space
+FLAG_COLUMN = "dhFlagged"
+
+
+def unflagged(particles: pd.DataFrame) -> np.ndarray:
+    """Boolean mask of the rows HEMNMA's quality flag does not mark (all rows without the
+    column)."""
+    if FLAG_COLUMN not in particles:
+        return np.ones(len(particles), dtype=bool)
+    return particles[FLAG_COLUMN].to_numpy(float) != 1
+
+
 _CANDIDATE = re.compile(r"dhAngleCandidate(\d+)(?:Rot|Tilt|Psi)")
 
 

@@ -2,7 +2,8 @@
 
 Images HEMNMA aligned keep HEMNMA's values (more accurate than any network's); the others take
 each parameter type from its network, and are marked untrusted (`_dhTrusted 0`) when a network
-they depend on failed its verdict (`deephemnma quality`). The column `_dhSource<Type>` says where
+they depend on failed its verdict (`deephemnma quality`). Images HEMNMA's quality flag marks (the
+model does not explain them) keep their `_dhFlagged 1` and are marked untrusted too. The column `_dhSource<Type>` says where
 each value came from (network | hemnma). A network's `_dhUncertainty<Type>` and the networks'
 `_dhModelAgreement` are kept on every row, HEMNMA-aligned ones included (there they are what
 calibrates them against HEMNMA), and so are the angle network's orientation candidates
@@ -20,10 +21,12 @@ import pandas as pd
 from .files import InputError, require_file
 from .io import (
     AGREEMENT_COLUMN,
+    FLAG_COLUMN,
     candidate_columns,
     candidate_numbers,
     read_star,
     uncertainty_column,
+    unflagged,
     write_star,
 )
 from .quality import param_of
@@ -79,6 +82,16 @@ def main(args: argparse.Namespace) -> None:
             log.warning(
                 "%s: network not trusted; HEMNMA values for %d images, %d images marked untrusted",
                 param, int(has.sum()), int((~has).sum()),
+            )  # fmt: skip
+    if args.labelled and FLAG_COLUMN in labelled:
+        flag = pd.Series(~unflagged(labelled), index=labelled.index)
+        flagged = parts["rlnImageName"].map(flag).fillna(False).astype(bool)
+        parts[FLAG_COLUMN] = flagged.astype(int)
+        trusted &= ~flagged
+        if flagged.any():
+            log.warning(
+                "%d HEMNMA-aligned images are flagged (the model does not explain them): "
+                "marked untrusted", int(flagged.sum()),
             )  # fmt: skip
     parts["dhTrusted"] = trusted.astype(int)
     write_star(args.out, base["optics"], parts)

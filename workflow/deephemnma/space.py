@@ -24,7 +24,7 @@ import pandas as pd
 from .figures import pyplot, save_figure
 from .files import InputError, atomic_path, require_file
 from .flexible import FlexibleModel
-from .io import amplitude_column, amplitude_modes, read_star, write_star
+from .io import amplitude_column, amplitude_modes, read_star, unflagged, write_star
 from .model import read_structure, write_pdb
 
 log = logging.getLogger(__name__)
@@ -346,7 +346,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--untrusted",
         choices=["exclude", "keep"],
         default="exclude",
-        help="images marked _dhTrusted 0 by merge (default: %(default)s)",
+        help="images marked _dhTrusted 0 by merge or _dhFlagged 1 by gather (default: %(default)s)",
     )
     p.add_argument(
         "--out-dir", required=True, help="folder for the space's tables, figures and models"
@@ -363,13 +363,18 @@ def amplitude_source(parts: pd.DataFrame) -> np.ndarray:
 
 def trusted_rows(parts: pd.DataFrame, untrusted: str, star: str) -> pd.DataFrame:
     """The particle rows the space is built from: with `untrusted` exclude, those merge marked
-    `_dhTrusted` 1 (InputError naming `star` when fewer than 2 are left)."""
-    if untrusted != "exclude" or "dhTrusted" not in parts:
+    `_dhTrusted` 1 and HEMNMA's quality flag did not mark (InputError naming `star` when fewer
+    than 2 are left)."""
+    if untrusted != "exclude":
         return parts
-    keep = parts["dhTrusted"].astype(int) == 1
+    keep = unflagged(parts)
+    if "dhTrusted" in parts:
+        keep &= parts["dhTrusted"].to_numpy(int) == 1
+    if keep.all():
+        return parts
     log.warning(
-        "%d of %d images have estimates from an untrusted network: left out of the space",
-        int((~keep).sum()), len(parts),
+        "%d of %d images are not trusted (values from an untrusted network, or not explained by "
+        "the model): left out of the space", int((~keep).sum()), len(parts),
     )  # fmt: skip
     parts = parts[keep].reset_index(drop=True)
     if len(parts) < 2:

@@ -1,4 +1,7 @@
-"""split: seeded train / validation / test lists over the labelled images."""
+"""split: seeded train / validation / test lists over the labelled images.
+
+Images HEMNMA's quality flag marks (`_dhFlagged 1`: the model does not explain them, so their
+labels are wrong) are in none of the three sets: their set is `flagged`."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .files import InputError, atomic_path, require_file
-from .io import read_star
+from .io import read_star, unflagged
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     parts = read_star(require_file(args.labels, "label STAR"), ["rlnImageName"])["particles"]
-    sets = split_sets(len(parts), args.n_val, args.n_test, args.seed)
+    keep = unflagged(parts)
+    if (~keep).any():
+        log.warning(
+            "%d of %d labelled images are flagged by HEMNMA (the model does not explain them): "
+            "left out of training, validation and test", int((~keep).sum()), len(parts),
+        )  # fmt: skip
+    sets = np.full(len(parts), "flagged", dtype=object)
+    sets[keep] = split_sets(int(keep.sum()), args.n_val, args.n_test, args.seed)
     table = pd.DataFrame({"rlnImageName": parts["rlnImageName"], "set": sets})
     with atomic_path(args.out) as tmp:
         table.to_csv(tmp, index=False)

@@ -34,7 +34,7 @@ from . import geometry, imaging, simulate
 from .figures import pyplot, save_figure
 from .files import InputError, atomic_path, require_file
 from .flexible import FlexibleModel
-from .io import ParticleSet, amplitude_column, amplitude_modes, pose_columns
+from .io import ParticleSet, amplitude_column, amplitude_modes, pose_columns, unflagged
 from .quality import labels_of
 
 log = logging.getLogger(__name__)
@@ -51,16 +51,19 @@ class Prior:
 
     @classmethod
     def from_labels(cls, ps: ParticleSet) -> Prior:
-        """Amplitude and shift ranges spanned by a labelled particle set."""
+        """Amplitude and shift ranges spanned by a labelled particle set (the images HEMNMA's
+        quality flag does not mark, if any)."""
         modes = amplitude_modes(ps.particles)
         if not modes:
             raise InputError(f"{ps.star}: no _dhAmplitudeMode<k> columns to take a prior from")
-        amps = ps.amplitudes(modes)
+        rows = unflagged(ps.particles)
+        rows = rows if rows.any() else np.ones(len(ps), dtype=bool)
+        amps = ps.amplitudes(modes, rows)
         return cls(
             modes,
             amps.min(0).tolist(),
             amps.max(0).tolist(),
-            np.abs(ps.shifts_px()).max(0).tolist(),
+            np.abs(ps.shifts_px(rows)).max(0).tolist(),
         )
 
     def draw(self, rows: np.ndarray, pixel_size: float, rng: np.random.Generator) -> pd.DataFrame:
