@@ -1,6 +1,6 @@
 rule hybrid_select:
     input:
-        merged=rules.merge.output[0],
+        merged=rules.merge.output.star,
     output:
         shards=expand(res("hybrid/shards/shard_{i}.star"), i=hybrid_shard_ids()),
     log:
@@ -42,7 +42,7 @@ rule hybrid_refine:
 
 rule hybrid:
     input:
-        merged=rules.merge.output[0],
+        merged=rules.merge.output.star,
         refined=expand(res("hybrid/refined/shard_{i}.star"), i=hybrid_shard_ids()),
         hemnma=res("hemnma/hemnma.star"),
     output:

@@ -155,15 +155,22 @@ rule merge:
         labelled=res("hemnma/hemnma.star"),
         quality=rules.quality.output.json,
     output:
-        res("network/deephemnma.star"),
+        star=res("network/deephemnma.star"),
+        md=report(
+            res("network/trust.md"),
+            caption="../report/trust.rst",
+            category="0. Verdicts",
+        ),
     log:
         res("logs/merge.log"),
     conda:
         "../envs/deephemnma.yaml"
+    params:
+        flag_z=config["hemnma"]["flag_z"],
     shell:
         "deephemnma merge --particles {input.particles:q} --inferred {input.inferred:q} "
-        "--labelled {input.labelled:q} --quality {input.quality:q} --out {output:q} "
-        "> {log:q} 2>&1"
+        "--labelled {input.labelled:q} --quality {input.quality:q} --flag-z {params.flag_z} "
+        "--out {output.star:q} --out-md {output.md:q} > {log:q} 2>&1"
 
 
 rule evaluate:

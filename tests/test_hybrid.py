@@ -280,6 +280,7 @@ def test_refined_images_are_trusted_when_their_cost_is_typical_of_hemnma(tmp_pat
     optics = optics_table(2.2, 64, 200.0, 2.0, 0.1)
     t = merged_table()
     t["dhTrusted"] = [1, 1, 0, 0, 0, 0]  # an untrusted network answered images 3-6
+    t["dhFlagged"] = [0, 0, 1, 0, 0, 0]  # merge flagged image 3's answer
     write_star(tmp_path / "m.star", optics, t)
     refined = t.iloc[[2, 3]].assign(dhCost=[0.62, 0.75])  # typical, far above HEMNMA's
     write_star(tmp_path / "r.star", optics, refined)
@@ -292,6 +293,7 @@ def test_refined_images_are_trusted_when_their_cost_is_typical_of_hemnma(tmp_pat
     assert cli([*base, "--hemnma", str(tmp_path / "h.star"), "--out-md", str(md)]) == 0
     out = starfile.read(tmp_path / "o.star")["particles"]
     assert out["dhTrusted"].tolist() == [1, 1, 1, 0, 0, 0]
+    assert out["dhFlagged"].tolist() == [0, 0, 0, 1, 0, 0]  # the refined values are judged
     assert "2 of 6 images refined" in md.read_text() and "1 of them are explained" in md.read_text()
     assert cli(base) == 0  # without HEMNMA's costs the merge's verdict stays
     assert starfile.read(tmp_path / "o.star")["particles"]["dhTrusted"].tolist() == [

@@ -953,14 +953,23 @@ def test_flagged_images_are_left_out_of_labels_merge_trust_and_space(
     assert prior.amplitude_high[0] == pytest.approx(parts["dhAmplitudeMode7"].iloc[5:].max())
     inferred = tmp_path / "amplitudes.star"
     cols = ["rlnImageName", "dhAmplitudeMode7", "dhAmplitudeMode8", "dhAmplitudeMode9"]
-    starfile.write({"optics": star["optics"], "particles": star["particles"][cols]}, inferred)
-    out = tmp_path / "merged.star"
+    answers = star["particles"][cols].copy()
+    # the model at the networks' answers: typical agreement, but far lower for the last 10
+    answers["dhModelAgreement"] = 0.5 + 0.01 * np.sin(np.arange(160))
+    answers.loc[answers.index[150:], "dhModelAgreement"] = 0.3
+    starfile.write({"optics": star["optics"], "particles": answers}, inferred)
+    out, md = tmp_path / "merged.star", tmp_path / "trust.md"
     assert cli(["merge", "--particles", "p.star", "--inferred", str(inferred), "--labelled",
-                "flagged.star", "--out", str(out)]) == 0  # fmt: skip
+                "flagged.star", "--out", str(out), "--out-md", str(md)]) == 0  # fmt: skip
     merged = starfile.read(out)["particles"]
-    assert merged["dhTrusted"].tolist() == [0] * 5 + [1] * 155
-    assert merged["dhFlagged"].tolist() == [1] * 5 + [0] * 155
-    assert len(trusted_rows(merged, "exclude", "m")) == 155
+    untrusted = [0] * 5 + [1] * 145 + [0] * 10
+    assert merged["dhTrusted"].tolist() == untrusted
+    assert merged["dhFlagged"].tolist() == [1 - u for u in untrusted]
+    assert merged["dhAgreementZ"].iloc[:40].abs().max() < 3  # HEMNMA's own: the baseline
+    text = md.read_text()
+    assert "10 of the 120 images they answered" in text and "5 of the 40 images" in text
+    assert "145 of 160 images trusted" in text
+    assert len(trusted_rows(merged, "exclude", "m")) == 145
     assert len(trusted_rows(merged, "keep", "m")) == 160
     assert (
         trusted_rows(parts, "exclude", "h")["rlnImageName"].tolist()

@@ -194,6 +194,8 @@ def test_full_run_outputs(done):
     assert {"dhCostZ", "dhFlagged"} <= set(hem) and "dhReference" not in hem
     verdict = (done / "results/hemnma/verdict.md").read_text()
     assert f"{int(hem['dhFlagged'].sum())} of 60 images" in verdict
+    trust = (done / "results/network/trust.md").read_text()
+    assert f"{int(trusted.sum())} of 120 images trusted" in trust
     assert (done / "results/evaluate/accuracy.md").read_text().count("|") > 20
     for g in (0, 1):
         assert (done / f"results/maps/group_{g}.mrc").stat().st_size > 32**3 * 4

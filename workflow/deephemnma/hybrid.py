@@ -8,7 +8,8 @@ to the `_dhUncertainty<Param>` columns) and splits them into shard STARs; `deeph
 set to `hybrid` for them (HEMNMA's values stay where HEMNMA labelled the image, the networks'
 elsewhere). A refined image is trusted (`_dhTrusted` 1) when HEMNMA's own images show that its
 cost is typical: robust z-score of its cost against the costs of the images HEMNMA aligned
-(`gather.cost_z`: per reference, as gather's flag) at most `--flag-z`;
+(`gather.cost_z`: per reference, as gather's flag) at most `--flag-z`, and flagged
+(`_dhFlagged` 1) otherwise;
 the refinement repairs an untrusted network's answer when it finds the right basin (orientation
 candidates, escalation to the global search), and the cost says when it did not. Without `--hemnma`
 `_dhTrusted` is kept from merge.
@@ -27,6 +28,7 @@ from .files import InputError, atomic_path, require_file
 from .gather import WARN_SHARE, cost_z
 from .io import (
     AGREEMENT_COLUMN,
+    FLAG_COLUMN,
     POSE_COLUMNS,
     amplitude_modes,
     read_star,
@@ -162,6 +164,8 @@ def main(args: argparse.Namespace) -> None:
         where = pd.Index(out["rlnImageName"]).get_indexer(parts["rlnImageName"])
         out = out.copy()
         out.loc[out.index[where], "dhTrusted"] = trusted.astype(int)
+        if FLAG_COLUMN in out:  # the refined values replace the answers merge judged
+            out.loc[out.index[where], FLAG_COLUMN] = (~trusted).astype(int)
         good, bad = int(trusted.sum()), int((~trusted).sum())
         log.info(
             "hybrid: %d of %d refined images explained as well as HEMNMA's own (cost z <= %g): "

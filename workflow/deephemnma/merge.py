@@ -3,7 +3,11 @@
 Images HEMNMA aligned keep HEMNMA's values (more accurate than any network's); the others take
 each parameter type from its network, and are marked untrusted (`_dhTrusted 0`) when a network
 they depend on failed its verdict (`deephemnma quality`). Images HEMNMA's quality flag marks (the
-model does not explain them) keep their `_dhFlagged 1` and are marked untrusted too. The column `_dhSource<Type>` says where
+model does not explain them) keep their `_dhFlagged 1` and are marked untrusted too, and so are
+images the networks answered whose disagreement with the model at those answers (−
+`_dhModelAgreement`) is far above that of the images HEMNMA aligned (robust z-score
+`_dhAgreementZ` above `--flag-z`): a wrong answer, or an image the model does not explain.
+`--out-md` says what was trusted and why. The column `_dhSource<Type>` says where
 each value came from (network | hemnma). A network's `_dhUncertainty<Type>` and the networks'
 `_dhModelAgreement` are kept on every row, HEMNMA-aligned ones included (there they are what
 calibrates them against HEMNMA), and so are the angle network's orientation candidates
@@ -16,9 +20,11 @@ import argparse
 import json
 import logging
 
+import numpy as np
 import pandas as pd
 
-from .files import InputError, require_file
+from .files import InputError, atomic_path, require_file
+from .gather import MIN_GROUP, WARN_SHARE, robust_z
 from .io import (
     AGREEMENT_COLUMN,
     FLAG_COLUMN,
@@ -43,7 +49,26 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inferred", nargs="+", required=True, help="STARs from infer")
     p.add_argument("--labelled", default=None, help="STAR of the HEMNMA-labelled images")
     p.add_argument("--quality", default=None, help="quality.json: untrusted networks fall back")
+    p.add_argument(
+        "--flag-z",
+        type=float,
+        default=3.0,
+        help="flag network-answered images whose disagreement with the model at the answers "
+        "has a robust z-score above this (baseline: the HEMNMA-aligned images)",
+    )
     p.add_argument("--out", required=True, help="merged STAR (network/deephemnma.star)")
+    p.add_argument("--out-md", default=None, help="what is trusted and why (Markdown)")
+
+
+def agreement_z(parts: pd.DataFrame, baseline: pd.Series) -> np.ndarray | None:
+    """Robust z-score of each image's disagreement with the model at the networks' answers
+    (−`_dhModelAgreement`) against that of the `baseline` images (HEMNMA-aligned, not flagged):
+    high when the answers explain the image far worse than they explain images the model does
+    explain. None without the column or with fewer than MIN_GROUP baseline images."""
+    if AGREEMENT_COLUMN not in parts or baseline.sum() < MIN_GROUP:
+        return None
+    disagreement = -parts[AGREEMENT_COLUMN].to_numpy(float)
+    return robust_z(disagreement, disagreement[baseline.to_numpy()])
 
 
 def main(args: argparse.Namespace) -> None:
@@ -55,12 +80,16 @@ def main(args: argparse.Namespace) -> None:
         report = json.loads(require_file(args.quality, "quality JSON").read_text())
         verdicts = {r["param"]: r["trusted"] for r in report["networks"]}
     has = pd.Series(False, index=parts.index)  # images HEMNMA aligned
+    flagged = pd.Series(False, index=parts.index)  # by HEMNMA's quality flag
     if args.labelled:
         labelled = read_star(require_file(args.labelled, "HEMNMA STAR"), ["rlnImageName"])
         labelled = labelled["particles"].set_index("rlnImageName")
         has = parts["rlnImageName"].isin(labelled.index)
         parts["dhHemnmaLabelled"] = has.astype(int)
-    trusted = pd.Series(True, index=parts.index)
+        flag = pd.Series(~unflagged(labelled), index=labelled.index)
+        flagged = parts["rlnImageName"].map(flag).fillna(False).astype(bool)
+    trusted = ~flagged
+    lines = []
     for path in args.inferred:
         inferred = read_star(require_file(path, "inferred STAR"), ["rlnImageName"])["particles"]
         cols = [c for c in inferred.columns if c != "rlnImageName"]
@@ -79,20 +108,36 @@ def main(args: argparse.Namespace) -> None:
             parts.loc[has, source_column(param)] = "hemnma"
         if not verdicts.get(param, True):
             trusted &= has
-            log.warning(
-                "%s: network not trusted; HEMNMA values for %d images, %d images marked untrusted",
-                param, int(has.sum()), int((~has).sum()),
-            )  # fmt: skip
-    if args.labelled and FLAG_COLUMN in labelled:
-        flag = pd.Series(~unflagged(labelled), index=labelled.index)
-        flagged = parts["rlnImageName"].map(flag).fillna(False).astype(bool)
+            lines.append(
+                f"- ❌ {param}: the network is not trusted: HEMNMA's values for the {int(has.sum())} "
+                f"images it aligned; the other {int((~has).sum())} are marked untrusted."
+            )
+    answered = ~has
+    z = agreement_z(parts, has & ~flagged)
+    if z is not None:
+        parts["dhAgreementZ"] = z
+        poor = answered & (z > args.flag_z)
+        flagged |= poor
+        trusted &= ~poor
+        n, bad = int(answered.sum()), int(poor.sum())
+        lines.append(
+            f"- {'⚠️' if bad > WARN_SHARE * n else '✅'} networks: {bad} of the {n} images they "
+            "answered are explained by the model at those answers far worse than the images "
+            "HEMNMA aligned (robust z-score of the disagreement above "
+            f"{args.flag_z:g}, `_dhFlagged 1`): wrong answers, or images the model does not "
+            "explain; marked untrusted."
+        )
+    if args.labelled:
         parts[FLAG_COLUMN] = flagged.astype(int)
-        trusted &= ~flagged
-        if flagged.any():
-            log.warning(
-                "%d HEMNMA-aligned images are flagged (the model does not explain them): "
-                "marked untrusted", int(flagged.sum()),
-            )  # fmt: skip
+        lines.append(
+            f"- HEMNMA: {int((flagged & has).sum())} of the {int(has.sum())} images it aligned "
+            "are flagged (the model does not explain them): marked untrusted."
+        )
     parts["dhTrusted"] = trusted.astype(int)
+    lines.append(f"- {int(trusted.sum())} of {len(parts)} images trusted (`_dhTrusted 1`).")
     write_star(args.out, base["optics"], parts)
-    log.info("merged %d particles, %d trusted", len(parts), int(trusted.sum()))
+    for line in lines:
+        log.info(line[2:])
+    if args.out_md:
+        with atomic_path(args.out_md) as tmp:
+            tmp.write_text("# Trust after merging\n\n" + "\n".join(lines) + "\n")
