@@ -5,9 +5,10 @@ MAD, per reference when there are several) is one the model does not explain: `d
 its values are not used as network labels nor in the conformational space, and the verdict
 (`--out-md`, first in the report) says how many there are.
 When the costs fall in two clearly separated groups (a two-component Gaussian mixture whose
-components are at least `SEPARATION` apart in Ashman's D), e.g. half the particles in a state the
-model does not reach, the median and MAD are those of the lower group: a population that is half
-unexplained does not make its unexplained half typical.
+components are at least `SEPARATION` apart in Ashman's D and whose density dips between them to at
+most `VALLEY` of its height at the lower peak), e.g. half the particles in a state the model does
+not reach, the median and MAD are those of the lower group: a population that is half unexplained
+does not make its unexplained half typical.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from .io import FLAG_COLUMN, read_star, write_star
 log = logging.getLogger(__name__)
 
 
-SEPARATION = 4.0  # Ashman's D between the two cost groups for the lower one to be the baseline
+SEPARATION = 3.0  # Ashman's D between the two cost groups for the lower one to be the baseline
+VALLEY = 0.5  # and the mixture's density between them at most this share of its lower peak
 MIN_GROUP = 20  # images in each group (and 5× that in all) before a split is considered
 WARN_SHARE = 0.05  # a verdict warns (⚠️) when more than this share of images is not explained
 
@@ -45,19 +47,25 @@ def robust_z(cost: np.ndarray, baseline: np.ndarray | None = None) -> np.ndarray
 
 def explained_group(cost: np.ndarray) -> np.ndarray:
     """Boolean mask of the costs that set the baseline: the lower of two clearly separated groups
-    (Ashman's D ≥ SEPARATION of a two-component Gaussian mixture), else all of them."""
+    (Ashman's D ≥ SEPARATION of a two-component Gaussian mixture, and a valley between them: its
+    density falls to at most VALLEY of the lower of its values at the two means), else all of them.
+    """
     cost = np.asarray(cost, dtype=np.float64)
     everything = np.ones(len(cost), dtype=bool)
     if len(cost) < 5 * MIN_GROUP:
         return everything
+    from scipy.stats import norm
     from sklearn.mixture import GaussianMixture
 
     x = robust_z(cost)[:, None]  # unit scale for the mixture's regularisation
     gm = GaussianMixture(2, n_init=3, random_state=0).fit(x)
-    mu, var = gm.means_[:, 0], gm.covariances_.reshape(2)
+    mu, var, w = gm.means_[:, 0], gm.covariances_.reshape(2), gm.weights_
     d = math.sqrt(2.0) * abs(mu[0] - mu[1]) / math.sqrt(var[0] + var[1])
+    between = np.linspace(mu.min(), mu.max(), 200)
+    density = sum(w[i] * norm.pdf(between, mu[i], math.sqrt(var[i])) for i in range(2))
+    valley = density.min() / min(density[0], density[-1])
     low = gm.predict(x) == int(np.argmin(mu))
-    if d < SEPARATION or min(low.sum(), (~low).sum()) < MIN_GROUP:
+    if d < SEPARATION or valley > VALLEY or min(low.sum(), (~low).sum()) < MIN_GROUP:
         return everything
     return low
 
