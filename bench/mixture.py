@@ -9,7 +9,7 @@ state: how many images HEMNMA aligned and flagged, how many end up trusted, how 
 keeps, and the pose error of the trusted ones against the truth.
 
 Usage: python bench/mixture.py [--n-images 1200] [--closed-fraction 0.5] [--out /tmp/mixture]
-(about 9 minutes on 2 cores, most of it the workflow; --skip-run reports on an earlier run).
+(about 7 minutes on 2 cores, most of it the workflow; --skip-run reports on an earlier run).
 """
 
 import argparse

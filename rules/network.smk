@@ -154,6 +154,7 @@ rule merge:
         inferred=expand(res("network/{param}/inferred.star"), param=network_params()),
         labelled=res("hemnma/hemnma.star"),
         quality=rules.quality.output.json,
+        split=rules.split.output[0],
     output:
         star=res("network/deephemnma.star"),
         md=report(
@@ -169,7 +170,8 @@ rule merge:
         flag_z=config["hemnma"]["flag_z"],
     shell:
         "deephemnma merge --particles {input.particles:q} --inferred {input.inferred:q} "
-        "--labelled {input.labelled:q} --quality {input.quality:q} --flag-z {params.flag_z} "
+        "--labelled {input.labelled:q} --quality {input.quality:q} --split {input.split:q} "
+        "--flag-z {params.flag_z} "
         "--out {output.star:q} --out-md {output.md:q} > {log:q} 2>&1"
 
 

@@ -352,6 +352,8 @@ def test_quality_flag_when_half_the_population_is_unexplained():
     np.testing.assert_allclose(z[:100], robust_z(cost[:100]), atol=0.3)
     skewed = 0.5 + rng.gamma(2.0, 0.02, 400)
     np.testing.assert_array_equal(cost_z(pd.DataFrame({"dhCost": skewed})), robust_z(skewed))
+    even = np.linspace(0.6, 0.7, 200)  # Ashman's D 3.05, but no valley between the components
+    np.testing.assert_array_equal(cost_z(pd.DataFrame({"dhCost": even})), robust_z(even))
     # closer groups, as HEMNMA's costs of imported open (deformed) and closed AK particles against
     # the open model (bench/mixture.py: medians 0.615 and 0.690, Ashman's D 3.7)
     for seed in range(5):

@@ -954,18 +954,26 @@ def test_flagged_images_are_left_out_of_labels_merge_trust_and_space(
     inferred = tmp_path / "amplitudes.star"
     cols = ["rlnImageName", "dhAmplitudeMode7", "dhAmplitudeMode8", "dhAmplitudeMode9"]
     answers = star["particles"][cols].copy()
-    # the model at the networks' answers: typical agreement, but far lower for the last 10
-    answers["dhModelAgreement"] = 0.5 + 0.01 * np.sin(np.arange(160))
-    answers.loc[answers.index[150:], "dhModelAgreement"] = 0.3
+    # the model at the networks' answers: typical agreement, but far lower for the last 10; the
+    # flagged images' (0) and the training images' (0.9) are not the baseline: only val and test
+    agreement = 0.5 + 0.01 * np.sin(np.arange(160))
+    agreement[:5], agreement[5:15], agreement[150:] = 0.0, 0.9, 0.3
+    answers["dhModelAgreement"] = agreement
     starfile.write({"optics": star["optics"], "particles": answers}, inferred)
+    sets = ["flagged"] * 5 + ["train"] * 10 + ["val", "test"] * 12 + ["val"]
+    pd.DataFrame({"rlnImageName": parts["rlnImageName"], "set": sets}).to_csv(split, index=False)
     out, md = tmp_path / "merged.star", tmp_path / "trust.md"
-    assert cli(["merge", "--particles", "p.star", "--inferred", str(inferred), "--labelled",
-                "flagged.star", "--out", str(out), "--out-md", str(md)]) == 0  # fmt: skip
+    merge = ["merge", "--particles", "p.star", "--inferred", str(inferred), "--out", str(out)]
+    assert cli([*merge, "--labelled", "flagged.star", "--split", str(split),
+                "--out-md", str(md)]) == 0  # fmt: skip
     merged = starfile.read(out)["particles"]
     untrusted = [0] * 5 + [1] * 145 + [0] * 10
     assert merged["dhTrusted"].tolist() == untrusted
     assert merged["dhFlagged"].tolist() == [1 - u for u in untrusted]
-    assert merged["dhAgreementZ"].iloc[:40].abs().max() < 3  # HEMNMA's own: the baseline
+    held_out = -agreement[15:40]
+    mad = 1.4826 * np.median(np.abs(held_out - np.median(held_out)))
+    expected = (-agreement - np.median(held_out)) / mad
+    np.testing.assert_allclose(merged["dhAgreementZ"], expected, rtol=1e-3, atol=1e-3)
     text = md.read_text()
     assert "10 of the 120 images they answered" in text and "5 of the 40 images" in text
     assert "145 of 160 images trusted" in text
@@ -975,6 +983,12 @@ def test_flagged_images_are_left_out_of_labels_merge_trust_and_space(
         trusted_rows(parts, "exclude", "h")["rlnImageName"].tolist()
         == parts["rlnImageName"].iloc[5:].tolist()
     )
+    # with several references the agreement (first reference only) is not used to flag
+    two = parts.assign(dhReference=[1, 2] * 20)
+    starfile.write({"optics": star["optics"], "particles": two}, "two.star", overwrite=True)
+    assert cli([*merge, "--labelled", "two.star", "--out-md", str(md)]) == 0
+    assert "dhAgreementZ" not in starfile.read(out)["particles"]
+    assert "several references" in md.read_text()
     warn, fine = flag_verdict(5, 40, 3.0), flag_verdict(1, 300, 3.0)
     assert warn.startswith("- ⚠️") and "5 of 40 images (12.5 %)" in warn and "structure" in warn
     assert fine.startswith("- ✅") and "1 of 300" in fine and "reference_update" not in fine

@@ -3,6 +3,7 @@ import re
 
 import mrcfile
 import numpy as np
+import pandas as pd
 import pytest
 import starfile
 import torch
@@ -328,3 +329,26 @@ def test_import_datadir(tmp_path, monkeypatch):
         tmp_path / "work/in.star", data, None, False, tmp_path / "o.star", tmp_path / "o", 100
     )
     assert len(ParticleSet(tmp_path / "o.star")) == 1
+
+
+def test_import_keeps_amplitudes_but_not_an_earlier_runs_judgments():
+    """A STAR exported by an earlier run carries its costs, flags and trust: the import keeps
+    the amplitudes (e.g. a simulator's truth) and drops the rest, so nothing stale is reused."""
+    parts = pd.DataFrame(
+        {
+            "rlnImageName": ["1@a.mrcs", "2@a.mrcs"],
+            "rlnDefocusU": [1e4, 2e4],
+            "rlnDefocusV": [1e4, 2e4],
+            "rlnDefocusAngle": [0.0, 0.0],
+            "rlnPhaseShift": [0.0, 0.0],
+            "dhAmplitudeMode7": [10.0, -5.0],
+            "dhTrusted": [0, 1],
+            "dhFlagged": [1, 0],
+            "dhCost": [0.7, 0.6],
+            "dhSourceAmplitudes": ["network", "hemnma"],
+        }
+    )
+    out = relion.imported_table(parts, ["1@b.mrcs", "2@b.mrcs"])
+    assert [c for c in out if c.startswith("dh")] == ["dhAmplitudeMode7", "dhSourceImageName"]
+    assert out["dhAmplitudeMode7"].tolist() == [10.0, -5.0]
+    assert out["dhSourceImageName"].tolist() == ["1@a.mrcs", "2@a.mrcs"]

@@ -196,6 +196,11 @@ def test_full_run_outputs(done):
     assert f"{int(hem['dhFlagged'].sum())} of 60 images" in verdict
     trust = (done / "results/network/trust.md").read_text()
     assert f"{int(trusted.sum())} of 120 images trusted" in trust
+    flags = hem.set_index("rlnImageName")["dhFlagged"]  # merge keeps HEMNMA's flag
+    on_hemnma = net["particles"].set_index("rlnImageName").loc[flags.index, "dhFlagged"]
+    assert (on_hemnma == flags).all()
+    flagged = set(hybrid.loc[hybrid["dhFlagged"] == 1, "rlnImageName"])
+    assert not flagged & set(space["rlnImageName"])  # nor is any flagged image in the space
     assert (done / "results/evaluate/accuracy.md").read_text().count("|") > 20
     for g in (0, 1):
         assert (done / f"results/maps/group_{g}.mrc").stat().st_size > 32**3 * 4

@@ -125,14 +125,14 @@ def flag_verdict(flagged: int, n: int, flag_z: float) -> str:
     line = (
         f"- {'⚠️' if share > WARN_SHARE else '✅'} HEMNMA: {flagged} of {n} images "
         f"({100 * share:.1f} %) are not explained by the model (cost robust z-score above "
-        f"{flag_z:g}, `_dhFlagged 1`): their poses and amplitudes are not trusted and are left out "
-        "of the networks' labels and of the conformational space."
+        f"{flag_z:g}, `_dhFlagged 1`): their poses and amplitudes are not trusted, not used as "
+        "network labels nor in the conformational space."
     )
     if share > WARN_SHARE:
         line += (
             " So large a share suggests particles in a state the normal modes do not reach: "
-            "give that state as another structure (`structure`), or turn on "
-            "`hemnma.reference_update`."
+            "give that state as another structure (`structure`), or let reference updates fit "
+            "one (`hemnma.reference_update.iterations`)."
         )
     return line
 

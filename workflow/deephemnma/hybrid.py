@@ -175,7 +175,7 @@ def main(args: argparse.Namespace) -> None:
             f"- {'✅' if bad <= WARN_SHARE * n else '⚠️'} hybrid: {n} of {len(out)} images refined by "
             f"HEMNMA from the networks' answers; {good} of them are explained as well as HEMNMA "
             f"explains the images it aligned itself (cost robust z-score ≤ {args.flag_z:g}) and "
-            f"are trusted; {bad} are not (`_dhTrusted 0`)."
+            f"are trusted; {bad} are not (`_dhTrusted 0`, `_dhFlagged 1`)."
         )
     write_star(args.out, blocks["optics"], out)
     if args.out_md:

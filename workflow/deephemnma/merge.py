@@ -5,8 +5,9 @@ each parameter type from its network, and are marked untrusted (`_dhTrusted 0`) 
 they depend on failed its verdict (`deephemnma quality`). Images HEMNMA's quality flag marks (the
 model does not explain them) keep their `_dhFlagged 1` and are marked untrusted too, and so are
 images the networks answered whose disagreement with the model at those answers (−
-`_dhModelAgreement`) is far above that of the images HEMNMA aligned (robust z-score
-`_dhAgreementZ` above `--flag-z`): a wrong answer, or an image the model does not explain.
+`_dhModelAgreement`) is far above that of the unflagged images HEMNMA aligned and the networks
+did not train on (robust z-score `_dhAgreementZ` above `--flag-z`): a wrong answer, or an image
+the model does not explain.
 `--out-md` says what was trusted and why. The column `_dhSource<Type>` says where
 each value came from (network | hemnma). A network's `_dhUncertainty<Type>` and the networks'
 `_dhModelAgreement` are kept on every row, HEMNMA-aligned ones included (there they are what
@@ -56,19 +57,43 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="flag network-answered images whose disagreement with the model at the answers "
         "has a robust z-score above this (baseline: the HEMNMA-aligned images)",
     )
+    p.add_argument(
+        "--split",
+        default=None,
+        help="split CSV: the agreement's baseline is the validation and test images",
+    )
     p.add_argument("--out", required=True, help="merged STAR (network/deephemnma.star)")
     p.add_argument("--out-md", default=None, help="what is trusted and why (Markdown)")
 
 
-def agreement_z(parts: pd.DataFrame, baseline: pd.Series) -> np.ndarray | None:
+def agreement_z(parts: pd.DataFrame, baseline: np.ndarray) -> np.ndarray:
     """Robust z-score of each image's disagreement with the model at the networks' answers
-    (−`_dhModelAgreement`) against that of the `baseline` images (HEMNMA-aligned, not flagged):
-    high when the answers explain the image far worse than they explain images the model does
-    explain. None without the column or with fewer than MIN_GROUP baseline images."""
-    if AGREEMENT_COLUMN not in parts or baseline.sum() < MIN_GROUP:
-        return None
+    (−`_dhModelAgreement`) against that of the `baseline` rows (boolean mask): high when the
+    answers explain the image far worse than they explain the baseline's images."""
     disagreement = -parts[AGREEMENT_COLUMN].to_numpy(float)
-    return robust_z(disagreement, disagreement[baseline.to_numpy()])
+    return robust_z(disagreement, disagreement[baseline])
+
+
+def agreement_baseline(
+    parts: pd.DataFrame, explained: pd.Series, split: str | None, labelled: pd.DataFrame
+) -> tuple[np.ndarray | None, str]:
+    """The rows whose agreement is the baseline, and why there is none: the HEMNMA-aligned images
+    the quality flag does not mark (`explained`) that the networks did not train on (`split`'s
+    val and test sets), or all of them when those are fewer than MIN_GROUP. None with the
+    agreement of several references (it measures the first one only) or too few images."""
+    if AGREEMENT_COLUMN not in parts:
+        return None, "no agreement column (from infer --model)"
+    if "dhReference" in labelled and labelled["dhReference"].nunique() > 1:
+        return None, "several references: the agreement measures the first one only"
+    rows = explained.to_numpy()
+    if split:
+        sets = pd.read_csv(require_file(split, "split CSV")).set_index("rlnImageName")["set"]
+        held_out = parts["rlnImageName"].map(sets).isin(["val", "test"]).to_numpy() & rows
+        if held_out.sum() >= MIN_GROUP:
+            return held_out, ""
+    if rows.sum() < MIN_GROUP:
+        return None, f"fewer than {MIN_GROUP} unflagged HEMNMA-aligned images to compare with"
+    return rows, ""
 
 
 def main(args: argparse.Namespace) -> None:
@@ -112,18 +137,23 @@ def main(args: argparse.Namespace) -> None:
                 f"- ❌ {param}: the network is not trusted: HEMNMA's values for the {int(has.sum())} "
                 f"images it aligned; the other {int((~has).sum())} are marked untrusted."
             )
-    answered = ~has
-    z = agreement_z(parts, has & ~flagged)
-    if z is not None:
+    answered, n = ~has, int((~has).sum())
+    baseline, why = agreement_baseline(
+        parts, has & ~flagged, args.split, labelled if args.labelled else parts
+    )
+    if n and baseline is None:
+        lines.append(f"- networks: their answers are not checked against the model ({why}).")
+    elif n:
+        z = agreement_z(parts, baseline)
         parts["dhAgreementZ"] = z
         poor = answered & (z > args.flag_z)
         flagged |= poor
         trusted &= ~poor
-        n, bad = int(answered.sum()), int(poor.sum())
+        bad = int(poor.sum())
         lines.append(
             f"- {'⚠️' if bad > WARN_SHARE * n else '✅'} networks: {bad} of the {n} images they "
-            "answered are explained by the model at those answers far worse than the images "
-            "HEMNMA aligned (robust z-score of the disagreement above "
+            "answered are explained by the model at those answers far worse than the held-out "
+            "images HEMNMA aligned (robust z-score of the disagreement above "
             f"{args.flag_z:g}, `_dhFlagged 1`): wrong answers, or images the model does not "
             "explain; marked untrusted."
         )

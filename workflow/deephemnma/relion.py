@@ -145,11 +145,13 @@ def stream_images(
 
 
 def imported_table(parts: pd.DataFrame, names: list[str]) -> pd.DataFrame:
-    """The imported particle table: new image names, CTF and kept columns, our `dh*` columns, the
-    consensus pose as prior columns, the original image name in `dhSourceImageName`."""
+    """The imported particle table: new image names, CTF and kept columns, amplitude columns
+    (`dhAmplitudeMode<k>`, e.g. a simulator's truth), the consensus pose as prior columns, the
+    original image name in `dhSourceImageName`. Other `dh*` columns (an earlier run's costs,
+    flags, trust, sources) are not carried: this run judges its images afresh."""
     keep = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift"]
     keep += [c for c in KEPT_COLUMNS if c in parts]
-    keep += [c for c in parts.columns if c.startswith("dh")]
+    keep += [c for c in parts.columns if c.startswith("dhAmplitudeMode")]
     out = parts[keep].copy()
     for col, prior in PRIOR.items():
         if col in parts or prior in parts:

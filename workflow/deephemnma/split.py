@@ -68,7 +68,15 @@ def main(args: argparse.Namespace) -> None:
             "left out of training, validation and test", int((~keep).sum()), len(parts),
         )  # fmt: skip
     sets = np.full(len(parts), "flagged", dtype=object)
-    sets[keep] = split_sets(int(keep.sum()), args.n_val, args.n_test, args.seed)
+    try:
+        sets[keep] = split_sets(int(keep.sum()), args.n_val, args.n_test, args.seed)
+    except InputError as exc:
+        if keep.all():
+            raise
+        raise InputError(
+            f"{args.labels}: {exc} ({int((~keep).sum())} of {len(parts)} labelled images are "
+            "flagged by HEMNMA: see hemnma/verdict.md)"
+        ) from exc
     table = pd.DataFrame({"rlnImageName": parts["rlnImageName"], "set": sets})
     with atomic_path(args.out) as tmp:
         table.to_csv(tmp, index=False)

@@ -57,7 +57,9 @@ class Prior:
         if not modes:
             raise InputError(f"{ps.star}: no _dhAmplitudeMode<k> columns to take a prior from")
         rows = unflagged(ps.particles)
-        rows = rows if rows.any() else np.ones(len(ps), dtype=bool)
+        if not rows.any():
+            log.warning("%s: every labelled image is flagged; the prior spans them all", ps.star)
+            rows = np.ones(len(ps), dtype=bool)
         amps = ps.amplitudes(modes, rows)
         return cls(
             modes,
