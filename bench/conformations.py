@@ -278,8 +278,8 @@ def align_and_report(
     # relative to the open -> closed distance in amplitude space
     scale = np.linalg.norm(lsq_amplitudes(closed_ref.coords[None], open_ref)[0])
     rel = np.linalg.norm(amps - truth_amp, axis=1) / scale
-    costs = pd.DataFrame({"dhCost": res["cost"], "dhReference": res["reference"]})
-    flagged = cost_z(costs) > a.flag_z
+    costs = pd.DataFrame({"dhCost": res["cost"], "dhReference": res["reference"] + 1})
+    flagged = cost_z(costs, originals=n_given) > a.flag_z  # as gather --originals
     threads = torch.get_num_threads()
     right = lambda m, s: f"{(res['reference'][m] == s).mean():.0%}" if len(used) > 1 else "-"
     if update:

@@ -60,7 +60,11 @@ rule gather:
     conda:
         "../envs/deephemnma.yaml"
     params:
-        args=quoted(cli_flags({"flag_z": config["hemnma"]["flag_z"]})),
+        args=quoted(
+            cli_flags(
+                {"flag_z": config["hemnma"]["flag_z"], "originals": len(structures())}
+            )
+        ),
     shell:
         "deephemnma gather --shards {input:q} --out {output.star:q} "
         "--out-figure {output.figure:q} --out-md {output.md:q} {params.args} > {log:q} 2>&1"

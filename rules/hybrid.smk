@@ -58,7 +58,9 @@ rule hybrid:
         "../envs/deephemnma.yaml"
     params:
         flag_z=config["hemnma"]["flag_z"],
+        originals=len(structures()),
     shell:
         "deephemnma hybrid combine --merged {input.merged:q} --refined {input.refined:q} "
-        "--hemnma {input.hemnma:q} --flag-z {params.flag_z} --out {output.star:q} "
+        "--hemnma {input.hemnma:q} --flag-z {params.flag_z} --originals {params.originals} "
+        "--out {output.star:q} "
         "--out-md {output.md:q} > {log:q} 2>&1"

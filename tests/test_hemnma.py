@@ -434,3 +434,19 @@ def test_cli_several_references(adk_model_files, tmp_path):
     assert set(out["dhReference"]) <= {1, 2} and "dhRefAmplitudeMode9" in out
     r = hemnma(["cm.npz"], "x.star")
     assert r.returncode == 2 and "2 model files but 1 modes files" in r.stderr
+
+
+def test_fitted_references_are_measured_against_the_first():
+    """Images a reference fitted by a reference update takes with uniformly poor costs are typical
+    among themselves, but not against the model's own images: with `originals` they are flagged."""
+    from deephemnma.gather import cost_z
+
+    rng = np.random.default_rng(0)
+    own, fitted = rng.normal(0.62, 0.01, 200), rng.normal(0.69, 0.01, 60)
+    parts = pd.DataFrame({"dhCost": np.r_[own, fitted], "dhReference": [1] * 200 + [2] * 60})
+    alone = cost_z(parts)
+    assert (alone[200:] > 3).mean() < 0.05
+    z = cost_z(parts, originals=1)
+    assert (z[200:] > 3).all() and (z[:200] > 3).mean() < 0.02
+    np.testing.assert_allclose(cost_z(parts, originals=2), alone)  # both given by the user
+    np.testing.assert_allclose(cost_z(parts.iloc[200:], parts, originals=1), z[200:])

@@ -70,18 +70,23 @@ def explained_group(cost: np.ndarray) -> np.ndarray:
     return low
 
 
-def cost_z(parts: pd.DataFrame, baseline: pd.DataFrame | None = None) -> np.ndarray:
+def cost_z(
+    parts: pd.DataFrame, baseline: pd.DataFrame | None = None, originals: int | None = None
+) -> np.ndarray:
     """Robust z-score of each image's `dhCost` against the median and MAD of the explained group
     of `baseline`'s costs (default: `parts` itself), per `dhReference` when both tables have the
     column; with a separate baseline, a reference on which it has fewer than MIN_GROUP images
-    is measured against all of its costs."""
+    is measured against all of its costs. References above `originals` (fitted by reference
+    updates from the first) are measured against the first one's costs: the images a fitted
+    reference takes are explained only if as well as the model explains its own."""
     base = parts if baseline is None else baseline
     cost, ref_cost = parts["dhCost"].to_numpy(float), base["dhCost"].to_numpy(float)
     z = np.full(len(cost), np.nan)
     if "dhReference" in parts and "dhReference" in base:
         ref = base["dhReference"].to_numpy()
         for r, rows in parts.groupby("dhReference").indices.items():
-            own = ref_cost[ref == r]
+            fitted = originals is not None and r > originals
+            own = ref_cost[ref == (1 if fitted else r)]
             if baseline is None or len(own) >= MIN_GROUP:
                 z[rows] = robust_z(cost[rows], own[explained_group(own)])
     left = np.isnan(z)
@@ -110,6 +115,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="gathered HEMNMA STAR")
     p.add_argument("--out-figure", required=True, help="cost histogram (PNG)")
     p.add_argument("--out-md", default=None, help="the flag's verdict (Markdown)")
+    p.add_argument(
+        "--originals",
+        type=int,
+        default=None,
+        help="references given by the user (_dhReference above this: fitted from the first, "
+        "whose costs they are measured against; default: each against its own)",
+    )
     p.add_argument(
         "--flag-z",
         type=float,
@@ -144,7 +156,7 @@ def main(args: argparse.Namespace) -> None:
         if not b["optics"].equals(optics):
             raise InputError(f"{s}: optics table differs from {args.shards[0]}")
     parts = pd.concat([b["particles"] for b in blocks], ignore_index=True)
-    parts["dhCostZ"] = cost_z(parts)
+    parts["dhCostZ"] = cost_z(parts, originals=args.originals)
     parts[FLAG_COLUMN] = (parts["dhCostZ"] > args.flag_z).astype(int)
     flagged = int(parts[FLAG_COLUMN].sum())
     write_star(args.out, optics, parts)

@@ -123,6 +123,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--flag-z", type=float, default=3.0, help="with --hemnma: the largest trusted cost z-score"
     )
+    c.add_argument(
+        "--originals",
+        type=int,
+        default=None,
+        help="with --hemnma: references given by the user (those above: fitted from the first, "
+        "measured against its costs)",
+    )
     c.add_argument("--out", required=True, help="hybrid STAR")
     c.add_argument("--out-md", default=None, help="the hybrid's verdict in words (Markdown)")
 
@@ -160,7 +167,7 @@ def main(args: argparse.Namespace) -> None:
         parts = pd.concat([b["particles"] for b in refined])
         if "dhCost" not in parts:
             raise InputError(f"{args.refined[0]}: no _dhCost column (not from hemnma?)")
-        trusted = cost_z(parts, hem["particles"]) <= args.flag_z
+        trusted = cost_z(parts, hem["particles"], args.originals) <= args.flag_z
         where = pd.Index(out["rlnImageName"]).get_indexer(parts["rlnImageName"])
         out = out.copy()
         out.loc[out.index[where], "dhTrusted"] = trusted.astype(int)
