@@ -977,6 +977,7 @@ def test_flagged_images_are_left_out_of_labels_merge_trust_and_space(
     text = md.read_text()
     assert "10 of the 120 images they answered" in text and "5 of the 40 images" in text
     assert "145 of 160 images trusted" in text
+    assert "about 12% of the 120 images the networks answered" in text  # 5 of 40 flagged
     assert len(trusted_rows(merged, "exclude", "m")) == 145
     assert len(trusted_rows(merged, "keep", "m")) == 160
     assert (

@@ -159,10 +159,18 @@ def main(args: argparse.Namespace) -> None:
         )
     if args.labelled:
         parts[FLAG_COLUMN] = flagged.astype(int)
+        hemnma_flagged = int((flagged & has).sum())
         lines.append(
-            f"- HEMNMA: {int((flagged & has).sum())} of the {int(has.sum())} images it aligned "
+            f"- HEMNMA: {hemnma_flagged} of the {int(has.sum())} images it aligned "
             "are flagged (the model does not explain them): marked untrusted."
         )
+        if n and hemnma_flagged > WARN_SHARE * has.sum():
+            lines.append(
+                f"- ⚠️ networks: as HEMNMA's images suggest, about {hemnma_flagged / has.sum():.0%} "
+                f"of the {n} images the networks answered may show what the model does not "
+                "explain, and the agreement test catches only some of them: turn on the hybrid "
+                "(`hybrid.enabled`), which refines each and judges it by its cost."
+            )
     parts["dhTrusted"] = trusted.astype(int)
     lines.append(f"- {int(trusted.sum())} of {len(parts)} images trusted (`_dhTrusted 1`).")
     write_star(args.out, base["optics"], parts)
