@@ -26,7 +26,7 @@ from .io import (
     read_star,
     table_euler,
     table_shifts_px,
-    unflagged,
+    trusted,
 )
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,7 @@ def evaluation_table(
         rows["network vs HEMNMA"] = row(n, h, test)
     if final is not None:
         f = final.set_index("rlnImageName")
-        keep = unflagged(f)
-        if "dhTrusted" in f:
-            keep &= f["dhTrusted"].to_numpy(int) == 1
-        f = f[keep]
+        f = f[trusted(f)]
         rows["final (trusted images) vs ground truth"] = row(f, t, f.index)
     table = pd.DataFrame({k: v for k, v in rows.items() if v}).T
     table.index.name = "comparison"

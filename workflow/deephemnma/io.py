@@ -105,6 +105,15 @@ def unflagged(particles: pd.DataFrame) -> np.ndarray:
     return particles[FLAG_COLUMN].to_numpy(float) != 1
 
 
+def trusted(particles: pd.DataFrame) -> np.ndarray:
+    """Boolean mask of the rows whose values can be used: not flagged by HEMNMA's quality flag
+    and not marked `_dhTrusted 0` (merge, hybrid); every row of a table with neither column."""
+    keep = unflagged(particles)
+    if "dhTrusted" in particles:
+        keep &= particles["dhTrusted"].to_numpy(float) == 1
+    return keep
+
+
 _CANDIDATE = re.compile(r"dhAngleCandidate(\d+)(?:Rot|Tilt|Psi)")
 
 

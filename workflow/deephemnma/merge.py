@@ -66,14 +66,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-md", default=None, help="what is trusted and why (Markdown)")
 
 
-def agreement_z(parts: pd.DataFrame, baseline: np.ndarray) -> np.ndarray:
-    """Robust z-score of each image's disagreement with the model at the networks' answers
-    (−`_dhModelAgreement`) against that of the `baseline` rows (boolean mask): high when the
-    answers explain the image far worse than they explain the baseline's images."""
-    disagreement = -parts[AGREEMENT_COLUMN].to_numpy(float)
-    return robust_z(disagreement, disagreement[baseline])
-
-
 def agreement_baseline(
     parts: pd.DataFrame, explained: pd.Series, split: str | None, labelled: pd.DataFrame
 ) -> tuple[np.ndarray | None, str]:
@@ -144,7 +136,9 @@ def main(args: argparse.Namespace) -> None:
     if n and baseline is None:
         lines.append(f"- networks: their answers are not checked against the model ({why}).")
     elif n:
-        z = agreement_z(parts, baseline)
+        # high when the answers explain the image far worse than the baseline's images
+        disagreement = -parts[AGREEMENT_COLUMN].to_numpy(float)
+        z = robust_z(disagreement, disagreement[baseline])
         parts["dhAgreementZ"] = z
         poor = answered & (z > args.flag_z)
         flagged |= poor

@@ -24,7 +24,7 @@ import pandas as pd
 from .figures import pyplot, save_figure
 from .files import InputError, atomic_path, require_file
 from .flexible import FlexibleModel
-from .io import amplitude_column, amplitude_modes, read_star, unflagged, write_star
+from .io import amplitude_column, amplitude_modes, read_star, trusted, write_star
 from .model import read_structure, write_pdb
 
 log = logging.getLogger(__name__)
@@ -367,9 +367,7 @@ def trusted_rows(parts: pd.DataFrame, untrusted: str, star: str) -> pd.DataFrame
     than 2 are left)."""
     if untrusted != "exclude":
         return parts
-    keep = unflagged(parts)
-    if "dhTrusted" in parts:
-        keep &= parts["dhTrusted"].to_numpy(int) == 1
+    keep = trusted(parts)
     if keep.all():
         return parts
     log.warning(
