@@ -3,7 +3,7 @@
 Usage: python bench/infer.py [--arch resnet34] [--n-images 2048] [--box 128] [--batch B]
        [--net-box 128]   (B: the pipeline's default, 64 on a CPU and 256 on a GPU)
 On a CPU: fp32, channels_last and bf16 autocast (where the CPU supports it) are compared;
-on CUDA the pipeline's own path (bf16 + channels_last) is timed end to end.
+on CUDA the pipeline's own path (bf16 weights + channels_last) is timed end to end.
 """
 
 import argparse
@@ -76,7 +76,7 @@ def main() -> None:
         infer.predict(ready, meta, ps, dev, a.batch, 8 if dev.type == "cuda" else 2)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        bf16 = "bf16" if infer.bf16_supported(dev) else "fp32"
+        bf16 = "bf16 weights" if infer.bf16_supported(dev) else "fp32"
         rate = a.n_images / (time.perf_counter() - t)
         print(
             f"  pipeline (infer.predict, {bf16}, batch norms folded, channels_last, DataLoader):"
