@@ -10,7 +10,7 @@ import torch
 
 from deephemnma.cli import one_line
 from deephemnma.files import InputError, atomic_path
-from deephemnma.io import count_star_rows, optics_table, read_star, write_star
+from deephemnma.io import count_star_rows, optics_table, read_star, read_star_blocks, write_star
 from deephemnma.mrc import ParticleImages, StackWriter, open_stack, read_mrc, write_mrc
 
 
@@ -72,6 +72,100 @@ def test_count_star_rows_matches_the_parsed_particle_table(tmp_path):
     starfile.write(parts, tmp_path / "30.star")
     for name in ("31.star", "30.star"):
         assert count_star_rows(tmp_path / name) == len(read_star(tmp_path / name)["particles"]) == 5
+
+
+STAR_BY_HAND = """
+# RELION-style header comment
+data_general
+
+_rlnFinalResolution   3.5
+_rlnModelName         'run it1'
+_rlnNrClasses         2
+
+data_optics
+
+loop_
+_rlnOpticsGroupName #1
+_rlnOpticsGroup #2
+_rlnImagePixelSize #3
+opticsGroup1 1 1.1
+
+data_empty
+
+loop_
+_rlnAngleRot #1
+
+data_particles
+
+loop_
+_rlnImageName #1
+_rlnDefocusU #2
+_rlnClassNumber #3
+_rlnMicrographName #4
+
+1@a.mrcs  12000.5 1 "mic 1.mrc"
+2@a.mrcs  -3e2    2 mic2.mrc
+
+# a comment between rows
+3@a.mrcs  nan     3 mic3.mrc
+"""
+
+
+def test_streaming_star_reader_equals_starfile(tmp_path):
+    """`read_star_blocks` (the rows parsed by pandas from the file) returns what starfile does:
+    simple blocks, loops, empty loops, comments, blank lines, quotes, NaN, our own STARs and
+    RELION 3.0 single-block files."""
+    (tmp_path / "hand.star").write_text(STAR_BY_HAND)
+    rng = np.random.default_rng(0)
+    parts = pd.DataFrame(
+        {
+            "rlnImageName": [f"{i}@s.mrcs" for i in range(1, 301)],
+            "rlnAngleRot": rng.uniform(-180, 180, 300),
+            "rlnOpticsGroup": 1,
+            "dhSourceAmplitudes": rng.choice(["network", "hemnma"], 300),
+        }
+    )
+    write_star(tmp_path / "31.star", optics_table(1.0, 8, 300.0, 2.7, 0.1), parts)
+    starfile.write(parts, tmp_path / "30.star")
+    for name in ("hand.star", "31.star", "30.star"):
+        want = starfile.read(tmp_path / name, always_dict=True)
+        got = read_star_blocks(tmp_path / name)
+        assert list(got) == list(want)
+        for key, block in want.items():
+            if isinstance(block, dict):
+                assert got[key] == block
+            elif block.empty:
+                assert got[key].empty and list(got[key].columns) == list(block.columns)
+            else:
+                pd.testing.assert_frame_equal(got[key], block, check_dtype=True)
+    hand = read_star_blocks(tmp_path / "hand.star")
+    assert hand["particles"]["rlnMicrographName"][0] == "mic 1.mrc"
+    assert np.isnan(hand["particles"]["rlnDefocusU"][2]) and len(hand["particles"]) == 3
+
+
+def test_streaming_star_writer_writes_what_starfile_writes(tmp_path):
+    """`write_star` (tables streamed through pandas) writes starfile's file line for line
+    (all but the first, a comment naming the writer): floats, ints, NaN, text with spaces or
+    empty; and starfile reads it back."""
+    rng = np.random.default_rng(1)
+    parts = pd.DataFrame(
+        {
+            "rlnImageName": [f"{i}@s.mrcs" for i in range(1, 201)],
+            "rlnAngleRot": rng.uniform(-180, 180, 200),
+            "rlnClassNumber": rng.integers(1, 4, 200),
+            "rlnMicrographName": rng.choice(["mic 1.mrc", "", "m2.mrc"], 200),
+            "dhUncertaintyAngles": np.where(rng.random(200) < 0.1, np.nan, rng.random(200)),
+        }
+    )
+    optics = optics_table(1.0, 8, 300.0, 2.7, 0.1)
+    write_star(tmp_path / "ours.star", optics, parts)
+    starfile.write({"optics": optics, "particles": parts}, tmp_path / "theirs.star")
+    ours = (tmp_path / "ours.star").read_text().splitlines()
+    theirs = (tmp_path / "theirs.star").read_text().splitlines()
+    assert ours[0].startswith("# Created by DeepHEMNMA") and ours[1:] == theirs[1:]
+    back = starfile.read(tmp_path / "ours.star")["particles"]
+    assert back["rlnMicrographName"].tolist()[:5] == parts["rlnMicrographName"].tolist()[:5]
+    np.testing.assert_allclose(back["rlnAngleRot"], parts["rlnAngleRot"], atol=1e-6)
 
 
 def test_flexible_model_loads_deforms_and_moves_to_torch(adk_model_files, tmp_path):

@@ -4,14 +4,17 @@ and `ParticleSet`, a particle STAR with its images."""
 
 from __future__ import annotations
 
+import csv
 import os
 import re
+import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import starfile
 
+from . import __version__
 from .files import InputError, atomic_path, require_file
 from .mrc import ParticleImages
 
@@ -147,6 +150,80 @@ def amplitude_modes(particles: pd.DataFrame, prefix: str = "dhAmplitudeMode") ->
     return sorted(int(c[len(prefix) :]) for c in particles.columns if c.startswith(prefix))
 
 
+@dataclass
+class _Block:
+    """One data_ block of a STAR file, as scanned: a loop's column names and the file lines of
+    its rows, or a simple block's key-value pairs."""
+
+    loop: bool = False
+    columns: list[str] = field(default_factory=list)
+    first_line: int = 0  # index of the first line after the loop's header
+    rows: int = 0  # non-blank, non-comment lines in the loop body
+    pairs: dict[str, str] = field(default_factory=dict)
+
+
+def _number(text: str) -> int | float | str:
+    """A simple block's value as a number where it is one (int, then float), else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame | dict]:
+    """Every data_ block of a STAR file by name: loops as DataFrames, simple blocks as dicts —
+    what `starfile.read(path, always_dict=True)` returns, in a streaming form. The file is scanned
+    once line by line, and each loop's rows are then parsed by pandas' C reader straight from the
+    file: starfile's parser holds every line several times over (line cache, joined text, its
+    copy) — about 3 kB per particle at 46 columns, 320 MB for 10⁵ particles, against 51 MB for the
+    table itself. Tested equal to starfile's result."""
+    blocks: dict[str, _Block] = {}
+    block = None
+    header = False  # inside a loop's column list
+    with open(path) as fh:
+        for i, line in enumerate(fh):
+            text = line.strip()
+            if text.startswith("data_"):
+                block = blocks[text[5:]] = _Block(first_line=i + 1)
+                header = False
+            elif block is None or not text or text[0] == "#":
+                continue
+            elif text.startswith("loop_") and not block.loop:
+                block.loop, header = True, True
+            elif block.loop and header and text[0] == "_":
+                block.columns.append(text.split()[0][1:])
+            elif block.loop:
+                if header:
+                    header, block.first_line = False, i
+                block.rows += 1
+            elif text[0] == "_":
+                key, value = shlex.split(text)
+                block.pairs[key[1:]] = value
+    out: dict[str, pd.DataFrame | dict] = {}
+    for name, b in blocks.items():
+        if not b.loop:
+            out[name] = {k: _number(v) for k, v in b.pairs.items()}
+        elif b.rows == 0:
+            out[name] = pd.DataFrame(columns=b.columns, dtype=float)
+        else:
+            out[name] = pd.read_csv(
+                path,
+                sep=r"\s+",
+                header=None,
+                names=b.columns,
+                index_col=False,
+                skiprows=b.first_line,
+                nrows=b.rows,
+                comment="#",
+                keep_default_na=False,
+                na_values=["nan", "NaN", "<NA>"],
+                engine="c",
+            )
+    return out
+
+
 def read_star(
     path: str | os.PathLike, required: list[str] | None = None
 ) -> dict[str, pd.DataFrame]:
@@ -157,7 +234,7 @@ def read_star(
     """
     path = require_file(path, "STAR file")
     try:
-        blocks = starfile.read(path, always_dict=True)
+        blocks = read_star_blocks(path)
     except Exception as exc:
         raise InputError(f"{path}: cannot parse STAR file ({exc})") from exc
     if "particles" in blocks:
@@ -196,10 +273,38 @@ def count_star_rows(path: str | os.PathLike) -> int | None:
     return next(iter(rows.values())) if len(rows) == 1 else None
 
 
-def write_star(path: str | os.PathLike, optics: pd.DataFrame, particles: pd.DataFrame) -> None:
-    """Write a RELION 3.1 STAR (data_optics + data_particles) atomically."""
-    with atomic_path(path) as tmp:
-        starfile.write({"optics": optics, "particles": particles}, tmp, overwrite=True)
+def _quoted(column: pd.Series) -> pd.Series:
+    """A text column with the values that hold a space, or are empty, in double quotes."""
+    return column.map(lambda x: f'"{x}"' if isinstance(x, str) and (" " in x or not x) else x)
+
+
+def write_star(
+    path: str | os.PathLike, optics: pd.DataFrame | None, particles: pd.DataFrame
+) -> None:
+    """Write a RELION 3.1 STAR (data_optics, if given, + data_particles) atomically, laid out as
+    `starfile.write` does (tab-separated, floats '%.6f', text with spaces quoted) but streamed:
+    each table goes to the file through pandas' chunked CSV writer, where starfile builds the
+    whole text in memory from a copy of the table with every cell a Python object (about
+    2 kB per particle at 46 columns). Tested equal to starfile's file."""
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        fh.write(f"# Created by DeepHEMNMA {__version__}\n\n\n")
+        for name, table in (("optics", optics), ("particles", particles)):
+            if table is None:
+                continue
+            fh.write(f"data_{name}\n\nloop_\n")
+            fh.writelines(f"_{c} #{i}\n" for i, c in enumerate(table.columns, 1))
+            text = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
+            table = table.assign(**{c: _quoted(table[c]) for c in text}) if text else table
+            table.to_csv(
+                fh,
+                sep="\t",
+                header=False,
+                index=False,
+                float_format="%.6f",
+                na_rep="<NA>",
+                quoting=csv.QUOTE_NONE,
+            )
+            fh.write("\n\n")
 
 
 def particle_images(
