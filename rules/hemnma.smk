@@ -94,7 +94,11 @@ use rule gather as gather_pass with:
     output:
         star=res("hemnma/pass_{p}/hemnma.star"),
         figure=res("hemnma/pass_{p}/cost.png"),
-        md=res("hemnma/pass_{p}/verdict.md"),
+        md=report(
+            res("hemnma/pass_{p}/verdict.md"),
+            caption="../report/hemnma_pass_verdict.rst",
+            category="0. Verdicts",
+        ),
     log:
         res("logs/gather_pass_{p}.log"),
 

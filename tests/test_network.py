@@ -377,7 +377,7 @@ def test_predict_matches_direct_forward(labelled, monkeypatch, tmp_path):
         want, direct = plain(x), infer.forward(net, x)
         np.testing.assert_allclose(folded(x).numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
     assert np.abs(direct.numpy() - want.numpy()).max() < 0.03 * want.abs().max().item()
-    streamed = infer.predict(net, meta, ps, torch.device("cpu"), 64, 0)
+    streamed = infer.predict(net, meta, ps, torch.device("cpu"), 64, 0, turns=1)
     assert direct.shape == (5, 4)  # shifts and their log-variances (the variance head)
     np.testing.assert_allclose(
         streamed[:5, :2], (direct[:, :2] * meta["std"] + meta["mean"]).numpy(), rtol=1e-4, atol=1e-4
@@ -995,3 +995,43 @@ def test_flagged_images_are_left_out_of_labels_merge_trust_and_space(
     warn, fine = flag_verdict(5, 40, 3.0), flag_verdict(1, 300, 3.0)
     assert warn.startswith("- ⚠️") and "5 of 40 images (12.5 %)" in warn and "structure" in warn
     assert fine.startswith("- ✅") and "1 of 300" in fine and "reference_update" not in fine
+
+
+def test_shift_test_time_augmentation_turns_answers_back():
+    """`unturn` inverts the labels' quarter turn (`train.transform_labels`); a shift network that
+    reads the shift exactly but adds a constant bias answers, after the four turned copies are
+    turned back and averaged (`infer.turned_shifts`), the exact shifts (the bias cancels)."""
+    from deephemnma.nets import unturn
+
+    rng = np.random.default_rng(0)
+    shifts = torch.tensor(rng.uniform(-3, 3, (40, 2)))
+    for k in range(4):
+        _, turned = train.transform_labels(
+            torch.zeros(40, 3, dtype=shifts.dtype), shifts, torch.full((40,), 90.0 * k), 0
+        )
+        torch.testing.assert_close(unturn(turned, k), shifts, atol=1e-6, rtol=0)
+
+    d, bias = 16, torch.tensor([0.7, -0.4])
+    pos = rng.integers(-4, 5, (40, 2))
+    imgs = torch.zeros(40, d, d)
+    imgs[torch.arange(40), d // 2 + pos[:, 1], d // 2 + pos[:, 0]] = 1.0
+
+    class Biased(torch.nn.Module):
+        """The brightest pixel's offset from the centre (x, y), plus `bias`."""
+
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))  # gives `infer.forward` a dtype
+
+        def forward(self, x):
+            flat = x[:, 0].reshape(len(x), -1).argmax(-1)
+            xy = torch.stack([flat % d, flat // d], -1).float() - d // 2
+            return xy + bias
+
+    meta = {"mean": torch.zeros(2), "std": torch.ones(2), "box": d}
+    net = Biased()
+    first = (infer.forward(net, preprocess(imgs, d)), None)
+    torch.testing.assert_close(first[0], torch.tensor(pos).float() + bias)
+    averaged, sd = infer.turned_shifts(net, imgs, meta, first, 4)
+    torch.testing.assert_close(averaged, torch.tensor(pos).float(), atol=1e-5, rtol=0)
+    assert sd is None

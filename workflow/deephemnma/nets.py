@@ -273,6 +273,17 @@ def transform_images(
     return torch.gather(flat, 1, (sy * d + sx).reshape(b, -1)).reshape(b, d, d)
 
 
+def unturn(shifts: torch.Tensor, quarter_turns: int) -> torch.Tensor:
+    """Shifts (B, 2) of images turned by `transform_images` (α = 90° × quarter_turns) moved back
+    to the unturned images: Rz(α)ᵀ applied to (x, y), the inverse of the labels' turn in
+    training (`train.transform_labels`)."""
+    a = math.radians(90.0 * quarter_turns)
+    c, s = round(math.cos(a)), round(math.sin(a))
+    return torch.stack(
+        [c * shifts[:, 0] - s * shifts[:, 1], s * shifts[:, 0] + c * shifts[:, 1]], -1
+    )
+
+
 @functools.cache
 def _quarter_turn_maps() -> torch.Tensor:
     """(4, GRID_SIZE): for images turned by k quarter turns, the grid point nearest to the
