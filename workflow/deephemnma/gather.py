@@ -7,8 +7,8 @@ its values are not used as network labels nor in the conformational space, and t
 When the costs fall in two clearly separated groups (a two-component Gaussian mixture whose
 components are at least `SEPARATION` apart in Ashman's D and whose density dips between them to at
 most `VALLEY` of its height at the lower peak), e.g. half the particles in a state the model does
-not reach, the centre and scale are the lower component's mean and standard deviation: a
-population that is half unexplained does not make its unexplained half typical.
+not reach, the median and MAD are those of the lower group: a population that is half unexplained
+does not make its unexplained half typical.
 """
 
 from __future__ import annotations
@@ -45,41 +45,36 @@ def robust_z(cost: np.ndarray, baseline: np.ndarray | None = None) -> np.ndarray
     return (cost - med) / max(mad, 1e-12)
 
 
-def baseline_of(cost: np.ndarray) -> tuple[float, float]:
-    """Centre and scale of the explained costs: when they fall in two clearly separated groups
+def explained_group(cost: np.ndarray) -> np.ndarray:
+    """Boolean mask of the costs that set the baseline: the lower of two clearly separated groups
     (Ashman's D ≥ SEPARATION of a two-component Gaussian mixture, and a valley between them: its
-    density falls to at most VALLEY of the lower of its values at the two means), the lower
-    component's mean and standard deviation — the MAD of the images assigned to it would be that
-    of a distribution cut where the groups overlap, too narrow (on the imported open/closed
-    mixture: 0.0134 against 0.0152, flagging 8 open particles instead of 5); else the median and
-    1.4826 · MAD of all of them."""
+    density falls to at most VALLEY of the lower of its values at the two means), else all of them.
+    """
     cost = np.asarray(cost, dtype=np.float64)
-    med = float(np.median(cost))
-    mad = max(1.4826 * float(np.median(np.abs(cost - med))), 1e-12)
+    everything = np.ones(len(cost), dtype=bool)
     if len(cost) < 5 * MIN_GROUP:
-        return med, mad
+        return everything
     from scipy.stats import norm
     from sklearn.mixture import GaussianMixture
 
-    x = ((cost - med) / mad)[:, None]  # unit scale for the mixture's regularisation
+    x = robust_z(cost)[:, None]  # unit scale for the mixture's regularisation
     gm = GaussianMixture(2, n_init=3, random_state=0).fit(x)
     mu, var, w = gm.means_[:, 0], gm.covariances_.reshape(2), gm.weights_
     d = math.sqrt(2.0) * abs(mu[0] - mu[1]) / math.sqrt(var[0] + var[1])
     between = np.linspace(mu.min(), mu.max(), 200)
     density = sum(w[i] * norm.pdf(between, mu[i], math.sqrt(var[i])) for i in range(2))
     valley = density.min() / min(density[0], density[-1])
-    lo = int(np.argmin(mu))
-    low = gm.predict(x) == lo
+    low = gm.predict(x) == int(np.argmin(mu))
     if d < SEPARATION or valley > VALLEY or min(low.sum(), (~low).sum()) < MIN_GROUP:
-        return med, mad
-    return med + mad * float(mu[lo]), mad * math.sqrt(float(var[lo]))
+        return everything
+    return low
 
 
 def cost_z(
     parts: pd.DataFrame, baseline: pd.DataFrame | None = None, originals: int | None = None
 ) -> np.ndarray:
-    """Robust z-score of each image's `dhCost` against the centre and scale of the explained
-    costs of `baseline` (`baseline_of`) (default: `parts` itself), per `dhReference` when both tables have the
+    """Robust z-score of each image's `dhCost` against the median and MAD of the explained group
+    of `baseline`'s costs (default: `parts` itself), per `dhReference` when both tables have the
     column; with a separate baseline, a reference on which it has fewer than MIN_GROUP images
     is measured against all of its costs. References above `originals` (fitted by reference
     updates from the first) are measured against the first one's costs: the images a fitted
@@ -93,12 +88,10 @@ def cost_z(
             fitted = originals is not None and r > originals
             own = ref_cost[ref == (1 if fitted else r)]
             if baseline is None or len(own) >= MIN_GROUP:
-                centre, scale = baseline_of(own)
-                z[rows] = (cost[rows] - centre) / scale
+                z[rows] = robust_z(cost[rows], own[explained_group(own)])
     left = np.isnan(z)
     if left.any():
-        centre, scale = baseline_of(ref_cost)
-        z[left] = (cost[left] - centre) / scale
+        z[left] = robust_z(cost[left], ref_cost[explained_group(ref_cost)])
     return z
 
 
