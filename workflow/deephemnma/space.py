@@ -441,7 +441,7 @@ def write_space_table(
 
 def write_groups(
     out: Path,
-    blocks: dict,
+    optics: pd.DataFrame | None,
     parts: pd.DataFrame,
     labels: np.ndarray,
     n_groups: int,
@@ -455,7 +455,7 @@ def write_groups(
     summary = []
     for g in range(n_groups):
         sel = labels == g
-        write_star(out / f"group_{g}.star", blocks["optics"], parts[sel].reset_index(drop=True))
+        write_star(out / f"group_{g}.star", optics, parts[sel])
         centroid = amps[sel].mean(0)
         write_pdb(out / f"group_{g}_centroid.pdb", atoms, model.deform(centroid)[None])
         summary.append(
@@ -517,7 +517,8 @@ def write_group_path(
 
 def main(args: argparse.Namespace) -> None:
     blocks = read_star(require_file(args.particles, "particle STAR"), ["rlnImageName"])
-    parts = trusted_rows(blocks["particles"], args.untrusted, args.particles)
+    # the full table is let go once the trusted rows are taken: one copy in memory, not two
+    parts = trusted_rows(blocks.pop("particles"), args.untrusted, args.particles)
     model = FlexibleModel.from_modes(args.modes)
     numbers = [int(k) for k in model.mode_numbers]
     amps = read_amplitudes(parts, numbers, args.particles, args.modes)
@@ -536,7 +537,7 @@ def main(args: argparse.Namespace) -> None:
     with atomic_path(out / "free_energy.csv") as tmp:
         free_energy_table(landscapes).to_csv(tmp, index=False, float_format="%.4f")
     atoms = read_structure(args.pdb)
-    write_groups(out, blocks, parts, labels, n_groups, amps, source, model, atoms)
+    write_groups(out, blocks["optics"], parts, labels, n_groups, amps, source, model, atoms)
     write_pc_trajectories(out, pca, coords.shape[1], model, atoms, args)
     path = None
     if args.path_groups is not None:
