@@ -113,8 +113,8 @@ _rlnMicrographName #4
 
 def test_streaming_star_reader_equals_starfile(tmp_path):
     """`read_star_blocks` (the rows parsed by pandas from the file) returns what starfile does:
-    simple blocks, loops, empty loops, comments, blank lines, quotes, NaN, our own STARs and
-    RELION 3.0 single-block files."""
+    simple blocks, loops, empty loops, comments, blank lines, quotes, NaN, our own STARs, RELION
+    3.0 single-block files and odd ones; rows longer than the loop's columns are an error."""
     (tmp_path / "hand.star").write_text(STAR_BY_HAND)
     rng = np.random.default_rng(0)
     parts = pd.DataFrame(
@@ -127,7 +127,18 @@ def test_streaming_star_reader_equals_starfile(tmp_path):
     )
     write_star(tmp_path / "31.star", optics_table(1.0, 8, 300.0, 2.7, 0.1), parts)
     starfile.write(parts, tmp_path / "30.star")
-    for name in ("hand.star", "31.star", "30.star"):
+    head = "data_particles\n\nloop_\n_rlnImageName #1\n_rlnDefocusU #2\n_rlnClassNumber #3\n"
+    odd = {  # what other tools write: a stray quote before the rows, a BOM, CRLF, quotes, a short row
+        "quote_in_comment.star": '# from "tool\n' + head + "1@a 1.5 1\n2@a 2.5 2\n",
+        "bom.star": "\ufeff" + head + "1@a 1.5 1\n",
+        "crlf.star": (head + "1@a 1.5 1\n2@a 2.5 2\n").replace("\n", "\r\n"),
+        "single_quotes.star": head + "'1@a x' 1.5 1\n2@a 2.5 2\n",
+        "mixed_block.star": "data_particles\n_rlnFoo 3\nloop_\n_rlnImageName #1\n1@a\n",
+        "short_row.star": head + "1@a 1.5 1\n2@a 2.5\n",
+    }
+    for name, text in odd.items():
+        (tmp_path / name).write_bytes(text.encode())
+    for name in ("hand.star", "31.star", "30.star", *odd):
         want = starfile.read(tmp_path / name, always_dict=True)
         got = read_star_blocks(tmp_path / name)
         assert list(got) == list(want)
@@ -138,6 +149,9 @@ def test_streaming_star_reader_equals_starfile(tmp_path):
                 assert got[key].empty and list(got[key].columns) == list(block.columns)
             else:
                 pd.testing.assert_frame_equal(got[key], block, check_dtype=True)
+    (tmp_path / "long_rows.star").write_text(head + "1@a 1.5 1 9\n2@a 2.5 2 9\n")
+    with pytest.raises(InputError, match="long_rows.star: cannot parse STAR file.*4 fields"):
+        read_star(tmp_path / "long_rows.star")
     hand = read_star_blocks(tmp_path / "hand.star")
     assert hand["particles"]["rlnMicrographName"][0] == "mic 1.mrc"
     assert np.isnan(hand["particles"]["rlnDefocusU"][2]) and len(hand["particles"]) == 3

@@ -378,6 +378,11 @@ def test_predict_matches_direct_forward(labelled, monkeypatch, tmp_path):
         np.testing.assert_allclose(folded(x).numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
     assert np.abs(direct.numpy() - want.numpy()).max() < 0.03 * want.abs().max().item()
     streamed = infer.predict(net, meta, ps, torch.device("cpu"), 64, 0, turns=1)
+    assert meta["augment"]  # trained with quarter turns: inference may turn the images
+    turned = infer.predict(net, meta, ps, torch.device("cpu"), 64, 0, turns=4)
+    assert np.abs(turned[:, :2] - streamed[:, :2]).max() > 1e-3
+    unturned = infer.predict(net, {**meta, "augment": False}, ps, torch.device("cpu"), 64, 0)
+    np.testing.assert_array_equal(unturned, streamed)  # never saw turns: none at inference
     assert direct.shape == (5, 4)  # shifts and their log-variances (the variance head)
     np.testing.assert_allclose(
         streamed[:5, :2], (direct[:, :2] * meta["std"] + meta["mean"]).numpy(), rtol=1e-4, atol=1e-4
@@ -1000,7 +1005,8 @@ def test_flagged_images_are_left_out_of_labels_merge_trust_and_space(
 def test_shift_test_time_augmentation_turns_answers_back():
     """`unturn` inverts the labels' quarter turn (`train.transform_labels`); a shift network that
     reads the shift exactly but adds a constant bias answers, after the four turned copies are
-    turned back and averaged (`infer.turned_shifts`), the exact shifts (the bias cancels)."""
+    turned back and averaged (`infer.turned_shifts`), the exact shifts (the bias cancels), and
+    with a variance head its per-axis σ swaps with each quarter turn and adds to the spread."""
     from deephemnma.nets import unturn
 
     rng = np.random.default_rng(0)
@@ -1035,3 +1041,15 @@ def test_shift_test_time_augmentation_turns_answers_back():
     averaged, sd = infer.turned_shifts(net, imgs, meta, first, 4)
     torch.testing.assert_close(averaged, torch.tensor(pos).float(), atol=1e-5, rtol=0)
     assert sd is None
+    # with a variance head (σx 0.5, σy 1 in each turned copy's frame): per axis sqrt(mean σ² +
+    # the spread of the four turned-back biased answers) = sqrt(0.625 + 0.325)
+    logvar = torch.log(torch.tensor([0.25, 1.0]))
+    headed = lambda x: torch.cat([Biased.forward(net, x), logvar.expand(len(x), 2)], 1)
+    net.forward = headed
+    first = nets.decode_regression(
+        infer.forward(net, preprocess(imgs, d)), meta["mean"], meta["std"]
+    )
+    torch.testing.assert_close(first[1], torch.tensor([[0.5, 1.0]]).expand(40, 2))
+    averaged, sd = infer.turned_shifts(net, imgs, meta, first, 4)
+    torch.testing.assert_close(averaged, torch.tensor(pos).float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sd, torch.full((40, 2), 0.95**0.5), atol=1e-5, rtol=0)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import starfile
 
 from . import __version__
 from .files import InputError, atomic_path, require_file
@@ -152,12 +153,12 @@ def amplitude_modes(particles: pd.DataFrame, prefix: str = "dhAmplitudeMode") ->
 
 @dataclass
 class _Block:
-    """One data_ block of a STAR file, as scanned: a loop's column names and the file lines of
-    its rows, or a simple block's key-value pairs."""
+    """One data_ block of a STAR file, as scanned: a loop's column names and where its rows are,
+    and the block's key-value pairs."""
 
     loop: bool = False
     columns: list[str] = field(default_factory=list)
-    first_line: int = 0  # index of the first line after the loop's header
+    offset: int = 0  # byte offset of the loop's first row
     rows: int = 0  # non-blank, non-comment lines in the loop body
     pairs: dict[str, str] = field(default_factory=dict)
 
@@ -172,22 +173,17 @@ def _number(text: str) -> int | float | str:
     return text
 
 
-def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame | dict]:
-    """Every data_ block of a STAR file by name: loops as DataFrames, simple blocks as dicts —
-    what `starfile.read(path, always_dict=True)` returns, in a streaming form. The file is scanned
-    once line by line, and each loop's rows are then parsed by pandas' C reader straight from the
-    file: starfile's parser holds every line several times over (line cache, joined text, its
-    copy) — about 3 kB per particle at 46 columns, 320 MB for 10⁵ particles, against 51 MB for the
-    table itself. Tested equal to starfile's result."""
+def _scan(path: str | os.PathLike) -> tuple[dict[str, _Block], bool]:
+    """The blocks of a STAR file, read line by line; and whether it needs starfile's parser
+    (single-quoted values in a loop, or a block with both key-value pairs and a loop)."""
     blocks: dict[str, _Block] = {}
-    block = None
-    header = False  # inside a loop's column list
-    with open(path) as fh:
-        for i, line in enumerate(fh):
-            text = line.strip()
+    block, header, unusual, offset = None, False, False, 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            here, offset = offset, offset + len(raw)
+            text = raw.decode("utf-8-sig" if here == 0 else "utf-8").strip()
             if text.startswith("data_"):
-                block = blocks[text[5:]] = _Block(first_line=i + 1)
-                header = False
+                block, header = blocks.setdefault(text[5:], _Block()), False
             elif block is None or not text or text[0] == "#":
                 continue
             elif text.startswith("loop_") and not block.loop:
@@ -196,32 +192,61 @@ def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame | dict]:
                 block.columns.append(text.split()[0][1:])
             elif block.loop:
                 if header:
-                    header, block.first_line = False, i
+                    header, block.offset = False, here
                 block.rows += 1
+                unusual = unusual or "'" in text
             elif text[0] == "_":
                 key, value = shlex.split(text)
                 block.pairs[key[1:]] = value
-    out: dict[str, pd.DataFrame | dict] = {}
-    for name, b in blocks.items():
-        if not b.loop:
-            out[name] = {k: _number(v) for k, v in b.pairs.items()}
-        elif b.rows == 0:
-            out[name] = pd.DataFrame(columns=b.columns, dtype=float)
-        else:
-            out[name] = pd.read_csv(
-                path,
-                sep=r"\s+",
-                header=None,
-                names=b.columns,
-                index_col=False,
-                skiprows=b.first_line,
-                nrows=b.rows,
-                comment="#",
-                keep_default_na=False,
-                na_values=["nan", "NaN", "<NA>"],
-                engine="c",
-            )
-    return out
+    mixed = any(b.loop and b.pairs for b in blocks.values())
+    return blocks, unusual or mixed
+
+
+def _loop(path: str | os.PathLike, block: _Block) -> pd.DataFrame:
+    """A scanned loop's rows, parsed by pandas' C reader from their byte offset; ValueError if a
+    row has more fields than the loop has columns."""
+    if block.rows == 0:
+        return pd.DataFrame(columns=block.columns, dtype=float)
+    with open(path, "rb") as fh:
+        fh.seek(block.offset)
+        table = pd.read_csv(
+            fh,
+            sep=r"\s+",
+            header=None,
+            nrows=block.rows,
+            comment="#",
+            keep_default_na=False,
+            na_values=["nan", "NaN", "<NA>"],
+            engine="c",
+            encoding="utf-8",
+        )
+    if table.shape[1] != len(block.columns):
+        raise ValueError(f"rows have {table.shape[1]} fields, the loop names {len(block.columns)}")
+    table.columns = block.columns
+    for c in table.columns:  # text that is all numbers (or empty: a short row) becomes numbers
+        if not pd.api.types.is_numeric_dtype(table[c]):
+            try:
+                table[c] = pd.to_numeric(table[c])
+            except (ValueError, TypeError):
+                pass
+    return table
+
+
+def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame | dict]:
+    """Every data_ block of a STAR file by name: loops as DataFrames, key-value blocks as dicts —
+    what `starfile.read(path, always_dict=True)` returns, in a streaming form. The file is scanned
+    once line by line, and each loop's rows are then parsed by pandas' C reader straight from the
+    file: starfile's parser holds every line several times over (line cache, joined text, its
+    copy) — about 3 kB per particle at 46 columns, 320 MB for 10⁵ particles, against 51 MB for the
+    table itself. Files with single-quoted values in a loop, or a block that mixes key-value pairs
+    and a loop, are left to starfile. Tested equal to starfile's result."""
+    blocks, unusual = _scan(path)
+    if unusual:
+        return starfile.read(path, always_dict=True)
+    return {
+        name: _loop(path, b) if b.loop else {k: _number(v) for k, v in b.pairs.items()}
+        for name, b in blocks.items()
+    }
 
 
 def read_star(

@@ -314,7 +314,8 @@ def quarter_turn_mean(scores: list[torch.Tensor]) -> torch.Tensor:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast is fast here (CUDA, or a CPU with native bf16 in oneDNN)."""
+    """Whether bf16 is fast here (CUDA, or a CPU with native bf16 in oneDNN): training's
+    autocast and inference's bf16 weights."""
     if device.type == "cuda":
         return True
     return bool(

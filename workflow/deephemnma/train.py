@@ -658,6 +658,7 @@ class Trainer:
             "val_error": float(best["val_metric"]),
             "val_baseline": self.baseline_error,
             "in_channels": 1 if self.views is None else 1 + len(self.views.volumes),
+            "augment": s.augment,  # quarter turns seen in training: inference may turn images
         }
         if self.views is not None:
             final["views"] = {"volumes": self.views.volumes, "pixel_size": self.views.pixel_size}
