@@ -432,7 +432,7 @@ def write_space_table(
     out: Path, names: pd.Series, labels: np.ndarray, source: np.ndarray, coords: np.ndarray
 ) -> None:
     table = pd.concat(
-        [pd.DataFrame({"rlnImageName": names, "group": labels, "source": source}),
+        [pd.DataFrame({"rlnImageName": names, "group": labels, "source": pd.Categorical(source)}),
          pc_table(coords)], axis=1,
     )  # fmt: skip
     with atomic_path(out / "space.csv") as tmp:
