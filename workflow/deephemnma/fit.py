@@ -468,8 +468,8 @@ def main(args: argparse.Namespace) -> None:
         with atomic_path(args.out_json) as tmp:
             tmp.write_text(json.dumps(info, indent=1))
     log.info(
-        "fitted the reference into the map of %s images: correlation per round %s, moved %.2f Å "
-        "RMSD",
+        "fitted the reference into the map of %s images: correlation per round %s (the last "
+        "after the restrained refinement, if on), moved %.2f Å RMSD",
         "the given" if n is None else n,
         np.round(history, 4).tolist(),
         moved,
