@@ -86,6 +86,9 @@ def test_restrained_refinement_goes_beyond_the_modes_and_keeps_the_domains(open_
     own = model_map(op.coords, op.weights, BOX, PX, SIGMA)
     same, _ = restrain(op.coords, op.coords, op.weights, own, PX, SIGMA, 100)
     assert rmsd(same, op.coords) < 0.3
+    # no atom pair within the springs' reach: no springs, the correlation alone (finite)
+    free, _ = restrain(op.coords, op.coords, op.weights, own, PX, SIGMA, 10, within=0.1)
+    assert np.isfinite(free).all() and rmsd(free, op.coords) < 0.5
 
 
 def test_reference_update_moves_the_second_reference_toward_the_second_state(open_closed):

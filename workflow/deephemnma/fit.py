@@ -164,8 +164,8 @@ def restrain(
     pair of atoms closer than `within` Å in `anchor` (the given model) at its distance there (mean
     squared deviation in Å², times `weight`); `steps` Adam steps. The modes' linear reach stops a
     mode fit short of another state (3.7 Å from closed AK for the open model's 3 modes): the
-    springs keep the domains' own geometry and let the hinges move. Returns the coordinates and
-    the final correlation."""
+    springs keep the domains' own geometry and let the hinges move (an atom with no neighbour
+    within `within` has no spring). Returns the coordinates and the final correlation."""
     from scipy.spatial import cKDTree
 
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)
@@ -184,7 +184,7 @@ def restrain(
         return (v * target).sum() / torch.linalg.norm(v).clamp_min(1e-30)
 
     for _ in range(steps):
-        strain = ((torch.linalg.norm(x[i] - x[j], dim=-1) - rest) ** 2).mean()
+        strain = ((torch.linalg.norm(x[i] - x[j], dim=-1) - rest) ** 2).sum() / max(len(i), 1)
         opt.zero_grad(set_to_none=True)
         (weight * strain - ncc()).backward()
         opt.step()
@@ -298,6 +298,9 @@ def fit_reference(
         fitted.coords, ref.coords, ref.weights, small, px, s.sigma_angstrom, s.restrain_steps,
         s.restrain_weight, s.restrain_within,
     )  # fmt: skip
+    if not np.isfinite(coords).all():
+        log.warning("the restrained refinement diverged: the mode fit is kept")
+        return fitted, history
     try:
         evals, modes = refined_modes(
             coords, ref.atom_ids, len(ref.modes), s.cutoff, s.gamma, s.coarse_above
