@@ -273,15 +273,20 @@ def transform_images(
     return torch.gather(flat, 1, (sy * d + sx).reshape(b, -1)).reshape(b, d, d)
 
 
-def unturn(shifts: torch.Tensor, quarter_turns: int) -> torch.Tensor:
-    """Shifts (B, 2) of images turned by `transform_images` (α = 90° × quarter_turns) moved back
-    to the unturned images: Rz(α)ᵀ applied to (x, y), the inverse of the labels' turn in
-    training (`train.transform_labels`)."""
-    a = math.radians(90.0 * quarter_turns)
-    c, s = round(math.cos(a)), round(math.sin(a))
+def turn_shifts(shifts: torch.Tensor, alpha_deg: torch.Tensor | float) -> torch.Tensor:
+    """Shifts (B, 2) as (x, y) of images turned in plane by α (`transform_images`' sense, per
+    image or one for all): Rz(α) = [[cos α, sin α], [-sin α, cos α]] applied to (x, y)."""
+    a = torch.deg2rad(torch.as_tensor(alpha_deg, dtype=shifts.dtype, device=shifts.device))
+    c, s = torch.cos(a), torch.sin(a)
     return torch.stack(
-        [c * shifts[:, 0] - s * shifts[:, 1], s * shifts[:, 0] + c * shifts[:, 1]], -1
+        [c * shifts[:, 0] + s * shifts[:, 1], -s * shifts[:, 0] + c * shifts[:, 1]], -1
     )
+
+
+def unturn(shifts: torch.Tensor, quarter_turns: int) -> torch.Tensor:
+    """Shifts (B, 2) of images turned by 90° × quarter_turns moved back to the unturned images
+    (the inverse of the labels' turn in training, `train.transform_labels`)."""
+    return turn_shifts(shifts, -90.0 * quarter_turns)
 
 
 @functools.cache

@@ -58,6 +58,7 @@ from .nets import (
     n_parameters,
     preprocess,
     transform_images,
+    turn_shifts,
 )
 from .views import ModeViews, perturb_poses, shift_images
 
@@ -112,12 +113,7 @@ def transform_labels(
     euler: torch.Tensor, shifts: torch.Tensor, alpha_deg: torch.Tensor, t_px: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The labels of images transformed by `transform_images`."""
-    a = torch.deg2rad(alpha_deg)
-    c, s = torch.cos(a), torch.sin(a)
-    new_shift = (
-        torch.stack([c * shifts[:, 0] + s * shifts[:, 1], -s * shifts[:, 0] + c * shifts[:, 1]], -1)
-        + t_px
-    )
+    new_shift = turn_shifts(shifts, alpha_deg) + t_px
     new_euler = euler.clone()
     new_euler[:, 2] = torch.remainder(euler[:, 2] + alpha_deg + 180.0, 360.0) - 180.0
     return new_euler, new_shift
