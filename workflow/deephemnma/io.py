@@ -281,21 +281,16 @@ def read_star(
 
 
 def count_star_rows(path: str | os.PathLike) -> int | None:
-    """Rows of a STAR's particle table (data_particles, or the only block), counted line by line
-    without parsing the values; None if there is no such table."""
-    rows: dict[str, int] = {}
-    block = None
-    with open(path) as fh:
-        for line in fh:
-            word = line.lstrip()[:5]
-            if word.startswith("data_"):
-                block = line.strip()
-                rows[block] = 0
-            elif block and word and word[0] not in "#_" and word != "loop_":
-                rows[block] += 1
-    if "data_particles" in rows:
-        return rows["data_particles"]
-    return next(iter(rows.values())) if len(rows) == 1 else None
+    """Rows of a STAR's particle table (data_particles, or the only block), counted by the
+    reader's line scan without parsing the values; None if there is no such table or the file
+    cannot be scanned."""
+    try:
+        blocks, _ = _scan(path)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if "particles" in blocks:
+        return blocks["particles"].rows
+    return next(iter(blocks.values())).rows if len(blocks) == 1 else None
 
 
 def _quoted(column: pd.Series) -> pd.Series:
