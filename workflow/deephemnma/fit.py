@@ -74,6 +74,26 @@ def refined_modes(
     return evals[6:], modes
 
 
+def unit_map(volume: np.ndarray) -> torch.Tensor:
+    """A map (float64) with zero mean and unit norm: the target of `map_ncc`."""
+    v = torch.as_tensor(np.asarray(volume), dtype=torch.float64) - float(volume.mean())
+    return v / torch.linalg.norm(v)
+
+
+def map_ncc(
+    coords: torch.Tensor,
+    weights: torch.Tensor,
+    target: torch.Tensor,
+    pixel_size: float,
+    sigma_angstrom: float,
+) -> torch.Tensor:
+    """Normalised correlation of the density of Gaussian atoms at `coords` (N, 3) with a
+    `unit_map` target (D, D, D); differentiable in the coordinates."""
+    v = density(coords, weights, target.shape[0], pixel_size, sigma_angstrom)
+    v = v - v.mean()
+    return (v * target).sum() / torch.linalg.norm(v).clamp_min(1e-30)
+
+
 def fit_once(
     ref: FlexibleModel,
     volume: np.ndarray,
@@ -83,11 +103,8 @@ def fit_once(
 ) -> tuple[np.ndarray, float]:
     """Coordinates (N, 3) of `ref` deformed along its modes and moved rigidly to fit `volume`
     (D, D, D) [z, y, x], centre at D // 2; and the final normalised correlation."""
-    t = lambda a: torch.as_tensor(a, dtype=torch.float64)
     model = ref.to(dtype=torch.float64)
-    box = volume.shape[0]
-    target = t(volume) - float(volume.mean())
-    target = target / torch.linalg.norm(target)
+    target = unit_map(volume)
     amp = torch.zeros(model.n_modes, dtype=torch.float64, requires_grad=True)
     omega = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     shift = torch.zeros(3, dtype=torch.float64, requires_grad=True)
@@ -107,9 +124,7 @@ def fit_once(
         )
 
     def ncc() -> torch.Tensor:
-        v = density(moved(), model.weights, box, pixel_size, sigma_angstrom)
-        v = v - v.mean()
-        return (v * target).sum() / torch.linalg.norm(v).clamp_min(1e-30)
+        return map_ncc(moved(), model.weights, target, pixel_size, sigma_angstrom)
 
     for _ in range(iterations):
         opt.zero_grad(set_to_none=True)
@@ -172,17 +187,10 @@ def restrain(
     pairs = t(cKDTree(anchor).query_pairs(within, output_type="ndarray")).long()
     i, j = pairs[:, 0], pairs[:, 1]
     rest = torch.linalg.norm(t(anchor)[i] - t(anchor)[j], dim=-1)
-    target = t(volume) - float(volume.mean())
-    target = target / torch.linalg.norm(target)
-    w, box = t(weights), volume.shape[0]
+    target, w = unit_map(volume), t(weights)
     x = t(coords).clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=0.05)
-
-    def ncc() -> torch.Tensor:
-        v = density(x, w, box, pixel_size, sigma_angstrom)
-        v = v - v.mean()
-        return (v * target).sum() / torch.linalg.norm(v).clamp_min(1e-30)
-
+    ncc = lambda: map_ncc(x, w, target, pixel_size, sigma_angstrom)
     for _ in range(steps):
         strain = ((torch.linalg.norm(x[i] - x[j], dim=-1) - rest) ** 2).sum() / max(len(i), 1)
         opt.zero_grad(set_to_none=True)
