@@ -2,9 +2,10 @@
 
 Images are read memory-mapped in contiguous chunks by DataLoader workers, preprocessed on the
 device exactly as in training, and predicted in large batches (channels_last; bf16 weights on CUDA
-and on CPUs with native bf16), so memory does not grow with the number of images beyond the (n, outputs) result array. An
-amplitude network trained with views (`views.ModeViews`) is also shown the reference's views at
-each image's pose, taken from the angle and shift networks' answers (`--poses`). Each network's
+and on CPUs with native bf16), so memory does not grow with the number of images beyond the
+(n, outputs) result array. An amplitude network trained with views (`views.ModeViews`) is also
+shown the reference's views at each image's pose, taken from the angle and shift networks'
+answers (`--poses`). Each network's
 per-image uncertainty, where it predicts one, goes to `_dhUncertainty<Type>`: the share of the
 predicted orientation distribution farther than 20° from the answer (so3grid angles), the
 predicted standard deviation averaged over modes (amplitudes), the predicted root-mean-square
