@@ -119,6 +119,9 @@ def main() -> None:
     p.add_argument("--update-groups", choices=fit.GROUPINGS, default="flagged")
     p.add_argument("--update-n-groups", type=int, default=2, help="kmeans groups")
     p.add_argument("--update-box", type=int, default=fit.FitSettings.box, help="fit box")
+    p.add_argument("--restrain-steps", type=int, default=fit.FitSettings.restrain_steps)
+    p.add_argument("--restrain-weight", type=float, default=fit.FitSettings.restrain_weight)
+    p.add_argument("--fit-sigma", type=float, default=fit.FitSettings.sigma_angstrom)
     a = p.parse_args()
     torch.manual_seed(a.seed)
     open_ref = reference(REPO / "resources/adk_open.pdb", a.modes)
@@ -224,7 +227,15 @@ def main() -> None:
             else:
                 volume = fit.group_map(ps, rows, a.seed)
                 ref, cc = fit.fit_reference(
-                    open_ref, volume, cfg.pixel_size, fit.FitSettings(box=a.update_box)
+                    open_ref,
+                    volume,
+                    cfg.pixel_size,
+                    fit.FitSettings(
+                        box=a.update_box,
+                        restrain_steps=a.restrain_steps,
+                        restrain_weight=a.restrain_weight,
+                        sigma_angstrom=a.fit_sigma,
+                    ),
                 )
             ref = hemnma.superpose(ref, open_ref)
             closed_share = (state[rows] == 1).mean() if len(rows) else float("nan")

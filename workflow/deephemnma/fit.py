@@ -211,8 +211,8 @@ class FitSettings:
     cutoff: float = 15.0  # ANM cutoff of the recomputed modes (Å)
     gamma: float = 1.0
     coarse_above: int = 5000
-    restrain_steps: int = 300  # restrained real-space refinement after the mode fit (0: none)
-    restrain_weight: float = 0.1  # its springs' weight against the correlation
+    restrain_steps: int = 1000  # restrained real-space refinement after the mode fit (0: none)
+    restrain_weight: float = 0.03  # its springs' weight against the correlation
     restrain_within: float = 10.0  # springs between atoms closer than this in the model (Å)
 
 
