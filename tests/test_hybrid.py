@@ -242,6 +242,9 @@ def test_select_all_or_the_most_uncertain_images():
     alone = t.drop(columns=["dhUncertaintyAngles", "dhUncertaintyShifts"])
     alone["dhModelAgreement"] = [0.0, 0.0, 0.9, 0.8, 0.2, 0.7]
     np.testing.assert_array_equal(hybrid.select_rows(alone, "uncertain", 0.5, "m.star"), [4, 5])
+    # a large shift drift (a short refinement moves the shift far) = uncertain
+    drift = alone.assign(dhModelShiftDrift=[0.0, 0.0, 3.0, 0.1, 0.2, 0.1])
+    np.testing.assert_array_equal(hybrid.select_rows(drift, "uncertain", 0.5, "m.star"), [2, 4])
     t["dhModelAgreement"] = [0.0, 0.0, 0.1, 0.8, 0.7, 0.9]
     np.testing.assert_array_equal(hybrid.select_rows(t, "uncertain", 0.75, "m.star"), [2, 3, 4])
     # every image labelled by HEMNMA: nothing to refine, no error

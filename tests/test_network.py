@@ -631,6 +631,25 @@ def test_quality_measures_uncertainty_calibration(labelled, monkeypatch, tmp_pat
     assert abs(row["error"] - dpsi[ps.particles.index[split_test(labelled)]].mean()) < 1e-3
     assert "Spearman ρ = 1.00" in (tmp_path / "q.md").read_text()
     assert (tmp_path / "c.png").stat().st_size > 0
+    # a shift drift (written with the amplitudes' agreement) that ranks the shifts' errors
+    # exactly; shift errors are |dx| here (pixels)
+    s = ps.particles[["rlnImageName", "rlnOriginXAngst", "rlnOriginYAngst"]].copy()
+    dx = np.random.default_rng(4).uniform(0.0, 2.0, len(s))
+    s["rlnOriginXAngst"] = s["rlnOriginXAngst"] - dx * ps.pixel_size
+    write_star(tmp_path / "shifts.star", ps.optics, s)
+    a = ps.particles[["rlnImageName", "dhAmplitudeMode7"]].assign(dhModelShiftDrift=dx**2)
+    write_star(tmp_path / "amplitudes.star", ps.optics, a)
+    q[q.index("--inferred") + 1] = str(tmp_path / "shifts.star")
+    q.insert(q.index("--out-json"), str(tmp_path / "amplitudes.star"))
+    assert (
+        cli([*q, "--out-md", str(tmp_path / "q.md"), "--out-figure", str(tmp_path / "c.png")]) == 0
+    )
+    row = json.loads((tmp_path / "q.json").read_text())["networks"][0]
+    assert row["param"] == "shifts" and row["drift_spearman"] == pytest.approx(1.0)
+    assert (
+        "_dhModelShiftDrift`) ranks the actual errors with Spearman ρ = 1.00"
+        in (tmp_path / "q.md").read_text()
+    )
 
 
 def split_test(d) -> np.ndarray:
@@ -784,6 +803,23 @@ def test_agreement_is_highest_at_the_true_answer(labelled, adk_model_files, monk
     assert np.mean(at(euler, amps + 150.0) < true) > 0.9
 
 
+def test_shift_drift_finds_a_wrong_shift(labelled, adk_model_files, monkeypatch):
+    """A short local refinement from the true answer barely moves the shift; from shifts 2 px
+    off it moves them back most of the way (160 images, SNR 1)."""
+    monkeypatch.chdir(labelled)
+    ps = ParticleSet("p.star")
+    flex = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
+    euler, shifts, amps = ps.euler(), ps.shifts_px(), ps.amplitudes(flex.mode_numbers)
+    cpu = torch.device("cpu")
+    true = infer.shift_drift(ps, flex, (euler, shifts), amps, cpu)
+    angle = np.random.default_rng(0).uniform(0, 2 * np.pi, len(ps))
+    off = shifts + 2.0 * np.stack([np.cos(angle), np.sin(angle)], 1)
+    drift = infer.shift_drift(ps, flex, (euler, off), amps, cpu)
+    print(f"median drift: true {np.median(true):.2f} px, 2 px off {np.median(drift):.2f} px")
+    assert np.median(true) < 0.5 and 1.0 < np.median(drift) < 2.5
+    assert np.mean(drift > true) > 0.9
+
+
 def test_view_noise_is_half_normal():
     """Perturbed poses: rotation angles |N(0, σ)| (mean σ √(2/π)), shifts N(0, σ_px)."""
     rng = np.random.default_rng(0)
@@ -843,6 +879,7 @@ def test_amplitudes_with_views_train_and_need_poses_to_infer(
     assert len(t) == 160 and np.isfinite(t["dhAmplitudeMode7"]).all()
     # with views, each image's agreement with the model at the answer (a correlation)
     assert t["dhModelAgreement"].between(-1, 1).all() and t["dhModelAgreement"].nunique() > 1
+    assert (t["dhModelShiftDrift"] >= 0).all() and t["dhModelShiftDrift"].nunique() > 1
     q = ["quality", "--labels", "p.star", "--split", "split.csv", "--inferred"]
     q += [str(tmp_path / "a.star"), "--out-json", str(tmp_path / "q.json")]
     q += ["--out-md", str(tmp_path / "q.md"), "--out-figure", str(tmp_path / "c.png")]

@@ -30,11 +30,12 @@ from tqdm import tqdm
 from . import geometry
 from .files import InputError, require_file
 from .flexible import FlexibleModel
-from .hemnma import AlignSettings, make_target, model_ncc
+from .hemnma import AlignSettings, Bound, make_target, model_ncc, refine
 from .io import (
     AGREEMENT_COLUMN,
     EULER_COLUMNS,
     ORIGIN_COLUMNS,
+    SHIFT_DRIFT_COLUMN,
     ParticleSet,
     amplitude_column,
     candidate_columns,
@@ -306,6 +307,37 @@ def model_agreement(
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def shift_drift(
+    ps: ParticleSet,
+    model: FlexibleModel,
+    poses: tuple[np.ndarray, np.ndarray],
+    amplitudes: np.ndarray,
+    device: torch.device,
+    sigma_angstrom: float = 1.0,
+    iterations: int = 10,
+    batch: int = 64,
+) -> np.ndarray:
+    """How far (pixels, (n,)) `iterations` steps of HEMNMA's local refinement (`hemnma.refine`,
+    full box, bounded as the hybrid's) move each image's shift from the answer (`poses`,
+    `amplitudes`): a shift far from the nearest optimum of the model correlation is likely
+    wrong, a check that needs no labels (it ranks the shift networks' errors better than their
+    own uncertainty). Rotation and amplitudes move too, so their errors do not pin the shift."""
+    model, ctf = model.to(device), ps.ctf_params()
+    d = AlignSettings(sigma_angstrom=sigma_angstrom)
+    s = AlignSettings(sigma_angstrom=sigma_angstrom, lr_amplitude=d.local_lr_amplitude)
+    f32 = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)
+    out = []
+    for first in range(0, len(ps), batch):
+        r = np.arange(first, min(first + batch, len(ps)))
+        target = make_target(f32(ps.images[r]), ctf, r, ps.box, ps.pixel_size, ps.has_ctf)
+        rot, shift = geometry.euler_to_matrix(f32(poses[0][r])), f32(poses[1][r])
+        bound = Bound(d.local_max_angle_deg, d.local_max_shift_px, shift)
+        moved = refine(target, model, rot, shift, f32(amplitudes[r]), iterations, s, ps.box,
+                       bound=bound)[1]  # fmt: skip
+        out.append((moved - shift).norm(dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--network", required=True, help="network.pt from train")
     p.add_argument("--particles", required=True, help="all particles (STAR)")
@@ -329,7 +361,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--model",
         default=None,
         help="model.npz (with --modes, for an amplitude network with --poses): write each "
-        "image's agreement with the model at the answer (_dhModelAgreement)",
+        "image's agreement with the model at the answer (_dhModelAgreement) and how far a short "
+        "local refinement moves its shift (_dhModelShiftDrift, pixels)",
     )
     p.add_argument("--modes", default=None, help="modes.npz of --model")
     p.add_argument(
@@ -360,8 +393,9 @@ def agreement_of(
     poses: tuple[np.ndarray, np.ndarray] | None,
     values: np.ndarray,
     device: torch.device,
-) -> np.ndarray:
-    """`model_agreement` of an amplitude network's answers with `--model`, `--modes`."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """`model_agreement` and `shift_drift` of an amplitude network's answers with `--model`,
+    `--modes`."""
     if meta["param"] != "amplitudes" or poses is None or args.modes is None:
         raise InputError("--model (the agreement) needs --modes, an amplitude network, --poses")
     model = FlexibleModel.load(require_file(args.model, "model"), require_file(args.modes, "modes"))
@@ -375,7 +409,9 @@ def agreement_of(
         ps, model, poses, values[:, :k], meta["box"], device, args.sigma_angstrom
     )
     log.info("agreement with the model at the answer: median %.3f", np.median(agree))
-    return agree
+    drift = shift_drift(ps, model, poses, values[:, :k], device, args.sigma_angstrom)
+    log.info("shift drift under local refinement: median %.2f px", np.median(drift))
+    return agree, drift
 
 
 def main(args: argparse.Namespace) -> None:
@@ -394,6 +430,7 @@ def main(args: argparse.Namespace) -> None:
     values = predict(net, meta, ps, device, batch, args.workers, poses, args.turns, args.candidates)
     table = prediction_table(meta, ps.particles["rlnImageName"], values, ps.pixel_size)
     if args.model:
-        table[AGREEMENT_COLUMN] = agreement_of(args, meta, ps, poses, values, device)
+        agree, drift = agreement_of(args, meta, ps, poses, values, device)
+        table[AGREEMENT_COLUMN], table[SHIFT_DRIFT_COLUMN] = agree, drift
     write_star(args.out, ps.optics, table)
     log.info("inferred %s for %d images", meta["param"], len(ps))

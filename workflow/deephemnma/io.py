@@ -94,6 +94,10 @@ def amplitude_column(mode: int) -> str:
 # when the answer does not explain the image
 AGREEMENT_COLUMN = "dhModelAgreement"
 
+# per image, how far (pixels) a short local refinement of that correlation moves the networks'
+# shift (written with the agreement): large when the answered shift is off
+SHIFT_DRIFT_COLUMN = "dhModelShiftDrift"
+
 
 # per image, 1 when HEMNMA's quality flag (`gather`) says the model does not explain the image:
 # its values are the model's best guess for something it cannot reach, so they are not used as
