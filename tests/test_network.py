@@ -803,21 +803,29 @@ def test_agreement_is_highest_at_the_true_answer(labelled, adk_model_files, monk
     assert np.mean(at(euler, amps + 150.0) < true) > 0.9
 
 
-def test_shift_drift_finds_a_wrong_shift(labelled, adk_model_files, monkeypatch):
-    """A short local refinement from the true answer barely moves the shift; from shifts 2 px
-    off it moves them back most of the way (160 images, SNR 1)."""
+def test_model_drift_finds_wrong_shifts_and_amplitudes(labelled, adk_model_files, monkeypatch):
+    """A short local refinement from the true answer barely moves it; from shifts 2 px off it
+    moves them back most of the way, from amplitudes 60 off (each mode, random sign) too
+    (160 images, SNR 1, working box 32)."""
     monkeypatch.chdir(labelled)
     ps = ParticleSet("p.star")
     flex = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
     euler, shifts, amps = ps.euler(), ps.shifts_px(), ps.amplitudes(flex.mode_numbers)
-    cpu = torch.device("cpu")
-    true = infer.shift_drift(ps, flex, (euler, shifts), amps, cpu)
-    angle = np.random.default_rng(0).uniform(0, 2 * np.pi, len(ps))
-    off = shifts + 2.0 * np.stack([np.cos(angle), np.sin(angle)], 1)
-    drift = infer.shift_drift(ps, flex, (euler, off), amps, cpu)
-    print(f"median drift: true {np.median(true):.2f} px, 2 px off {np.median(drift):.2f} px")
-    assert np.median(true) < 0.5 and 1.0 < np.median(drift) < 2.5
-    assert np.mean(drift > true) > 0.9
+    drift = lambda s, a: infer.model_drift(ps, flex, (euler, s), a, 32, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    angle = rng.uniform(0, 2 * np.pi, len(ps))
+    true = drift(shifts, amps)
+    shift_off = drift(shifts + 2.0 * np.stack([np.cos(angle), np.sin(angle)], 1), amps)
+    amp_off = drift(shifts, amps + 60.0 * rng.choice([-1.0, 1.0], amps.shape))
+    print(
+        f"median shift drift: true {np.median(true[0]):.2f} px, 2 px off "
+        f"{np.median(shift_off[0]):.2f} px; amplitude drift: true {np.median(true[1]):.1f}, "
+        f"60 off {np.median(amp_off[1]):.1f}"
+    )
+    assert np.median(true[0]) < 0.5 and 1.0 < np.median(shift_off[0]) < 2.5
+    assert np.mean(shift_off[0] > true[0]) > 0.9
+    assert np.median(true[1]) < 25 and 40 < np.median(amp_off[1]) < 80
+    assert np.mean(amp_off[1] > true[1]) > 0.9
 
 
 def test_view_noise_is_half_normal():
@@ -879,7 +887,8 @@ def test_amplitudes_with_views_train_and_need_poses_to_infer(
     assert len(t) == 160 and np.isfinite(t["dhAmplitudeMode7"]).all()
     # with views, each image's agreement with the model at the answer (a correlation)
     assert t["dhModelAgreement"].between(-1, 1).all() and t["dhModelAgreement"].nunique() > 1
-    assert (t["dhModelShiftDrift"] >= 0).all() and t["dhModelShiftDrift"].nunique() > 1
+    for c in ("dhModelShiftDrift", "dhModelAmplitudeDrift"):
+        assert (t[c] >= 0).all() and t[c].nunique() > 1
     q = ["quality", "--labels", "p.star", "--split", "split.csv", "--inferred"]
     q += [str(tmp_path / "a.star"), "--out-json", str(tmp_path / "q.json")]
     q += ["--out-md", str(tmp_path / "q.md"), "--out-figure", str(tmp_path / "c.png")]

@@ -28,9 +28,9 @@ from .files import InputError, atomic_path, require_file
 from .gather import WARN_SHARE, cost_z
 from .io import (
     AGREEMENT_COLUMN,
+    DRIFT_COLUMNS,
     FLAG_COLUMN,
     POSE_COLUMNS,
-    SHIFT_DRIFT_COLUMN,
     amplitude_modes,
     read_star,
     uncertainty_column,
@@ -45,11 +45,11 @@ PARAMS = ("angles", "shifts", "amplitudes")
 
 def uncertainty_rank(table: pd.DataFrame, path: str) -> np.ndarray:
     """Per image, the largest percentile rank (0-1] of its `_dhUncertainty<Param>` values and of
-    its disagreement with the model at the answer (`-_dhModelAgreement`) and its shift drift
-    (`_dhModelShiftDrift`), over those present: high when any of its answers is among the most
-    uncertain."""
+    its disagreement with the model at the answer (`-_dhModelAgreement`) and its drifts under a
+    short local refinement (`_dhModel<Type>Drift`), over those present: high when any of its
+    answers is among the most uncertain."""
     cols = [uncertainty_column(p) for p in PARAMS if uncertainty_column(p) in table]
-    cols += [SHIFT_DRIFT_COLUMN] if SHIFT_DRIFT_COLUMN in table else []
+    cols += [c for c in DRIFT_COLUMNS.values() if c in table]
     scores = table[cols].copy()
     if AGREEMENT_COLUMN in table:
         scores[AGREEMENT_COLUMN] = -table[AGREEMENT_COLUMN]

@@ -33,9 +33,9 @@ from .flexible import FlexibleModel
 from .hemnma import AlignSettings, Bound, make_target, model_ncc, refine
 from .io import (
     AGREEMENT_COLUMN,
+    DRIFT_COLUMNS,
     EULER_COLUMNS,
     ORIGIN_COLUMNS,
-    SHIFT_DRIFT_COLUMN,
     ParticleSet,
     amplitude_column,
     candidate_columns,
@@ -307,35 +307,42 @@ def model_agreement(
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def shift_drift(
+def model_drift(
     ps: ParticleSet,
     model: FlexibleModel,
     poses: tuple[np.ndarray, np.ndarray],
     amplitudes: np.ndarray,
+    box: int,
     device: torch.device,
     sigma_angstrom: float = 1.0,
-    iterations: int = 10,
+    iterations: int = 30,
     batch: int = 64,
-) -> np.ndarray:
-    """How far (pixels, (n,)) `iterations` steps of HEMNMA's local refinement (`hemnma.refine`,
-    full box, bounded as the hybrid's) move each image's shift from the answer (`poses`,
-    `amplitudes`): a shift far from the nearest optimum of the model correlation is likely
-    wrong, a check that needs no labels (it ranks the shift networks' errors better than their
-    own uncertainty). Rotation and amplitudes move too, so their errors do not pin the shift."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """How far `iterations` steps of HEMNMA's local refinement (`hemnma.refine` at the working
+    `box`, bounded as the hybrid's) move each image's answer (`poses`, `amplitudes`): the
+    shift (pixels, (n,)) and the amplitudes (mean over modes, (n,)). An answer far from the
+    nearest optimum of the model correlation is likely wrong, a check that needs no labels; it
+    ranks the networks' shift and amplitude errors better than their own uncertainty."""
     model, ctf = model.to(device), ps.ctf_params()
     d = AlignSettings(sigma_angstrom=sigma_angstrom)
     s = AlignSettings(sigma_angstrom=sigma_angstrom, lr_amplitude=d.local_lr_amplitude)
     f32 = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)
-    out = []
+    shifts, amps = [], []
     for first in range(0, len(ps), batch):
         r = np.arange(first, min(first + batch, len(ps)))
-        target = make_target(f32(ps.images[r]), ctf, r, ps.box, ps.pixel_size, ps.has_ctf)
-        rot, shift = geometry.euler_to_matrix(f32(poses[0][r])), f32(poses[1][r])
+        target = make_target(f32(ps.images[r]), ctf, r, min(box, ps.box), ps.pixel_size, ps.has_ctf)
+        rot, shift, amp = (
+            geometry.euler_to_matrix(f32(poses[0][r])),
+            f32(poses[1][r]),
+            f32(amplitudes[r]),
+        )
         bound = Bound(d.local_max_angle_deg, d.local_max_shift_px, shift)
-        moved = refine(target, model, rot, shift, f32(amplitudes[r]), iterations, s, ps.box,
-                       bound=bound)[1]  # fmt: skip
-        out.append((moved - shift).norm(dim=1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+        out = refine(target, model, rot, shift, amp, iterations, s, ps.box, bound=bound)
+        shifts.append((out[1] - shift).norm(dim=1).cpu().numpy())
+        amps.append((out[2] - amp).abs().mean(1).cpu().numpy())
+    if not shifts:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(shifts), np.concatenate(amps)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -362,7 +369,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="model.npz (with --modes, for an amplitude network with --poses): write each "
         "image's agreement with the model at the answer (_dhModelAgreement) and how far a short "
-        "local refinement moves its shift (_dhModelShiftDrift, pixels)",
+        "local refinement moves its shift and amplitudes (_dhModelShiftDrift, pixels; "
+        "_dhModelAmplitudeDrift)",
     )
     p.add_argument("--modes", default=None, help="modes.npz of --model")
     p.add_argument(
@@ -393,9 +401,9 @@ def agreement_of(
     poses: tuple[np.ndarray, np.ndarray] | None,
     values: np.ndarray,
     device: torch.device,
-) -> tuple[np.ndarray, np.ndarray]:
-    """`model_agreement` and `shift_drift` of an amplitude network's answers with `--model`,
-    `--modes`."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`model_agreement` and `model_drift` (shifts, amplitudes) of an amplitude network's answers
+    with `--model`, `--modes`."""
     if meta["param"] != "amplitudes" or poses is None or args.modes is None:
         raise InputError("--model (the agreement) needs --modes, an amplitude network, --poses")
     model = FlexibleModel.load(require_file(args.model, "model"), require_file(args.modes, "modes"))
@@ -409,9 +417,12 @@ def agreement_of(
         ps, model, poses, values[:, :k], meta["box"], device, args.sigma_angstrom
     )
     log.info("agreement with the model at the answer: median %.3f", np.median(agree))
-    drift = shift_drift(ps, model, poses, values[:, :k], device, args.sigma_angstrom)
-    log.info("shift drift under local refinement: median %.2f px", np.median(drift))
-    return agree, drift
+    shift, amp = model_drift(
+        ps, model, poses, values[:, :k], meta["box"], device, args.sigma_angstrom
+    )
+    log.info("under a short local refinement: median shift drift %.2f px, amplitude drift %.1f",
+             np.median(shift), np.median(amp))  # fmt: skip
+    return agree, shift, amp
 
 
 def main(args: argparse.Namespace) -> None:
@@ -430,7 +441,8 @@ def main(args: argparse.Namespace) -> None:
     values = predict(net, meta, ps, device, batch, args.workers, poses, args.turns, args.candidates)
     table = prediction_table(meta, ps.particles["rlnImageName"], values, ps.pixel_size)
     if args.model:
-        agree, drift = agreement_of(args, meta, ps, poses, values, device)
-        table[AGREEMENT_COLUMN], table[SHIFT_DRIFT_COLUMN] = agree, drift
+        agree, shift, amp = agreement_of(args, meta, ps, poses, values, device)
+        table[AGREEMENT_COLUMN] = agree
+        table[DRIFT_COLUMNS["shifts"]], table[DRIFT_COLUMNS["amplitudes"]] = shift, amp
     write_star(args.out, ps.optics, table)
     log.info("inferred %s for %d images", meta["param"], len(ps))

@@ -94,9 +94,9 @@ def amplitude_column(mode: int) -> str:
 # when the answer does not explain the image
 AGREEMENT_COLUMN = "dhModelAgreement"
 
-# per image, how far (pixels) a short local refinement of that correlation moves the networks'
-# shift (written with the agreement): large when the answered shift is off
-SHIFT_DRIFT_COLUMN = "dhModelShiftDrift"
+# per image, how far a short local refinement of that correlation moves the networks' shift
+# (pixels) and amplitudes (mean over modes), written with the agreement: large when the answer is off
+DRIFT_COLUMNS = {"shifts": "dhModelShiftDrift", "amplitudes": "dhModelAmplitudeDrift"}
 
 
 # per image, 1 when HEMNMA's quality flag (`gather`) says the model does not explain the image:

@@ -28,8 +28,8 @@ from .files import InputError, atomic_path, require_file
 from .gather import MIN_GROUP, WARN_SHARE, robust_z
 from .io import (
     AGREEMENT_COLUMN,
+    DRIFT_COLUMNS,
     FLAG_COLUMN,
-    SHIFT_DRIFT_COLUMN,
     candidate_columns,
     candidate_numbers,
     read_star,
@@ -117,7 +117,7 @@ def main(args: argparse.Namespace) -> None:
             raise InputError(f"{path}: does not cover every particle of {args.particles}")
         parts[cols] = merged[cols].to_numpy()
         parts[source_column(param)] = "network"
-        kept = {uncertainty_column(param), AGREEMENT_COLUMN, SHIFT_DRIFT_COLUMN}
+        kept = {uncertainty_column(param), AGREEMENT_COLUMN, *DRIFT_COLUMNS.values()}
         kept |= {c for j in candidate_numbers(inferred, path) for c in candidate_columns(j)}
         values = [c for c in cols if c not in kept]
         if has.any():

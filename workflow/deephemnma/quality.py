@@ -10,9 +10,9 @@ held-out images, the only check real data allow. A network is trusted when its e
 (`_dhUncertainty<Type>`: angles, amplitudes, shifts), its calibration is measured on the same
 images: the Spearman correlation between predicted uncertainty and actual error, and a scatter plot
 per network; so is, for every network, the image's disagreement with the model at the networks'
-answers (`_dhModelAgreement`, from the amplitude inference with views), and for the shift network
-how far a short local refinement of the model moves its answer (`_dhModelShiftDrift`): checks
-real data allow.
+answers (`_dhModelAgreement`, from the amplitude inference with views), and for the shift and
+amplitude networks how far a short local refinement of the model moves their answers
+(`_dhModel<Type>Drift`): checks real data allow.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from .figures import pyplot, save_figure
 from .files import InputError, atomic_path, require_file
 from .io import (
     AGREEMENT_COLUMN,
+    DRIFT_COLUMNS,
     EULER_COLUMNS,
     ORIGIN_COLUMNS,
-    SHIFT_DRIFT_COLUMN,
     ParticleSet,
     amplitude_column,
     amplitude_modes,
@@ -160,8 +160,8 @@ def markdown(rows: list[dict], images: int, which: str) -> str:
         if r.get("agreement_spearman") is not None
     ]
     lines += [
-        f"- {r['param']}: how far a short local refinement of the model moves the answered shift "
-        f"(`_dhModelShiftDrift`) ranks the actual errors with Spearman ρ = "
+        f"- {r['param']}: how far a short local refinement of the model moves the answer "
+        f"(`_{DRIFT_COLUMNS[r['param']]}`) ranks the actual errors with Spearman ρ = "
         f"{r['drift_spearman']:.2f}."
         for r in rows
         if r.get("drift_spearman") is not None
@@ -223,7 +223,7 @@ def main(args: argparse.Namespace) -> None:
         if len(missing):
             raise InputError(f"{path}: no estimate for image {missing[0]}")
     column = lambda c: next((t.loc[held_out, c] for t in tables.values() if c in t), None)
-    agree, drift = column(AGREEMENT_COLUMN), column(SHIFT_DRIFT_COLUMN)
+    agree = column(AGREEMENT_COLUMN)
     for inferred in tables.values():
         param = param_of(inferred)
         est = {**ref, **labels_of(inferred.loc[held_out], ps.pixel_size, modes)}
@@ -239,9 +239,10 @@ def main(args: argparse.Namespace) -> None:
         if agree is not None:
             rows[-1]["agreement_spearman"] = calibration(-agree.to_numpy(float), per_image)
             log.info("%s: model agreement Spearman %.2f", param, rows[-1]["agreement_spearman"])
-        if drift is not None and param == "shifts":
+        drift = column(DRIFT_COLUMNS[param]) if param in DRIFT_COLUMNS else None
+        if drift is not None:
             rows[-1]["drift_spearman"] = calibration(drift.to_numpy(float), per_image)
-            log.info("shifts: shift drift Spearman %.2f", rows[-1]["drift_spearman"])
+            log.info("%s: drift Spearman %.2f", param, rows[-1]["drift_spearman"])
     with atomic_path(args.out_json) as tmp:
         tmp.write_text(json.dumps({"images": len(held_out), "set": which, "networks": rows}))
     with atomic_path(args.out_md) as tmp:
