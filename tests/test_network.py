@@ -1012,6 +1012,8 @@ def test_flagged_images_are_left_out_of_labels_merge_trust_and_space(
     agreement = 0.5 + 0.01 * np.sin(np.arange(160))
     agreement[:5], agreement[5:15], agreement[150:] = 0.0, 0.9, 0.3
     answers["dhModelAgreement"] = agreement
+    drift = np.linspace(0.0, 3.0, 160)  # the drifts are kept as inferred, HEMNMA's rows too
+    answers["dhModelShiftDrift"], answers["dhModelAmplitudeDrift"] = drift, 10 * drift
     starfile.write({"optics": star["optics"], "particles": answers}, inferred)
     sets = ["flagged"] * 5 + ["train"] * 10 + ["val", "test"] * 12 + ["val"]
     pd.DataFrame({"rlnImageName": parts["rlnImageName"], "set": sets}).to_csv(split, index=False)
@@ -1020,6 +1022,8 @@ def test_flagged_images_are_left_out_of_labels_merge_trust_and_space(
     assert cli([*merge, "--labelled", "flagged.star", "--split", str(split),
                 "--out-md", str(md)]) == 0  # fmt: skip
     merged = starfile.read(out)["particles"]
+    np.testing.assert_allclose(merged["dhModelShiftDrift"], drift, atol=1e-6)
+    np.testing.assert_allclose(merged["dhModelAmplitudeDrift"], 10 * drift, atol=1e-5)
     untrusted = [0] * 5 + [1] * 145 + [0] * 10
     assert merged["dhTrusted"].tolist() == untrusted
     assert merged["dhFlagged"].tolist() == [1 - u for u in untrusted]

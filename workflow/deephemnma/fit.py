@@ -171,7 +171,7 @@ def restrain(
     pixel_size: float,
     sigma_angstrom: float,
     steps: int,
-    weight: float = 0.1,
+    weight: float = 0.03,
     within: float = 10.0,
 ) -> tuple[np.ndarray, float]:
     """Restrained real-space refinement: every atom of `coords` (N, 3) moved to raise the

@@ -54,7 +54,8 @@ def uncertainty_rank(table: pd.DataFrame, path: str) -> np.ndarray:
     if AGREEMENT_COLUMN in table:
         scores[AGREEMENT_COLUMN] = -table[AGREEMENT_COLUMN]
     if not len(scores.columns):
-        wanted = ", ".join("_" + c for c in [*map(uncertainty_column, PARAMS), AGREEMENT_COLUMN])
+        every = [*map(uncertainty_column, PARAMS), AGREEMENT_COLUMN, *DRIFT_COLUMNS.values()]
+        wanted = ", ".join("_" + c for c in every)
         raise InputError(f"{path}: --select uncertain needs column(s) {wanted} (from infer)")
     return scores.rank(pct=True).max(axis=1).to_numpy()
 

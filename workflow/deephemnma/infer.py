@@ -319,7 +319,7 @@ def model_drift(
     batch: int = 64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """How far `iterations` steps of HEMNMA's local refinement (`hemnma.refine` at the working
-    `box`, bounded as the hybrid's) move each image's answer (`poses`, `amplitudes`): the
+    `box`, within the default local bound, `AlignSettings.local_max_*`) move each image's answer (`poses`, `amplitudes`): the
     shift (pixels, (n,)) and the amplitudes (mean over modes, (n,)). An answer far from the
     nearest optimum of the model correlation is likely wrong, a check that needs no labels; it
     ranks the networks' shift and amplitude errors better than their own uncertainty."""
