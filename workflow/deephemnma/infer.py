@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import pickle
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from . import geometry
 from .files import InputError, require_file
 from .flexible import FlexibleModel
-from .hemnma import AlignSettings, Bound, make_target, model_ncc, refine
+from .hemnma import AlignSettings, Bound, Target, make_target, model_ncc, refine
 from .io import (
     AGREEMENT_COLUMN,
     DRIFT_COLUMNS,
@@ -279,6 +280,25 @@ def prediction_table(
     return t
 
 
+def answer_batches(
+    ps: ParticleSet,
+    poses: tuple[np.ndarray, np.ndarray],
+    amplitudes: np.ndarray,
+    box: int,
+    device: torch.device,
+    batch: int,
+) -> Iterator[tuple[Target, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Batches of (images at the working `box` as HEMNMA's target, rotation matrices, shifts
+    in pixels of the full box, amplitudes) of the answers (`poses`: Euler angles, shifts)."""
+    ctf = ps.ctf_params()
+    f32 = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)
+    for first in range(0, len(ps), batch):
+        r = np.arange(first, min(first + batch, len(ps)))
+        target = make_target(f32(ps.images[r]), ctf, r, min(box, ps.box), ps.pixel_size, ps.has_ctf)
+        rot = geometry.euler_to_matrix(f32(poses[0][r]))
+        yield target, rot, f32(poses[1][r]), f32(amplitudes[r])
+
+
 @torch.no_grad()
 def model_agreement(
     ps: ParticleSet,
@@ -293,17 +313,13 @@ def model_agreement(
     """How well the flexible model at each image's answer explains it (n,): the CTF-weighted
     correlation HEMNMA maximises (`hemnma.model_ncc`), at the working `box`, of the image with
     the model (atoms of width `sigma_angstrom`) deformed by `amplitudes` (n, K), seen at `poses`
-    (Euler angles, shifts in pixels). Low when the pose or the amplitudes are wrong: a check that needs no labels."""
-    model, ctf = model.to(device), ps.ctf_params()
-    settings, out = AlignSettings(sigma_angstrom=sigma_angstrom), []
-    f32 = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)
-    for first in range(0, len(ps), batch):
-        r = np.arange(first, min(first + batch, len(ps)))
-        images = f32(ps.images[r])
-        target = make_target(images, ctf, r, min(box, ps.box), ps.pixel_size, ps.has_ctf)
-        rot = geometry.euler_to_matrix(f32(poses[0][r]))
-        c = model_ncc(target, model, rot, f32(poses[1][r]), f32(amplitudes[r]), settings, ps.box)
-        out.append(c.cpu().numpy())
+    (Euler angles, shifts in pixels). Low when the pose or the amplitudes are wrong: a check
+    that needs no labels."""
+    model, settings = model.to(device), AlignSettings(sigma_angstrom=sigma_angstrom)
+    out = [
+        model_ncc(target, model, rot, shift, amp, settings, ps.box).cpu().numpy()
+        for target, rot, shift, amp in answer_batches(ps, poses, amplitudes, box, device, batch)
+    ]
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -319,29 +335,19 @@ def model_drift(
     batch: int = 64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """How far `iterations` steps of HEMNMA's local refinement (`hemnma.refine` at the working
-    `box`, within the default local bound, `AlignSettings.local_max_*`) move each image's answer (`poses`, `amplitudes`): the
-    shift (pixels, (n,)) and the amplitudes (mean over modes, (n,)). An answer far from the
-    nearest optimum of the model correlation is likely wrong, a check that needs no labels; it
-    ranks the networks' shift and amplitude errors better than their own uncertainty."""
-    model, ctf = model.to(device), ps.ctf_params()
-    d = AlignSettings(sigma_angstrom=sigma_angstrom)
+    `box`, within the default local bound `AlignSettings.local_max_*`) move each image's answer
+    (`poses`, `amplitudes`): the shift (pixels, (n,)) and the amplitudes (mean over modes,
+    (n,)). An answer far from the nearest optimum of the model correlation is likely wrong, a
+    check that needs no labels; it ranks the networks' shift and amplitude errors better than
+    their own uncertainty."""
+    model, d = model.to(device), AlignSettings(sigma_angstrom=sigma_angstrom)
     s = AlignSettings(sigma_angstrom=sigma_angstrom, lr_amplitude=d.local_lr_amplitude)
-    f32 = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)
-    shifts, amps = [], []
-    for first in range(0, len(ps), batch):
-        r = np.arange(first, min(first + batch, len(ps)))
-        target = make_target(f32(ps.images[r]), ctf, r, min(box, ps.box), ps.pixel_size, ps.has_ctf)
-        rot, shift, amp = (
-            geometry.euler_to_matrix(f32(poses[0][r])),
-            f32(poses[1][r]),
-            f32(amplitudes[r]),
-        )
+    shifts, amps = [np.zeros(0)], [np.zeros(0)]
+    for target, rot, shift, amp in answer_batches(ps, poses, amplitudes, box, device, batch):
         bound = Bound(d.local_max_angle_deg, d.local_max_shift_px, shift)
         out = refine(target, model, rot, shift, amp, iterations, s, ps.box, bound=bound)
         shifts.append((out[1] - shift).norm(dim=1).cpu().numpy())
         amps.append((out[2] - amp).abs().mean(1).cpu().numpy())
-    if not shifts:
-        return np.zeros(0), np.zeros(0)
     return np.concatenate(shifts), np.concatenate(amps)
 
 

@@ -146,25 +146,23 @@ def markdown(rows: list[dict], images: int, which: str) -> str:
     """The verdicts as a Markdown page: sentences first, then the table."""
     lines = ["# Network verdicts", ""]
     lines += [f"- {'✅' if r['trusted'] else '❌'} {r['text']}" for r in rows]
+    measures = {
+        "spearman": lambda r: "the predicted per-image uncertainty",
+        "agreement_spearman": lambda r: (
+            "the image's disagreement with the model at the "
+            "networks' answers (1 − `_dhModelAgreement`)"
+        ),
+        "drift_spearman": lambda r: (
+            "how far a short local refinement of the model moves the "
+            f"answer (`_{DRIFT_COLUMNS[r['param']]}`)"
+        ),
+    }
     lines += [
-        f"- {r['param']}: the predicted per-image uncertainty ranks the actual errors with "
-        f"Spearman ρ = {r['spearman']:.2f} (1: perfectly; 0: not at all)."
+        f"- {r['param']}: {what(r)} ranks the actual errors with Spearman ρ = {r[key]:.2f}"
+        + (" (1: perfectly; 0: not at all)." if key == "spearman" else ".")
+        for key, what in measures.items()
         for r in rows
-        if r.get("spearman") is not None
-    ]
-    lines += [
-        f"- {r['param']}: the image's disagreement with the model at the networks' answers "
-        f"(1 − `_dhModelAgreement`) ranks the actual errors with Spearman ρ = "
-        f"{r['agreement_spearman']:.2f}."
-        for r in rows
-        if r.get("agreement_spearman") is not None
-    ]
-    lines += [
-        f"- {r['param']}: how far a short local refinement of the model moves the answer "
-        f"(`_{DRIFT_COLUMNS[r['param']]}`) ranks the actual errors with Spearman ρ = "
-        f"{r['drift_spearman']:.2f}."
-        for r in rows
-        if r.get("drift_spearman") is not None
+        if r.get(key) is not None
     ]
     lines += [
         "",
