@@ -796,7 +796,7 @@ def test_agreement_is_highest_at_the_true_answer(labelled, adk_model_files, monk
     flex = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
     euler, shifts, amps = ps.euler(), ps.shifts_px(), ps.amplitudes(flex.mode_numbers)
     cpu = torch.device("cpu")
-    at = lambda e, a: infer.model_agreement(ps, flex, (e, shifts), a, 32, cpu, batch=64)
+    at = lambda e, a: infer.check_answers(ps, flex, (e, shifts), a, 32, cpu).agreement
     true = at(euler, amps)
     off = [at(views.perturb_poses(euler, shifts, deg, 0.0, seed=1)[0], amps) for deg in (10, 40)]
     assert np.mean(off[0] < true) > 0.9 and off[1].mean() < off[0].mean() < true.mean()
@@ -811,7 +811,11 @@ def test_model_drift_finds_wrong_shifts_and_amplitudes(labelled, adk_model_files
     ps = ParticleSet("p.star")
     flex = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
     euler, shifts, amps = ps.euler(), ps.shifts_px(), ps.amplitudes(flex.mode_numbers)
-    drift = lambda s, a: infer.model_drift(ps, flex, (euler, s), a, 32, torch.device("cpu"))
+
+    def drift(s, a):
+        c = infer.check_answers(ps, flex, (euler, s), a, 32, torch.device("cpu"))
+        return c.shift_drift, c.amplitude_drift
+
     rng = np.random.default_rng(0)
     angle = rng.uniform(0, 2 * np.pi, len(ps))
     true = drift(shifts, amps)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import pickle
-from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from . import geometry
 from .files import InputError, require_file
 from .flexible import FlexibleModel
-from .hemnma import AlignSettings, Bound, Target, make_target, model_ncc, refine
+from .hemnma import AlignSettings, Bound, make_target, model_ncc, refine
 from .io import (
     AGREEMENT_COLUMN,
     DRIFT_COLUMNS,
@@ -280,50 +280,21 @@ def prediction_table(
     return t
 
 
-def answer_batches(
-    ps: ParticleSet,
-    poses: tuple[np.ndarray, np.ndarray],
-    amplitudes: np.ndarray,
-    box: int,
-    device: torch.device,
-    batch: int,
-) -> Iterator[tuple[Target, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Batches of (images at the working `box` as HEMNMA's target, rotation matrices, shifts
-    in pixels of the full box, amplitudes) of the answers (`poses`: Euler angles, shifts)."""
-    ctf = ps.ctf_params()
-    f32 = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)
-    for first in range(0, len(ps), batch):
-        r = np.arange(first, min(first + batch, len(ps)))
-        target = make_target(f32(ps.images[r]), ctf, r, min(box, ps.box), ps.pixel_size, ps.has_ctf)
-        rot = geometry.euler_to_matrix(f32(poses[0][r]))
-        yield target, rot, f32(poses[1][r]), f32(amplitudes[r])
+@dataclass
+class ModelCheck:
+    """How the flexible model judges each image's answer (pose, shift, amplitudes), no label
+    needed: `agreement` (n,), the CTF-weighted correlation HEMNMA maximises (`hemnma.model_ncc`)
+    of the image with the model at the answer, low when the answer does not explain the image;
+    `shift_drift` (pixels) and `amplitude_drift` (mean over modes) (n,), how far a short local
+    refinement from the answer moves them, large when they are off (they rank the networks'
+    shift and amplitude errors better than the networks' own uncertainty)."""
+
+    agreement: np.ndarray
+    shift_drift: np.ndarray
+    amplitude_drift: np.ndarray
 
 
-@torch.no_grad()
-def model_agreement(
-    ps: ParticleSet,
-    model: FlexibleModel,
-    poses: tuple[np.ndarray, np.ndarray],
-    amplitudes: np.ndarray,
-    box: int,
-    device: torch.device,
-    sigma_angstrom: float = 1.0,
-    batch: int = 256,
-) -> np.ndarray:
-    """How well the flexible model at each image's answer explains it (n,): the CTF-weighted
-    correlation HEMNMA maximises (`hemnma.model_ncc`), at the working `box`, of the image with
-    the model (atoms of width `sigma_angstrom`) deformed by `amplitudes` (n, K), seen at `poses`
-    (Euler angles, shifts in pixels). Low when the pose or the amplitudes are wrong: a check
-    that needs no labels."""
-    model, settings = model.to(device), AlignSettings(sigma_angstrom=sigma_angstrom)
-    out = [
-        model_ncc(target, model, rot, shift, amp, settings, ps.box).cpu().numpy()
-        for target, rot, shift, amp in answer_batches(ps, poses, amplitudes, box, device, batch)
-    ]
-    return np.concatenate(out) if out else np.zeros(0)
-
-
-def model_drift(
+def check_answers(
     ps: ParticleSet,
     model: FlexibleModel,
     poses: tuple[np.ndarray, np.ndarray],
@@ -333,22 +304,28 @@ def model_drift(
     sigma_angstrom: float = 1.0,
     iterations: int = 30,
     batch: int = 64,
-) -> tuple[np.ndarray, np.ndarray]:
-    """How far `iterations` steps of HEMNMA's local refinement (`hemnma.refine` at the working
-    `box`, within the default local bound `AlignSettings.local_max_*`) move each image's answer
-    (`poses`, `amplitudes`): the shift (pixels, (n,)) and the amplitudes (mean over modes,
-    (n,)). An answer far from the nearest optimum of the model correlation is likely wrong, a
-    check that needs no labels; it ranks the networks' shift and amplitude errors better than
-    their own uncertainty."""
+) -> ModelCheck:
+    """`ModelCheck` of the answers (`poses`: Euler angles, shifts in pixels; `amplitudes` (n, K))
+    at the working `box`, the model's atoms of width `sigma_angstrom`; the drifts after
+    `iterations` steps of HEMNMA's local refinement (`hemnma.refine`) within the default local
+    bound (`AlignSettings.local_max_*`)."""
     model, d = model.to(device), AlignSettings(sigma_angstrom=sigma_angstrom)
     s = AlignSettings(sigma_angstrom=sigma_angstrom, lr_amplitude=d.local_lr_amplitude)
-    shifts, amps = [np.zeros(0)], [np.zeros(0)]
-    for target, rot, shift, amp in answer_batches(ps, poses, amplitudes, box, device, batch):
+    ctf = ps.ctf_params()
+    f32 = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)
+    out: list[list[np.ndarray]] = [[np.zeros(0)] for _ in range(3)]
+    for first in range(0, len(ps), batch):
+        r = np.arange(first, min(first + batch, len(ps)))
+        target = make_target(f32(ps.images[r]), ctf, r, min(box, ps.box), ps.pixel_size, ps.has_ctf)
+        rot = geometry.euler_to_matrix(f32(poses[0][r]))
+        shift, amp = f32(poses[1][r]), f32(amplitudes[r])
+        with torch.no_grad():
+            out[0].append(model_ncc(target, model, rot, shift, amp, d, ps.box).cpu().numpy())
         bound = Bound(d.local_max_angle_deg, d.local_max_shift_px, shift)
-        out = refine(target, model, rot, shift, amp, iterations, s, ps.box, bound=bound)
-        shifts.append((out[1] - shift).norm(dim=1).cpu().numpy())
-        amps.append((out[2] - amp).abs().mean(1).cpu().numpy())
-    return np.concatenate(shifts), np.concatenate(amps)
+        moved = refine(target, model, rot, shift, amp, iterations, s, ps.box, bound=bound)
+        out[1].append((moved[1] - shift).norm(dim=1).cpu().numpy())
+        out[2].append((moved[2] - amp).abs().mean(1).cpu().numpy())
+    return ModelCheck(*(np.concatenate(o) for o in out))
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -400,16 +377,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="STAR with the predicted columns")
 
 
-def agreement_of(
+def check_of(
     args: argparse.Namespace,
     meta: dict,
     ps: ParticleSet,
     poses: tuple[np.ndarray, np.ndarray] | None,
     values: np.ndarray,
     device: torch.device,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`model_agreement` and `model_drift` (shifts, amplitudes) of an amplitude network's answers
-    with `--model`, `--modes`."""
+) -> ModelCheck:
+    """`check_answers` of an amplitude network's answers with `--model`, `--modes`."""
     if meta["param"] != "amplitudes" or poses is None or args.modes is None:
         raise InputError("--model (the agreement) needs --modes, an amplitude network, --poses")
     model = FlexibleModel.load(require_file(args.model, "model"), require_file(args.modes, "modes"))
@@ -419,16 +395,13 @@ def agreement_of(
             f"{args.network} predicts modes {list(meta['mode_numbers'])}"
         )
     k = len(meta["mode_numbers"])
-    agree = model_agreement(
-        ps, model, poses, values[:, :k], meta["box"], device, args.sigma_angstrom
+    c = check_answers(ps, model, poses, values[:, :k], meta["box"], device, args.sigma_angstrom)
+    log.info(
+        "the model at the answers: median agreement %.3f; under a short local refinement, "
+        "median shift drift %.2f px, amplitude drift %.1f",
+        *(np.median(v) for v in (c.agreement, c.shift_drift, c.amplitude_drift)),
     )
-    log.info("agreement with the model at the answer: median %.3f", np.median(agree))
-    shift, amp = model_drift(
-        ps, model, poses, values[:, :k], meta["box"], device, args.sigma_angstrom
-    )
-    log.info("under a short local refinement: median shift drift %.2f px, amplitude drift %.1f",
-             np.median(shift), np.median(amp))  # fmt: skip
-    return agree, shift, amp
+    return c
 
 
 def main(args: argparse.Namespace) -> None:
@@ -447,8 +420,11 @@ def main(args: argparse.Namespace) -> None:
     values = predict(net, meta, ps, device, batch, args.workers, poses, args.turns, args.candidates)
     table = prediction_table(meta, ps.particles["rlnImageName"], values, ps.pixel_size)
     if args.model:
-        agree, shift, amp = agreement_of(args, meta, ps, poses, values, device)
-        table[AGREEMENT_COLUMN] = agree
-        table[DRIFT_COLUMNS["shifts"]], table[DRIFT_COLUMNS["amplitudes"]] = shift, amp
+        c = check_of(args, meta, ps, poses, values, device)
+        table[AGREEMENT_COLUMN] = c.agreement
+        table[DRIFT_COLUMNS["shifts"]], table[DRIFT_COLUMNS["amplitudes"]] = (
+            c.shift_drift,
+            c.amplitude_drift,
+        )
     write_star(args.out, ps.optics, table)
     log.info("inferred %s for %d images", meta["param"], len(ps))
