@@ -340,7 +340,9 @@ def main() -> None:
             say(
                 f"[{tag}] trained {param}: {len(hist)} epochs in {dt:.0f} s; test vs truth {metric}"
             )
-            (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+            (out / "summary.json").write_text(
+                json.dumps(summary, indent=1, default=float), encoding="utf-8"
+            )
             if param == "amplitudes" and tag == "train_truth":
                 inference_benchmark(work / tag, ps, dev, a, summary, given)
         hybrid_figure(tag, answers)
@@ -364,7 +366,9 @@ def main() -> None:
         pd.DataFrame({"rlnImageName": names, "set": sets[labelled]}).to_csv(split_h, index=False)
         train_and_test(labels, split_h, "train_hemnma")
 
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    (out / "summary.json").write_text(
+        json.dumps(summary, indent=1, default=float), encoding="utf-8"
+    )
     say("done")
 
 

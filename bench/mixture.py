@@ -73,7 +73,7 @@ def run_workflow(out: Path) -> float:
     )
     t0 = time.time()
     cmd = ["snakemake", "--cores", "2", "--configfile", str(cfg), "--quiet", "rules"]
-    with open(out / "snakemake.log", "w") as log:
+    with open(out / "snakemake.log", "w", encoding="utf-8") as log:
         subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
     return time.time() - t0
 
@@ -112,7 +112,7 @@ def report(out: Path) -> None:
     )
     for md in ("hemnma/verdict.md", "network/quality.md", "network/trust.md", "network/hybrid.md"):
         if (res / md).exists():
-            print(f"--- {md}\n" + (res / md).read_text().strip())
+            print(f"--- {md}\n" + (res / md).read_text(encoding="utf-8").strip())
 
 
 def main() -> None:

@@ -220,7 +220,7 @@ def test_pseudo_atoms_of_a_protein_map_reach_the_target(adk_atoms, tmp_path):
         + ["--out-json", out["json"], "--out-figure", out["png"]]
     )
     assert rc == 0
-    summary = json.loads(open(out["json"]).read())
+    summary = json.loads(open(out["json"], encoding="utf-8").read())
     print(summary)
     assert summary["relative_error"] <= 0.12 and summary["correlation"] > 0.98
     assert summary["correlation_whole_map"] > 0.95

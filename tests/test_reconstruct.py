@@ -167,7 +167,7 @@ def test_reconstruct_and_fsc_cli(adk_model_files, tmp_path, monkeypatch):
     )
     import json
 
-    out = json.loads(open("fsc.json").read())
+    out = json.loads(open("fsc.json", encoding="utf-8").read())
     print(out)
     # noise-free (CTF only) with true poses: the map matches the model well beyond 15 Å
     assert out["model_0.5"] < 15.0

@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 def check_config(config: dict, schema_path: str | Path) -> None:
     """Raise ConfigError with one line (key and problem) if `config` violates the schema."""
-    schema = yaml.safe_load(Path(schema_path).read_text())
+    schema = yaml.safe_load(Path(schema_path).read_text(encoding="utf-8"))
     validator = jsonschema.Draft202012Validator(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:

@@ -156,7 +156,7 @@ def main(args: argparse.Namespace) -> None:
     with atomic_path(args.out_csv) as tmp:
         table.to_csv(tmp, float_format="%.4f")
     with atomic_path(args.out_md) as tmp:
-        tmp.write_text(markdown(table))
+        tmp.write_text(markdown(table), encoding="utf-8")
     log.info("evaluation:\n%s", markdown(table))
     modes = amplitude_modes(truth)
     truth_i = truth.set_index("rlnImageName")

@@ -477,7 +477,7 @@ def main(args: argparse.Namespace) -> None:
     write_reference(fitted, model, args.pdb, args.out_model, args.out_modes, args.out_pdb)
     if args.out_json:
         with atomic_path(args.out_json) as tmp:
-            tmp.write_text(json.dumps(info, indent=1))
+            tmp.write_text(json.dumps(info, indent=1), encoding="utf-8")
     log.info(
         "fitted the reference into the map of %s images: correlation per round %s (the last "
         "after the restrained refinement, if on), moved %.2f Å RMSD",

@@ -118,6 +118,6 @@ def main(args: argparse.Namespace) -> None:
         "nyquist": 2 * px,
     }
     with atomic_path(args.out_json) as tmp:
-        tmp.write_text(json.dumps(res, indent=1))
+        tmp.write_text(json.dumps(res, indent=1), encoding="utf-8")
     fsc_figure(table, Path(args.out_figure), f"{args.name}: {res['half_maps_0.143']:.1f} Å (0.143)")
     log.info("FSC %s", res)

@@ -164,7 +164,8 @@ def main(args: argparse.Namespace) -> None:
     if args.out_md:
         with atomic_path(args.out_md) as tmp:
             tmp.write_text(
-                f"# HEMNMA verdict\n\n{flag_verdict(flagged, len(parts), args.flag_z)}\n"
+                f"# HEMNMA verdict\n\n{flag_verdict(flagged, len(parts), args.flag_z)}\n",
+                encoding="utf-8",
             )
     log.info("gathered %d aligned particles from %d shards", len(parts), len(args.shards))
     log.info(

@@ -191,4 +191,4 @@ def main(args: argparse.Namespace) -> None:
     write_star(args.out, blocks["optics"], out)
     if args.out_md:
         with atomic_path(args.out_md) as tmp:
-            tmp.write_text(f"# Hybrid verdict\n\n{verdict}\n")
+            tmp.write_text(f"# Hybrid verdict\n\n{verdict}\n", encoding="utf-8")

@@ -310,7 +310,7 @@ def write_star(
     each table goes to the file through pandas' chunked CSV writer, where starfile builds the
     whole text in memory from a copy of the table with every cell a Python object (about
     2 kB per particle at 46 columns). Tested equal to starfile's file."""
-    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write(f"# Created by DeepHEMNMA {__version__}\n\n\n")
         for name, table in (("optics", optics), ("particles", particles)):
             if table is None:

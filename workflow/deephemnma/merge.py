@@ -95,7 +95,7 @@ def main(args: argparse.Namespace) -> None:
     parts = base["particles"].copy()
     verdicts = {}
     if args.quality:
-        report = json.loads(require_file(args.quality, "quality JSON").read_text())
+        report = json.loads(require_file(args.quality, "quality JSON").read_text(encoding="utf-8"))
         verdicts = {r["param"]: r["trusted"] for r in report["networks"]}
     has = pd.Series(False, index=parts.index)  # images HEMNMA aligned
     flagged = pd.Series(False, index=parts.index)  # by HEMNMA's quality flag
@@ -173,4 +173,4 @@ def main(args: argparse.Namespace) -> None:
         log.info(line[2:])
     if args.out_md:
         with atomic_path(args.out_md) as tmp:
-            tmp.write_text("# Trust after merging\n\n" + "\n".join(lines) + "\n")
+            tmp.write_text("# Trust after merging\n\n" + "\n".join(lines) + "\n", encoding="utf-8")

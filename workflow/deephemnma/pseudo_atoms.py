@@ -269,7 +269,7 @@ def main(args: argparse.Namespace) -> None:
         "relative_error_whole_map": whole[1],
     }
     with atomic_path(args.out_json) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     slices_figure(target, model, fit, args.out_figure)
     log.info(
         "%d pseudo-atoms (σ %.2f Å) reproduce %s above %.4g: correlation %.4f, relative error %.4f "

@@ -242,7 +242,9 @@ def main(args: argparse.Namespace) -> None:
             rows[-1]["drift_spearman"] = calibration(drift.to_numpy(float), per_image)
             log.info("%s: drift Spearman %.2f", param, rows[-1]["drift_spearman"])
     with atomic_path(args.out_json) as tmp:
-        tmp.write_text(json.dumps({"images": len(held_out), "set": which, "networks": rows}))
+        tmp.write_text(
+            json.dumps({"images": len(held_out), "set": which, "networks": rows}), encoding="utf-8"
+        )
     with atomic_path(args.out_md) as tmp:
-        tmp.write_text(markdown(rows, len(held_out), which))
+        tmp.write_text(markdown(rows, len(held_out), which), encoding="utf-8")
     calibration_figure(points, args.out_figure)

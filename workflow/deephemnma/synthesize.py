@@ -259,5 +259,5 @@ def main(args: argparse.Namespace) -> None:
         "seed": args.seed,
     }
     with atomic_path(out / "meta.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=1))
+        tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
     log.info("rendered %d synthetic images -> %s", args.n_images, out)

@@ -152,7 +152,9 @@ class Synthetic:
     @classmethod
     def load(cls, folder: str | Path, device: torch.device) -> Synthetic:
         folder = Path(folder)
-        meta_text = require_file(folder / "meta.json", "synthetic meta.json").read_text()
+        meta_text = require_file(folder / "meta.json", "synthetic meta.json").read_text(
+            encoding="utf-8"
+        )
         meta = json.loads(meta_text)
         images = np.load(require_file(folder / "images.npy", "synthetic images"))
         with np.load(require_file(folder / "labels.npz", "synthetic labels")) as z:
