@@ -204,10 +204,10 @@ def restrain(
 class FitSettings:
     """Flexible-fitting settings of a reference update."""
 
-    sigma_angstrom: float = 3.0  # atom Gaussian width of the model's density (Å)
+    sigma_angstrom: float = 2.5  # atom Gaussian width of the model's density (Å)
     rounds: int = 3  # fits, the modes recomputed at the fitted structure after each
     iterations: int = 150  # Adam steps per round
-    box: int = 32  # the map is Fourier-cropped to this box before fitting (0: as it is)
+    box: int = 48  # the map is Fourier-cropped to this box before fitting (0: as it is)
     cutoff: float = 15.0  # ANM cutoff of the recomputed modes (Å)
     gamma: float = 1.0
     coarse_above: int = 5000
