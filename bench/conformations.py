@@ -320,7 +320,10 @@ def align_and_report(
     for s, name in enumerate(["open", "closed"]):
         m = state == s
         if m.any():
-            offset = geometry.mean_rotation(np.swapaxes(r_true[m], 1, 2) @ r_est[m])
+            near = m & (ang < 20)  # gross failures would pull the mean anywhere
+            if not near.any():
+                continue
+            offset = geometry.mean_rotation(np.swapaxes(r_true[near], 1, 2) @ r_est[near])
             rest = geometry.matrix_distance_deg(r_true[m] @ offset, r_est[m])
             print(
                 f"  {name}: frame offset {geometry.matrix_distance_deg(offset, np.eye(3)):.2f}°; "

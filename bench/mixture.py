@@ -69,7 +69,8 @@ def run_workflow(out: Path) -> float:
     cfg.write_text(
         f"results: {out / 'results'}\n"
         "particles:\n  source: import\n  import:\n"
-        f"    star: {out / 'particles.star'}\n"
+        f"    star: {out / 'particles.star'}\n",
+        encoding="utf-8",
     )
     t0 = time.time()
     cmd = ["snakemake", "--cores", "2", "--configfile", str(cfg), "--quiet", "rules"]

@@ -105,9 +105,8 @@ def test_second_instance_on_the_same_results_folder_stops(tmp_path):
     wd.mkdir()
     write_config(wd, results=str(shared))
     target = str(shared / "model/model.npz")
-    with open(
-        shared / ".deephemnma.lock", "a+", encoding="utf-8"
-    ) as other:  # as held by a running instance
+    # as held by a running instance
+    with open(shared / ".deephemnma.lock", "a+", encoding="utf-8") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         other.write("pid 4242 on node7 in /elsewhere\n")
         other.flush()

@@ -139,7 +139,7 @@ def fit_to_map(
     ref: FlexibleModel,
     volume: np.ndarray,
     pixel_size: float,
-    sigma_angstrom: float = 3.0,
+    sigma_angstrom: float,
     rounds: int = 3,
     iterations: int = 150,
     cutoff: float = 15.0,
