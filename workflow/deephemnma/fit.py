@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pandas as pd
@@ -429,18 +429,7 @@ def main(args: argparse.Namespace) -> None:
         raise InputError(
             "--restrain-steps and --restrain-weight must be >= 0 and --restrain-within > 0"
         )
-    settings = FitSettings(
-        args.sigma_angstrom,
-        args.rounds,
-        args.iterations,
-        args.box,
-        args.cutoff,
-        args.gamma,
-        args.coarse_above,
-        args.restrain_steps,
-        args.restrain_weight,
-        args.restrain_within,
-    )
+    settings = FitSettings(**{f.name: getattr(args, f.name) for f in fields(FitSettings)})
     info: dict = {"grouping": args.grouping, "group": args.group}
     if args.map is not None:
         volume, px = read_mrc(require_file(args.map, "map"))
