@@ -44,6 +44,22 @@ log = logging.getLogger(__name__)
 GROUPINGS = ("flagged", "kmeans")
 
 
+@dataclass
+class FitSettings:
+    """Flexible-fitting settings of a reference update."""
+
+    sigma_angstrom: float = 2.5  # atom Gaussian width of the model's density (Å)
+    rounds: int = 3  # fits, the modes recomputed at the fitted structure after each
+    iterations: int = 150  # Adam steps per round
+    box: int = 48  # the map is Fourier-cropped to this box before fitting (0: as it is)
+    cutoff: float = 15.0  # ANM cutoff of the recomputed modes (Å)
+    gamma: float = 1.0
+    coarse_above: int = 5000
+    restrain_steps: int = 1000  # restrained real-space refinement after the mode fit (0: none)
+    restrain_weight: float = 0.03  # its springs' weight against the correlation
+    restrain_within: float = 10.0  # springs between atoms closer than this in the model (Å)
+
+
 def refined_modes(
     coords: np.ndarray,
     atom_ids: np.ndarray,
@@ -140,11 +156,11 @@ def fit_to_map(
     volume: np.ndarray,
     pixel_size: float,
     sigma_angstrom: float,
-    rounds: int = 3,
-    iterations: int = 150,
-    cutoff: float = 15.0,
-    gamma: float = 1.0,
-    coarse_above: int = 5000,
+    rounds: int = FitSettings.rounds,
+    iterations: int = FitSettings.iterations,
+    cutoff: float = FitSettings.cutoff,
+    gamma: float = FitSettings.gamma,
+    coarse_above: int = FitSettings.coarse_above,
 ) -> tuple[FlexibleModel, list[float]]:
     """`ref` flexibly fitted into `volume`: `rounds` fits, the modes recomputed at the fitted
     structure after each. Returns the fitted reference (its own modes and eigenvalues, same atoms
@@ -171,8 +187,8 @@ def restrain(
     pixel_size: float,
     sigma_angstrom: float,
     steps: int,
-    weight: float = 0.03,
-    within: float = 10.0,
+    weight: float = FitSettings.restrain_weight,
+    within: float = FitSettings.restrain_within,
 ) -> tuple[np.ndarray, float]:
     """Restrained real-space refinement: every atom of `coords` (N, 3) moved to raise the
     normalised correlation of its density with `volume`, against harmonic springs that keep each
@@ -198,22 +214,6 @@ def restrain(
         opt.step()
     with torch.no_grad():
         return x.numpy().copy(), float(ncc())
-
-
-@dataclass
-class FitSettings:
-    """Flexible-fitting settings of a reference update."""
-
-    sigma_angstrom: float = 2.5  # atom Gaussian width of the model's density (Å)
-    rounds: int = 3  # fits, the modes recomputed at the fitted structure after each
-    iterations: int = 150  # Adam steps per round
-    box: int = 48  # the map is Fourier-cropped to this box before fitting (0: as it is)
-    cutoff: float = 15.0  # ANM cutoff of the recomputed modes (Å)
-    gamma: float = 1.0
-    coarse_above: int = 5000
-    restrain_steps: int = 1000  # restrained real-space refinement after the mode fit (0: none)
-    restrain_weight: float = 0.03  # its springs' weight against the correlation
-    restrain_within: float = 10.0  # springs between atoms closer than this in the model (Å)
 
 
 def crop_map(volume: np.ndarray, box: int) -> np.ndarray:

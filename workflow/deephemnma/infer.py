@@ -309,9 +309,9 @@ def check_answers(
     at the working `box`, the model's atoms of width `sigma_angstrom`; the drifts after
     `iterations` steps of HEMNMA's local refinement (`hemnma.refine`) within the default local
     bound (`AlignSettings.local_max_*`)."""
-    model, d = model.to(device), AlignSettings(sigma_angstrom=sigma_angstrom)
-    s = AlignSettings(sigma_angstrom=sigma_angstrom, lr_amplitude=d.local_lr_amplitude)
-    ctf = ps.ctf_params()
+    model, ctf = model.to(device), ps.ctf_params()
+    lr = AlignSettings.local_lr_amplitude
+    s = AlignSettings(sigma_angstrom=sigma_angstrom, lr_amplitude=lr)
     f32 = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)
     out: list[list[np.ndarray]] = [[np.zeros(0)] for _ in range(3)]
     for first in range(0, len(ps), batch):
@@ -320,8 +320,8 @@ def check_answers(
         rot = geometry.euler_to_matrix(f32(poses[0][r]))
         shift, amp = f32(poses[1][r]), f32(amplitudes[r])
         with torch.no_grad():
-            out[0].append(model_ncc(target, model, rot, shift, amp, d, ps.box).cpu().numpy())
-        bound = Bound(d.local_max_angle_deg, d.local_max_shift_px, shift)
+            out[0].append(model_ncc(target, model, rot, shift, amp, s, ps.box).cpu().numpy())
+        bound = Bound(s.local_max_angle_deg, s.local_max_shift_px, shift)
         moved = refine(target, model, rot, shift, amp, iterations, s, ps.box, bound=bound)
         out[1].append((moved[1] - shift).norm(dim=1).cpu().numpy())
         out[2].append((moved[2] - amp).abs().mean(1).cpu().numpy())
@@ -422,9 +422,7 @@ def main(args: argparse.Namespace) -> None:
     if args.model:
         c = check_of(args, meta, ps, poses, values, device)
         table[AGREEMENT_COLUMN] = c.agreement
-        table[DRIFT_COLUMNS["shifts"]], table[DRIFT_COLUMNS["amplitudes"]] = (
-            c.shift_drift,
-            c.amplitude_drift,
-        )
+        table[DRIFT_COLUMNS["shifts"]] = c.shift_drift
+        table[DRIFT_COLUMNS["amplitudes"]] = c.amplitude_drift
     write_star(args.out, ps.optics, table)
     log.info("inferred %s for %d images", meta["param"], len(ps))
