@@ -11,7 +11,7 @@
    (network/deephemnma.star), of its hybrid (network/hybrid.star) and of full HEMNMA run here on
    the same images; seconds per image per core.
 
-    flock /tmp/heavy.lock python bench/local.py [--n-images 64] [--box 64] [--results results]
+    flock /tmp/heavy.lock python bench/local.py [--n-images 256] [--box 64] [--results results]
         [--skip-priors]
 """
 
@@ -163,7 +163,7 @@ def hybrid_figure(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--n-images", type=int, default=64)
+    p.add_argument("--n-images", type=int, default=256)
     p.add_argument("--box", type=int, default=64)
     p.add_argument("--perturb-deg", type=float, default=5.0)
     p.add_argument("--perturb-px", type=float, default=2.0)
