@@ -15,7 +15,7 @@ SCHEMA = REPO / "config" / "schema.yaml"
 
 
 def default_config():
-    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
 
 
 def test_default_config_is_valid():
@@ -140,7 +140,7 @@ def test_snakemake_reports_bad_config_and_missing_file():
 
 
 def test_snakemake_reports_sizes_when_it_loads(tmp_path):
-    (tmp_path / "subset.yaml").write_text("hemnma:\n  subset: 1\n")
+    (tmp_path / "subset.yaml").write_text("hemnma:\n  subset: 1\n", encoding="utf-8")
     r = snakemake("-n", "--configfile", str(tmp_path / "subset.yaml"))
     assert r.returncode != 0
     assert "invalid config: keys 'hemnma.subset', 'hemnma.shards': 2 shards for 1" in r.stdout
@@ -153,11 +153,11 @@ def test_real_data_example_and_all_images_aligned_plan_no_hybrid(tmp_path):
     star = tmp_path / "p.star"
     names = pd.DataFrame({"rlnImageName": [f"{i}@a.mrcs" for i in range(1, 20001)]})
     starfile.write(names, star)
-    cfg = yaml.safe_load((REPO / "config/examples/em_map.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "config/examples/em_map.yaml").read_text(encoding="utf-8"))
     cfg["structure"] = str(REPO / "resources/adk_open.pdb")
     cfg["particles"]["import"]["star"] = str(star)
-    (tmp_path / "em.yaml").write_text(yaml.safe_dump(cfg))
-    (tmp_path / "all.yaml").write_text("hemnma:\n  subset: null\n")
+    (tmp_path / "em.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    (tmp_path / "all.yaml").write_text("hemnma:\n  subset: null\n", encoding="utf-8")
     for name in ("em.yaml", "all.yaml"):
         r = snakemake("-n", "--configfile", str(tmp_path / name))
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -168,7 +168,9 @@ def test_real_data_example_and_all_images_aligned_plan_no_hybrid(tmp_path):
 def test_an_em_map_only_as_the_first_structure(tmp_path):
     (tmp_path / "map.mrc").write_bytes(b"")
     cfg = tmp_path / "two.yaml"
-    cfg.write_text(f"structure: [resources/adk_open.pdb, {tmp_path / 'map.mrc'}]\n")
+    cfg.write_text(
+        f"structure: [resources/adk_open.pdb, {tmp_path / 'map.mrc'}]\n", encoding="utf-8"
+    )
     r = snakemake("-n", "--configfile", str(cfg))
     assert r.returncode != 0
     assert (

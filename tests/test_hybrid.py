@@ -297,7 +297,8 @@ def test_refined_images_are_trusted_when_their_cost_is_typical_of_hemnma(tmp_pat
     out = starfile.read(tmp_path / "o.star")["particles"]
     assert out["dhTrusted"].tolist() == [1, 1, 1, 0, 0, 0]
     assert out["dhFlagged"].tolist() == [0, 0, 0, 1, 0, 0]  # the refined values are judged
-    assert "2 of 6 images refined" in md.read_text() and "1 of them are explained" in md.read_text()
+    text = md.read_text(encoding="utf-8")
+    assert "2 of 6 images refined" in text and "1 of them are explained" in text
     assert cli(base) == 0  # without HEMNMA's costs the merge's verdict stays
     assert starfile.read(tmp_path / "o.star")["particles"]["dhTrusted"].tolist() == [
         1,

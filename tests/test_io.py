@@ -115,7 +115,7 @@ def test_streaming_star_reader_equals_starfile(tmp_path):
     """`read_star_blocks` (the rows parsed by pandas from the file) returns what starfile does:
     simple blocks, loops, empty loops, comments, blank lines, quotes, NaN, our own STARs, RELION
     3.0 single-block files and odd ones; rows longer than the loop's columns are an error."""
-    (tmp_path / "hand.star").write_text(STAR_BY_HAND)
+    (tmp_path / "hand.star").write_text(STAR_BY_HAND, encoding="utf-8")
     rng = np.random.default_rng(0)
     parts = pd.DataFrame(
         {
@@ -149,7 +149,7 @@ def test_streaming_star_reader_equals_starfile(tmp_path):
                 assert got[key].empty and list(got[key].columns) == list(block.columns)
             else:
                 pd.testing.assert_frame_equal(got[key], block, check_dtype=True)
-    (tmp_path / "long_rows.star").write_text(head + "1@a 1.5 1 9\n2@a 2.5 2 9\n")
+    (tmp_path / "long_rows.star").write_text(head + "1@a 1.5 1 9\n2@a 2.5 2 9\n", encoding="utf-8")
     with pytest.raises(InputError, match="long_rows.star: cannot parse STAR file.*4 fields"):
         read_star(tmp_path / "long_rows.star")
     hand = read_star_blocks(tmp_path / "hand.star")
@@ -174,8 +174,8 @@ def test_streaming_star_writer_writes_what_starfile_writes(tmp_path):
     optics = optics_table(1.0, 8, 300.0, 2.7, 0.1)
     write_star(tmp_path / "ours.star", optics, parts)
     starfile.write({"optics": optics, "particles": parts}, tmp_path / "theirs.star")
-    ours = (tmp_path / "ours.star").read_text().splitlines()
-    theirs = (tmp_path / "theirs.star").read_text().splitlines()
+    ours = (tmp_path / "ours.star").read_text(encoding="utf-8").splitlines()
+    theirs = (tmp_path / "theirs.star").read_text(encoding="utf-8").splitlines()
     assert ours[0].startswith("# Created by DeepHEMNMA") and ours[1:] == theirs[1:]
     back = starfile.read(tmp_path / "ours.star")["particles"]
     assert back["rlnMicrographName"].tolist()[:5] == parts["rlnMicrographName"].tolist()[:5]

@@ -147,7 +147,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         m.prepare_model(tmp_path / "missing.pdb", "heavy", None)
     junk = tmp_path / "junk.pdb"
-    junk.write_text("this is not a PDB file\n")
+    junk.write_text("this is not a PDB file\n", encoding="utf-8")
     with pytest.raises(InputError, match="junk.pdb"):
         m.prepare_model(junk, "heavy", None)
     with pytest.raises(InputError, match="matched no atoms"):

@@ -299,10 +299,12 @@ def test_inference_one_row_per_image_and_merge(labelled, monkeypatch, tmp_path):
     q = ["quality", "--labels", "p.star", "--split", "split.csv", "--inferred", *inferred]
     q += ["--out-json", str(tmp_path / "q.json"), "--out-md", str(tmp_path / "q.md")]
     assert cli([*q, "--out-figure", str(tmp_path / "c.png")]) == 0
-    rows = json.loads((tmp_path / "q.json").read_text())["networks"]
+    rows = json.loads((tmp_path / "q.json").read_text(encoding="utf-8"))["networks"]
     assert [r["param"] for r in rows if "spearman" in r] == ["angles", "amplitudes"]
     assert all(-1 <= r["spearman"] <= 1 for r in rows if "spearman" in r)
-    assert "amplitudes: the predicted per-image uncertainty" in (tmp_path / "q.md").read_text()
+    assert "amplitudes: the predicted per-image uncertainty" in (tmp_path / "q.md").read_text(
+        encoding="utf-8"
+    )
 
 
 def test_angle_candidates_are_written_kept_by_merge_and_read_by_the_hybrid(
@@ -584,10 +586,10 @@ def test_quality_verdict_flags_shuffled_labels_and_merge_falls_back(
     assert (
         cli([*q, "--out-md", str(tmp_path / "q.md"), "--out-figure", str(tmp_path / "c.png")]) == 0
     )
-    verdict = json.loads((tmp_path / "q.json").read_text())["networks"][0]
+    verdict = json.loads((tmp_path / "q.json").read_text(encoding="utf-8"))["networks"][0]
     print(verdict["text"])
     assert verdict["param"] == "amplitudes" and not verdict["trusted"]
-    assert verdict["ratio"] > 0.8 and "NOT" in (tmp_path / "q.md").read_text()
+    assert verdict["ratio"] > 0.8 and "NOT" in (tmp_path / "q.md").read_text(encoding="utf-8")
     # the first 40 images stand for HEMNMA's labelled subset
     hemnma = {"optics": star["optics"], "particles": star["particles"].iloc[:40]}
     starfile.write(hemnma, tmp_path / "hemnma.star", overwrite=True)
@@ -603,7 +605,9 @@ def test_quality_verdict_flags_shuffled_labels_and_merge_falls_back(
     np.testing.assert_allclose(merged["dhAmplitudeMode7"].iloc[40:], pred.iloc[40:], rtol=1e-5)
     assert (merged["dhSourceAmplitudes"].iloc[40:] == "network").all()
     # a trusted network: HEMNMA's values still win where they exist, and every image is trusted
-    (tmp_path / "q.json").write_text(json.dumps({"networks": [{**verdict, "trusted": True}]}))
+    (tmp_path / "q.json").write_text(
+        json.dumps({"networks": [{**verdict, "trusted": True}]}), encoding="utf-8"
+    )
     assert cli(["merge", "--particles", "p.star", "--inferred", str(inferred), "--labelled",
                 str(tmp_path / "hemnma.star"), "--quality", str(tmp_path / "q.json"),
                 "--out", str(out)]) == 0  # fmt: skip
@@ -626,10 +630,10 @@ def test_quality_measures_uncertainty_calibration(labelled, monkeypatch, tmp_pat
     assert (
         cli([*q, "--out-md", str(tmp_path / "q.md"), "--out-figure", str(tmp_path / "c.png")]) == 0
     )
-    row = json.loads((tmp_path / "q.json").read_text())["networks"][0]
+    row = json.loads((tmp_path / "q.json").read_text(encoding="utf-8"))["networks"][0]
     assert row["spearman"] == pytest.approx(1.0)
     assert abs(row["error"] - dpsi[ps.particles.index[split_test(labelled)]].mean()) < 1e-3
-    assert "Spearman ρ = 1.00" in (tmp_path / "q.md").read_text()
+    assert "Spearman ρ = 1.00" in (tmp_path / "q.md").read_text(encoding="utf-8")
     assert (tmp_path / "c.png").stat().st_size > 0
     # a shift drift (written with the amplitudes' agreement) that ranks the shifts' errors
     # exactly; shift errors are |dx| here (pixels)
@@ -644,12 +648,11 @@ def test_quality_measures_uncertainty_calibration(labelled, monkeypatch, tmp_pat
     assert (
         cli([*q, "--out-md", str(tmp_path / "q.md"), "--out-figure", str(tmp_path / "c.png")]) == 0
     )
-    row = json.loads((tmp_path / "q.json").read_text())["networks"][0]
+    row = json.loads((tmp_path / "q.json").read_text(encoding="utf-8"))["networks"][0]
     assert row["param"] == "shifts" and row["drift_spearman"] == pytest.approx(1.0)
-    assert (
-        "_dhModelShiftDrift`) ranks the actual errors with Spearman ρ = 1.00"
-        in (tmp_path / "q.md").read_text()
-    )
+    assert "_dhModelShiftDrift`) ranks the actual errors with Spearman ρ = 1.00" in (
+        tmp_path / "q.md"
+    ).read_text(encoding="utf-8")
 
 
 def split_test(d) -> np.ndarray:
@@ -737,7 +740,7 @@ def test_synthesize_then_pretrain_and_finetune(labelled, adk_model_files, monkey
     argv += ["--modes", str(adk_model_files / "modes.npz"), "--particles", "p.star"]
     argv += ["--labels", "p.star", "--n-images", "96", "--out-dir", str(syn)]
     assert cli([*argv, "--out-figure", str(tmp_path / "syn.png")]) == 0
-    meta = json.loads((syn / "meta.json").read_text())
+    meta = json.loads((syn / "meta.json").read_text(encoding="utf-8"))
     assert meta["noise_sigma"] == pytest.approx(1.0, rel=0.1) and meta["box"] == 32
     assert np.load(syn / "images.npy").shape == (96, 32, 32)
     labels = np.load(syn / "labels.npz")
@@ -897,9 +900,9 @@ def test_amplitudes_with_views_train_and_need_poses_to_infer(
     q += [str(tmp_path / "a.star"), "--out-json", str(tmp_path / "q.json")]
     q += ["--out-md", str(tmp_path / "q.md"), "--out-figure", str(tmp_path / "c.png")]
     assert cli(q) == 0
-    row = json.loads((tmp_path / "q.json").read_text())["networks"][0]
+    row = json.loads((tmp_path / "q.json").read_text(encoding="utf-8"))["networks"][0]
     assert -1 <= row["agreement_spearman"] <= 1
-    assert "disagreement with the model" in (tmp_path / "q.md").read_text()
+    assert "disagreement with the model" in (tmp_path / "q.md").read_text(encoding="utf-8")
 
 
 def test_quarter_turn_test_time_augmentation_maps_rotations_back():
@@ -1035,7 +1038,7 @@ def test_flagged_images_are_left_out_of_labels_merge_trust_and_space(
     mad = 1.4826 * np.median(np.abs(held_out - np.median(held_out)))
     expected = (-agreement - np.median(held_out)) / mad
     np.testing.assert_allclose(merged["dhAgreementZ"], expected, rtol=1e-3, atol=1e-3)
-    text = md.read_text()
+    text = md.read_text(encoding="utf-8")
     assert "10 of the 120 images they answered" in text and "5 of the 40 images" in text
     assert "145 of 160 images trusted" in text
     assert "about 12% of the 120 images the networks answered" in text  # 5 of 40 flagged
@@ -1050,7 +1053,7 @@ def test_flagged_images_are_left_out_of_labels_merge_trust_and_space(
     starfile.write({"optics": star["optics"], "particles": two}, "two.star", overwrite=True)
     assert cli([*merge, "--labelled", "two.star", "--out-md", str(md)]) == 0
     assert "dhAgreementZ" not in starfile.read(out)["particles"]
-    assert "several references" in md.read_text()
+    assert "several references" in md.read_text(encoding="utf-8")
     warn, fine = flag_verdict(5, 40, 3.0), flag_verdict(1, 300, 3.0)
     assert warn.startswith("- ⚠️") and "5 of 40 images (12.5 %)" in warn and "structure" in warn
     assert fine.startswith("- ✅") and "1 of 300" in fine and "reference_update" not in fine

@@ -43,8 +43,8 @@ def done(tmp_path_factory):
     """The example config/examples/em_map.yaml at tiny size (the tests' hemnma/network settings)."""
     d = tmp_path_factory.mktemp("realdata")
     relion_input(d)
-    cfg = yaml.safe_load((REPO / "config/examples/em_map.yaml").read_text())
-    tiny = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "config/examples/em_map.yaml").read_text(encoding="utf-8"))
+    tiny = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text(encoding="utf-8"))
     cfg["structure"] = str(d / "map.mrc")
     cfg["results"] = "results"
     cfg["particles"]["import"].update(star=str(d / "particles.star"), box=32, mask_diameter=90.0)
@@ -52,7 +52,7 @@ def done(tmp_path_factory):
     cfg["network"]["box"] = None
     cfg["analysis"]["groups"]["n_groups"] = 2
     cfg["analysis"]["path"]["groups"] = [0, 1]
-    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(d)]
     cmd += ["--configfile", str(d / "config.yaml"), "--cores", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=d)
@@ -63,15 +63,15 @@ def done(tmp_path_factory):
 
 
 def test_map_to_pseudo_atoms_to_a_stated_accuracy(done):
-    fit = json.loads((done / "results/model/pseudo_atoms.json").read_text())
+    fit = json.loads((done / "results/model/pseudo_atoms.json").read_text(encoding="utf-8"))
     assert fit["relative_error"] <= 0.1 and fit["correlation"] > 0.99
-    log = (done / "results/logs/pseudo_atoms.log").read_text()
+    log = (done / "results/logs/pseudo_atoms.log").read_text(encoding="utf-8")
     assert (
         f"correlation {fit['correlation']:.4f}, relative error {fit['relative_error']:.4f}" in log
     )
     n = len(np.load(done / "results/model/model.npz")["coords"])
     assert n == fit["pseudo_atoms"]
-    imported = (done / "results/logs/import_particles.log").read_text()
+    imported = (done / "results/logs/import_particles.log").read_text(encoding="utf-8")
     assert "normalising on the background outside 90 Å (13.6 px of 32)" in imported
     modes = pd.read_csv(done / "results/model/modes.csv")
     used = modes[modes["used"] == "yes"]
@@ -87,7 +87,7 @@ def test_space_marks_sources_and_draws_the_free_energy(done):
     assert set(space["source"]) <= {"hemnma", "network"} and (space["source"] == "hemnma").any()
     assert (done / "results/space/free_energy.png").exists()
     assert len(pd.read_csv(done / "results/space/trajectory_path.csv")) == 11
-    html = (done / "report.html").read_text(errors="ignore")
+    html = (done / "report.html").read_text(errors="ignore", encoding="utf-8")
     for name in ("free_energy.png", "pseudo_atoms.png", "pseudo_atoms.csv", "modes.csv"):
         assert name in html, name
 

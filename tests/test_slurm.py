@@ -51,19 +51,23 @@ def cluster(tmp_path_factory):
         subprocess.run(["bash", str(SCRIPT), "stop", str(d)], env=env)
         pytest.fail(
             f"could not start SLURM: {r.stderr}\n"
-            + "".join((d / "log" / f).read_text()[-2000:] for f in os.listdir(d / "log"))
+            + "".join(
+                (d / "log" / f).read_text(encoding="utf-8")[-2000:] for f in os.listdir(d / "log")
+            )
         )
     yield env
     subprocess.run(["bash", str(SCRIPT), "stop", str(d)], env=env)
 
 
 def test_tiny_workflow_runs_in_the_intended_partitions(cluster, tmp_path):
-    cfg = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text(encoding="utf-8"))
     cfg["structure"] = str(OPEN_PDB)
     cfg["hemnma"]["ranks"] = 2
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
     # the project's profile, with memory and CPU requests shrunk to this 2-core node
-    profile = yaml.safe_load((REPO / "config/profiles/slurm/config.yaml").read_text())
+    profile = yaml.safe_load(
+        (REPO / "config/profiles/slurm/config.yaml").read_text(encoding="utf-8")
+    )
     for res in profile["set-resources"].values():
         for key in ("mem_mb", "cpus_per_gpu"):
             if key in res:
@@ -72,7 +76,7 @@ def test_tiny_workflow_runs_in_the_intended_partitions(cluster, tmp_path):
     profile["set-threads"] = {k: 1 for k in profile["set-threads"]}
     profile["slurm-init-seconds-before-status-checks"] = 1
     (tmp_path / "profile").mkdir()
-    (tmp_path / "profile/config.yaml").write_text(yaml.safe_dump(profile))
+    (tmp_path / "profile/config.yaml").write_text(yaml.safe_dump(profile), encoding="utf-8")
     r = subprocess.run(
         [
             sys.executable,
@@ -95,7 +99,9 @@ def test_tiny_workflow_runs_in_the_intended_partitions(cluster, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     seen = {}
     for log in (tmp_path / "results/logs").rglob("*.log"):
-        m = re.search(r"SLURM job (\d+): partition=(\S+) ntasks=(\S+)", log.read_text())
+        m = re.search(
+            r"SLURM job (\d+): partition=(\S+) ntasks=(\S+)", log.read_text(encoding="utf-8")
+        )
         assert m, f"{log.name}: no SLURM record (did the job run outside SLURM?)"
         seen[log.relative_to(tmp_path / "results/logs").as_posix()] = m.groups()
     print({k: v for k, v in sorted(seen.items())})
@@ -107,7 +113,7 @@ def test_tiny_workflow_runs_in_the_intended_partitions(cluster, tmp_path):
             assert partition == want, f"{name} ran in {partition}, expected {want}"
     shards = [f"{rule}/shard_{i}.log" for rule in ("hemnma", "hybrid") for i in (0, 1)]
     for shard in shards:
-        text = (tmp_path / "results/logs" / shard).read_text()
+        text = (tmp_path / "results/logs" / shard).read_text(encoding="utf-8")
         assert "on 2 rank(s)" in text
         info = subprocess.run(
             ["scontrol", "show", "job", seen[shard][0]], env=cluster, capture_output=True, text=True

@@ -51,7 +51,7 @@ def planned_jobs(workdir, **changes):
 
 
 def write_config(workdir, **changes):
-    cfg = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text(encoding="utf-8"))
     cfg["structure"] = str(OPEN_PDB)
     for key, value in changes.items():
         node = cfg
@@ -59,7 +59,7 @@ def write_config(workdir, **changes):
         for p in path:
             node = node.setdefault(p, {})
         node[last] = value
-    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_second_instance_on_the_same_results_folder_stops(tmp_path):
         assert "prepare_model" in snakemake(wd, "-n", target).stdout  # dry runs take no lock
     snakemake(wd, target)
     assert (shared / "model/model.npz").exists()
-    assert f"in {wd}" in (shared / ".deephemnma.lock").read_text()
+    assert f"in {wd}" in (shared / ".deephemnma.lock").read_text(encoding="utf-8")
 
 
 def test_several_structures_add_a_reference_each(tmp_path):
@@ -175,7 +175,8 @@ def test_full_run_outputs(done):
     assert len(net["particles"]) == 120
     assert net["particles"]["dhHemnmaLabelled"].sum() == 60
     assert "rlnPhaseShift" in net["particles"]
-    verdicts = json.loads((done / "results/network/quality.json").read_text())["networks"]
+    quality = (done / "results/network/quality.json").read_text(encoding="utf-8")
+    verdicts = json.loads(quality)["networks"]
     assert {v["param"] for v in verdicts} == {"amplitudes", "angles", "shifts"}
     trusted = net["particles"]["dhTrusted"]
     explained = net["particles"]["dhFlagged"] == 0  # images HEMNMA flagged are never trusted
@@ -188,21 +189,21 @@ def test_full_run_outputs(done):
     hybrid = starfile.read(done / "results/network/hybrid.star")["particles"]
     space = pd.read_csv(done / "results/space/space.csv")
     assert len(space) == hybrid["dhTrusted"].sum() and set(space["source"]) <= {"hemnma", "hybrid"}
-    log = (done / "results/logs/quality.log").read_text()
+    log = (done / "results/logs/quality.log").read_text(encoding="utf-8")
     assert all(v["text"] in log for v in verdicts)
     hem = starfile.read(done / "results/hemnma/hemnma.star")["particles"]
     assert len(hem) == 60 and "dhCost" in hem
     assert {"dhCostZ", "dhFlagged"} <= set(hem) and "dhReference" not in hem
-    verdict = (done / "results/hemnma/verdict.md").read_text()
+    verdict = (done / "results/hemnma/verdict.md").read_text(encoding="utf-8")
     assert f"{int(hem['dhFlagged'].sum())} of 60 images" in verdict
-    trust = (done / "results/network/trust.md").read_text()
+    trust = (done / "results/network/trust.md").read_text(encoding="utf-8")
     assert f"{int(trusted.sum())} of 120 images trusted" in trust
     flags = hem.set_index("rlnImageName")["dhFlagged"]  # merge keeps HEMNMA's flag
     on_hemnma = net["particles"].set_index("rlnImageName").loc[flags.index, "dhFlagged"]
     assert (on_hemnma == flags).all()
     flagged = set(hybrid.loc[hybrid["dhFlagged"] == 1, "rlnImageName"])
     assert not flagged & set(space["rlnImageName"])  # nor is any flagged image in the space
-    assert (done / "results/evaluate/accuracy.md").read_text().count("|") > 20
+    assert (done / "results/evaluate/accuracy.md").read_text(encoding="utf-8").count("|") > 20
     for g in (0, 1):
         assert (done / f"results/maps/group_{g}.mrc").stat().st_size > 32**3 * 4
     assert (done / "results/benchmarks/hemnma/shard_0.tsv").exists()
@@ -221,7 +222,7 @@ def test_hybrid_output_has_every_image_with_its_source(done):
     same = ["rlnAngleRot", "dhAmplitudeMode7"]
     assert (out.loc[labelled, same] == merged.loc[labelled, same]).all().all()
     assert (out.loc[~labelled, "rlnAngleRot"] != merged.loc[~labelled, "rlnAngleRot"]).all()
-    verdict = (done / "results/network/hybrid.md").read_text()
+    verdict = (done / "results/network/hybrid.md").read_text(encoding="utf-8")
     assert f"{int((~labelled).sum())} of 120 images refined" in verdict
     # the hybrid started from the angle network's 8 orientation candidates (hybrid.candidates)
     assert [c for c in merged if c.startswith("dhAngleCandidate")][-1] == "dhAngleCandidate8Psi"
@@ -282,7 +283,7 @@ def test_failed_shard_reruns_alone(done):
 
 def test_report_builds(done):
     snakemake(done, "--report", str(done / "report.html"))
-    html = (done / "report.html").read_text(errors="ignore")
+    html = (done / "report.html").read_text(errors="ignore", encoding="utf-8")
     assert len(html) > 10000 and "pca.png" in html and "loss.png" in html
 
 
@@ -317,9 +318,12 @@ def test_job_commands_parse_with_their_verbs_and_every_schema_key_is_read(tmp_pa
         except SystemExit as exc:
             raise AssertionError(f"not accepted by `deephemnma {verb}`: {command}") from exc
     assert {"simulate", "hemnma", "train", "infer", "space", "reconstruct", "hybrid"} <= verbs
-    schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())
-    code = "".join(p.read_text() for p in [REPO / "Snakefile", *sorted((REPO / "rules").glob("*"))])
-    code += (REPO / "workflow/deephemnma/config.py").read_text()
+    schema = yaml.safe_load((REPO / "config/schema.yaml").read_text(encoding="utf-8"))
+    code = "".join(
+        p.read_text(encoding="utf-8")
+        for p in [REPO / "Snakefile", *sorted((REPO / "rules").glob("*"))]
+    )
+    code += (REPO / "workflow/deephemnma/config.py").read_text(encoding="utf-8")
     whole = [  # sections turned into flags as a whole: `cli_flags(config["a"]["b"], ...)`
         ".".join(re.findall(r'"(\w+)"', m)) + "."
         for m in re.findall(r"cli_flags\(\s*config((?:\[\"\w+\"\])+)", code)
