@@ -149,7 +149,7 @@ def fit(
                 turns, zero = torch.randint(0, 4, (len(idx),)), torch.zeros(len(idx), 2)
                 x = train.transform_images(x, turns, zero)
                 e, s = train.transform_labels(e, s, 90.0 * turns.float(), zero)
-                v = train.transform_views(v, turns, zero) if v is not None else None
+                v = views.transform_views(v, turns, zero) if v is not None else None
             y = train.target_values(param, rep, e, s, lab["amplitudes"][idx])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 pred = net(inputs(x, v).contiguous(memory_format=torch.channels_last))

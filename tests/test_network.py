@@ -786,7 +786,7 @@ def test_views_match_the_atom_projector_and_follow_augmentation(adk_model_files)
     tpx = torch.tensor([[0, 0], [1, -2], [2, 1], [-1, 0], [0, 2], [-2, -1]]).float()
     e2, s2 = train.transform_labels(euler, shifts, 90.0 * turns.float(), tpx)
     again = mv.render(e2, s2, None)
-    plain = train.transform_views(mv.render(euler, shifts, None), turns, tpx)
+    plain = views.transform_views(mv.render(euler, shifts, None), turns, tpx)
     for i in range(6):
         assert corr(plain[i, 0], again[i, 0]) > 0.999
 
@@ -1062,7 +1062,7 @@ def test_flagged_images_are_left_out_of_labels_merge_trust_and_space(
 def test_shift_test_time_augmentation_turns_answers_back():
     """`unturn` inverts the labels' quarter turn (`train.transform_labels`); a shift network that
     reads the shift exactly but adds a constant bias answers, after the four turned copies are
-    turned back and averaged (`infer.turned_shifts`), the exact shifts (the bias cancels), and
+    turned back and averaged (`infer.turned_regression`), the exact shifts (the bias cancels), and
     with a variance head its per-axis σ swaps with each quarter turn and adds to the spread."""
     from deephemnma.nets import unturn
 
@@ -1091,11 +1091,11 @@ def test_shift_test_time_augmentation_turns_answers_back():
             xy = torch.stack([flat % d, flat // d], -1).float() - d // 2
             return xy + bias
 
-    meta = {"mean": torch.zeros(2), "std": torch.ones(2), "box": d}
+    meta = {"param": "shifts", "mean": torch.zeros(2), "std": torch.ones(2), "box": d}
     net = Biased()
     first = (infer.forward(net, preprocess(imgs, d)), None)
     torch.testing.assert_close(first[0], torch.tensor(pos).float() + bias)
-    averaged, sd = infer.turned_shifts(net, imgs, meta, first, 4)
+    averaged, sd = infer.turned_regression(net, imgs, meta, first, 4)
     torch.testing.assert_close(averaged, torch.tensor(pos).float(), atol=1e-5, rtol=0)
     assert sd is None
     # with a variance head (σx 0.5, σy 1 in each turned copy's frame): per axis sqrt(mean σ² +
@@ -1107,6 +1107,39 @@ def test_shift_test_time_augmentation_turns_answers_back():
         infer.forward(net, preprocess(imgs, d)), meta["mean"], meta["std"]
     )
     torch.testing.assert_close(first[1], torch.tensor([[0.5, 1.0]]).expand(40, 2))
-    averaged, sd = infer.turned_shifts(net, imgs, meta, first, 4)
+    averaged, sd = infer.turned_regression(net, imgs, meta, first, 4)
     torch.testing.assert_close(averaged, torch.tensor(pos).float(), atol=1e-5, rtol=0)
     torch.testing.assert_close(sd, torch.full((40, 2), 0.95**0.5), atol=1e-5, rtol=0)
+
+
+def test_amplitude_test_time_augmentation_turns_the_views_with_the_images():
+    """Amplitudes do not change with a quarter turn: `infer.turned_regression` averages the four
+    turned answers as they are, the views turned with their images. A network answering (its
+    image's correlation with its first view, the bright pixel's x offset) gives the correlation
+    whatever the turn only when the views turn with the images, and x averages out over the
+    four turns (x, y, -x, -y sum to zero)."""
+    rng = np.random.default_rng(1)
+    d, n = 16, 24
+    pos = rng.integers(-4, 5, (n, 2))
+    imgs = torch.zeros(n, d, d)
+    imgs[torch.arange(n), d // 2 + pos[:, 1], d // 2 + pos[:, 0]] = 1.0
+    views = torch.tensor(rng.normal(size=(n, 1, d, d)), dtype=torch.float32)
+
+    class Reader(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            corr = (x[:, 0] * x[:, 1]).sum((-2, -1))
+            flat = x[:, 0].reshape(len(x), -1).argmax(-1)
+            return torch.stack([corr, (flat % d).float() - d // 2], -1)
+
+    meta = {"param": "amplitudes", "mean": torch.zeros(2), "std": torch.ones(2), "box": d}
+    net = Reader()
+    x = torch.cat([preprocess(imgs, d), views], 1)
+    first = (infer.forward(net, x), None)
+    averaged, sd = infer.turned_regression(net, imgs, meta, first, 4, views)
+    torch.testing.assert_close(averaged[:, 0], first[0][:, 0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(averaged[:, 1], torch.zeros(n), atol=1e-6, rtol=0)
+    assert sd is None

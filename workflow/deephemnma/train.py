@@ -60,7 +60,7 @@ from .nets import (
     transform_images,
     turn_shifts,
 )
-from .views import ModeViews, perturb_poses, shift_images
+from .views import ModeViews, perturb_poses, transform_views
 
 log = logging.getLogger(__name__)
 PARAMS = ("amplitudes", "angles", "shifts")
@@ -95,18 +95,6 @@ def quaternion_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- images
-
-
-def transform_views(
-    views: torch.Tensor, quarter_turns: torch.Tensor, t_px: torch.Tensor
-) -> torch.Tensor:
-    """Views (B, C, d, d) moved as `transform_images` moves their images: the same quarter
-    turns about d // 2, then shifts t_px (B, 2) in pixels of the views' box (a Fourier phase:
-    fractional when the views' box is smaller than the images')."""
-    b, c, d = views.shape[:3]
-    zero = torch.zeros(b * c, 2, device=views.device)
-    turned = transform_images(views.reshape(b * c, d, d), quarter_turns.repeat_interleave(c), zero)
-    return shift_images(turned.reshape(b, c, d, d), t_px)
 
 
 def transform_labels(

@@ -27,6 +27,7 @@ from torch_fourier_slice import project_3d_to_2d_multichannel
 
 from . import geometry, imaging
 from .flexible import FlexibleModel
+from .nets import transform_images
 
 ATOM_CHUNK = 512  # atoms per density pass: bounds memory to ATOM_CHUNK × (box·oversample)² floats
 
@@ -70,6 +71,18 @@ def shift_images(images: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
     s = shifts_px.float().reshape(len(shifts_px), *[1] * (images.dim() - 3), 2)
     phase = torch.exp(-2j * math.pi * (kx * s[..., 0, None, None] + ky * s[..., 1, None, None]))
     return torch.fft.irfft2(torch.fft.rfft2(images) * phase, s=(box, box))
+
+
+def transform_views(
+    views: torch.Tensor, quarter_turns: torch.Tensor, t_px: torch.Tensor
+) -> torch.Tensor:
+    """Views (B, C, d, d) moved as `transform_images` moves their images: the same quarter
+    turns about d // 2, then shifts t_px (B, 2) in pixels of the views' box (a Fourier phase:
+    fractional when the views' box is smaller than the images')."""
+    b, c, d = views.shape[:3]
+    zero = torch.zeros(b * c, 2, device=views.device)
+    turned = transform_images(views.reshape(b * c, d, d), quarter_turns.repeat_interleave(c), zero)
+    return shift_images(turned.reshape(b, c, d, d), t_px)
 
 
 @dataclass
