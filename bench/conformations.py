@@ -124,6 +124,7 @@ def main() -> None:
     p.add_argument("--update-box", type=int, default=fit.FitSettings.box, help="fit box")
     p.add_argument("--restrain-steps", type=int, default=fit.FitSettings.restrain_steps)
     p.add_argument("--restrain-weight", type=float, default=fit.FitSettings.restrain_weight)
+    p.add_argument("--restrain-within", type=float, default=fit.FitSettings.restrain_within)
     p.add_argument("--fit-sigma", type=float, default=fit.FitSettings.sigma_angstrom)
     a = p.parse_args()
     torch.manual_seed(a.seed)
@@ -237,6 +238,7 @@ def main() -> None:
                         box=a.update_box,
                         restrain_steps=a.restrain_steps,
                         restrain_weight=a.restrain_weight,
+                        restrain_within=a.restrain_within,
                         sigma_angstrom=a.fit_sigma,
                     ),
                 )

@@ -7,7 +7,7 @@ import pytest
 from deephemnma import hemnma
 from deephemnma import model as model_mod
 from deephemnma import nma as nma_mod
-from deephemnma.fit import fit_to_map, refined_modes, restrain
+from deephemnma.fit import FitSettings, fit_to_map, refined_modes, restrain
 from deephemnma.flexible import FlexibleModel
 from deephemnma.fsc import model_map
 
@@ -68,7 +68,7 @@ def test_fit_moves_the_open_model_to_the_closed_map(open_closed):
 def test_restrained_refinement_goes_beyond_the_modes_and_keeps_the_domains(open_closed):
     """From the open model's best fit on its 3 modes (3.7 Å from closed AK: their linear reach),
     restrained real-space refinement into the closed map moves it well closer (< 2.5 Å) while the
-    springs keep the model's local distances (mean change < 0.3 Å over pairs within 10 Å); in
+    springs keep the model's local distances (mean change < 0.3 Å over the pairs they hold); in
     its own map the model stays where it is."""
     from scipy.spatial import cKDTree
 
@@ -80,7 +80,7 @@ def test_restrained_refinement_goes_beyond_the_modes_and_keeps_the_domains(open_
     start, end = rmsd(best, cl.coords), rmsd(coords, cl.coords)
     print(f"RMSD to closed {start:.2f} -> {end:.2f} Å, correlation {cc:.4f}")
     assert 3.4 < start < 4.0 and end < 2.5 and cc > 0.95
-    pairs = cKDTree(op.coords).query_pairs(10.0, output_type="ndarray")
+    pairs = cKDTree(op.coords).query_pairs(FitSettings.restrain_within, output_type="ndarray")
     dist = lambda x: np.linalg.norm(x[pairs[:, 0]] - x[pairs[:, 1]], axis=-1)
     assert np.abs(dist(coords) - dist(op.coords)).mean() < 0.3
     own = model_map(op.coords, op.weights, BOX, PX, SIGMA)

@@ -8,7 +8,7 @@ atoms with each atom following its residue's CA), so later rounds follow the def
 the reach of the first modes. Linear modes still stop short of another state (the open AK
 model's 3 modes reach 3.7 Å from closed AK), so the mode fit is followed by a restrained
 real-space refinement (`restrain`): every atom moves to raise the correlation, held by springs
-that keep the model's own local geometry (atom pairs within 10 Å), and the modes are recomputed
+that keep the model's own local geometry (atom pairs within 7 Å), and the modes are recomputed
 at the result. The result is a new reference with its own modes: the building block of a
 reference update.
 
@@ -57,7 +57,7 @@ class FitSettings:
     coarse_above: int = 5000
     restrain_steps: int = 1000  # restrained real-space refinement after the mode fit (0: none)
     restrain_weight: float = 0.03  # its springs' weight against the correlation
-    restrain_within: float = 10.0  # springs between atoms closer than this in the model (Å)
+    restrain_within: float = 7.0  # springs between atoms closer than this in the model (Å)
 
 
 def refined_modes(
