@@ -78,11 +78,13 @@ def transform_views(
 ) -> torch.Tensor:
     """Views (B, C, d, d) moved as `transform_images` moves their images: the same quarter
     turns about d // 2, then shifts t_px (B, 2) in pixels of the views' box (a Fourier phase:
-    fractional when the views' box is smaller than the images')."""
+    fractional when the views' box is smaller than the images'; skipped when all are zero, as at
+    inference's test-time turns)."""
     b, c, d = views.shape[:3]
     zero = torch.zeros(b * c, 2, device=views.device)
     turned = transform_images(views.reshape(b * c, d, d), quarter_turns.repeat_interleave(c), zero)
-    return shift_images(turned.reshape(b, c, d, d), t_px)
+    turned = turned.reshape(b, c, d, d)
+    return shift_images(turned, t_px) if t_px.any() else turned
 
 
 @dataclass
