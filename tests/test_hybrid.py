@@ -115,10 +115,100 @@ def test_every_reference_starts_from_the_orientation_candidates(noise_free, monk
     start = hemnma.Start(ps.euler(rows), ps.shifts_px(rows), ps.amplitudes([7, 8, 9], rows), others)
     seen = []
     al = aligner(ps, local_iterations=(1, 1))
-    monkeypatch.setattr(al, "align", lambda *a: seen.append(a[-1]) or hemnma.Aligner.align(al, *a))
+    monkeypatch.setattr(
+        al, "align", lambda *a, **k: seen.append(a[-1]) or hemnma.Aligner.align(al, *a, **k)
+    )
     hemnma.align_best([al, al], ps.images[rows], ps.ctf_params(), rows, ps.has_ctf, start)
     assert [s.candidates is others for s in seen] == [True, True]
     assert (seen[1].amplitudes == 0).all()
+
+
+def test_amplitude_starts_are_the_best_correlating_gallery_models(noise_free, monkeypatch):
+    """At each image's true pose, the n starts are distinct members of {own, own ± g along each
+    mode}, in falling correlation, the first the best of all seven."""
+    d, star, aligner = noise_free
+    monkeypatch.chdir(d)
+    ps = ParticleSet(star)
+    rows = np.arange(len(ps))
+    al = aligner(ps)
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)
+    target = hemnma.make_target(
+        f32(ps.images[rows]), ps.ctf_params(), rows, 32, ps.pixel_size, True
+    )
+    rot, shift = geometry.euler_to_matrix(f32(ps.euler())), f32(ps.shifts_px())
+    own = f32(np.full((len(ps), 3), 20.0))
+    starts = al.start_amplitudes(target, rot, shift, own, 3)  # (8, 3, 3)
+    allowed = own[:, None] + torch.cat([torch.zeros(1, 3), 100 * torch.eye(3), -100 * torch.eye(3)])
+    ncc = lambda a: hemnma.model_ncc(target, al.model, rot, shift, a, al.s, ps.box)
+    every = torch.stack([ncc(allowed[:, m]) for m in range(7)], 1)  # (8, 7)
+    c = torch.stack([ncc(starts[:, j]) for j in range(3)], 1)
+    assert ((starts[:, :, None] == allowed[:, None]).all(-1).sum(-1) == 1).all()  # members
+    assert (starts[:, 0] != starts[:, 1]).any(-1).all() and (starts[:, 1] != starts[:, 2]).any(
+        -1
+    ).all()
+    assert (c[:, :-1] >= c[:, 1:]).all()
+    torch.testing.assert_close(c[:, 0], every.max(1).values)
+    # the best start moves along a mode toward the truth (these particles lie up to 150 out)
+    step = starts[:, 0].numpy() - 20.0
+    moved = np.abs(step).max(1) > 0
+    truth = ps.amplitudes([7, 8, 9])
+    assert moved.sum() >= 6
+    assert (np.sign(step) == np.sign(truth))[np.abs(step) > 0].all()
+
+
+def test_pruning_goes_on_with_each_orientations_best_start(noise_free, monkeypatch):
+    """Three starts per orientation refined for `local_prune_after` coarse iterations, then only
+    the one with the lowest objective for the rest; without pruning all three go the whole way."""
+    d, star, aligner = noise_free
+    monkeypatch.chdir(d)
+    ps = ParticleSet(star)
+    rows = np.arange(2)
+    calls = []
+
+    def recorded(target, model, rot0, shift0, amp0, iterations, *a, **k):
+        out = real(target, model, rot0, shift0, amp0, iterations, *a, **k)
+        calls.append((len(rot0), iterations, amp0, out[2], out[4]))
+        return out
+
+    real = hemnma.refine
+    monkeypatch.setattr(hemnma, "refine", recorded)
+    start = hemnma.Start(perturb(ps.euler(rows), 4.0, 0), ps.shifts_px(rows), np.zeros((2, 3)))
+    al = aligner(ps, local_starts=3, local_prune_after=6, local_iterations=(10, 5))
+    al.align(ps.images[rows], ps.ctf_params(), rows, True, start)
+    assert [c[:2] for c in calls] == [(6, 6), (2, 4), (2, 5)]
+    best = calls[0][4].view(2, 3).argmin(1) + torch.tensor([0, 3])
+    torch.testing.assert_close(calls[1][2], calls[0][3][best])  # the best start goes on
+    calls.clear()
+    al.align(ps.images[rows], ps.ctf_params(), rows, True, start, prune=False)
+    assert [c[:2] for c in calls] == [(6, 10), (2, 5)]
+
+
+def test_retry_redoes_the_highest_cost_images_without_pruning(noise_free, monkeypatch):
+    """Two starts 90° off leave their images unexplained: with local_retry 0.5 exactly those two
+    are refined again, unpruned, and every image keeps its lower objective."""
+    d, star, aligner = noise_free
+    monkeypatch.chdir(d)
+    ps = ParticleSet(star)
+    rows = np.arange(4)
+    euler = ps.euler()
+    euler[2:4] = perturb(euler[2:4], 90.0, seed=2)
+    start = hemnma.Start(euler, ps.shifts_px(), np.zeros((len(ps), 3)))
+    seen = []
+    real = hemnma.Aligner.align
+
+    def recorded(self, images, ctf, r, has_ctf, st, prune=True):
+        seen.append((list(r), prune))
+        return real(self, images, ctf, r, has_ctf, st, prune=prune)
+
+    monkeypatch.setattr(hemnma.Aligner, "align", recorded)
+    al = aligner(ps, local_iterations=(6, 4), local_retry=0.5)
+    first = hemnma.align_rows(
+        ps, rows, aligner(ps, local_iterations=(6, 4), local_retry=0.0), start=start
+    )
+    res = hemnma.align_rows(ps, rows, al, start=start)
+    assert [(sorted(r), p) for r, p in seen[1:]] == [([0, 1, 2, 3], True), ([2, 3], False)]
+    assert (first["cost"][2:] > first["cost"][:2].max()).all()
+    assert (res["objective"] <= first["objective"] + 1e-6).all()
 
 
 def test_escalation_sends_the_worst_explained_images_to_the_global_search(noise_free, monkeypatch):
@@ -203,6 +293,8 @@ def test_priors_start_without_a_consensus_pose_is_a_one_line_error(
     ]
     assert cli([*argv, "--escalate", "0.2"]) == 2  # a global search has nothing to escalate
     assert "--escalate 0.2: a fraction in [0, 1], local mode only" in capsys.readouterr().err
+    assert cli([*argv, "--local-retry", "1.5"]) == 2
+    assert "--local-retry 1.5: a fraction in [0, 1]" in capsys.readouterr().err
     with pytest.raises(
         InputError, match=r"o\.star: --start network needs column\(s\) _rlnAngleRot,"
     ):

@@ -63,6 +63,8 @@ from .relion import PRIOR
 
 log = logging.getLogger(__name__)
 
+SEARCH_CHUNK_CPU = 8  # images per global-search product on a CPU (≈ 90 MB each by default)
+
 
 @dataclass
 class AlignSettings:
@@ -76,7 +78,7 @@ class AlignSettings:
     min_separation_deg: float = 20.0
     max_shift_px: float = 6.0  # search window, pixels of the full box
     iterations: tuple[int, int] = (40, 60)
-    batch: int | None = None  # images aligned at once; None: 8 on a CPU, 128 on a GPU
+    batch: int | None = None  # images aligned at once; None: 32 on a CPU, 128 on a GPU
     sigma_angstrom: float = 1.0
     lr_amplitude: float = 6.0
     lr_rotation: float = 0.02  # radians
@@ -88,6 +90,9 @@ class AlignSettings:
     local_iterations: tuple[int, int] = (25, 25)
     local_lr_amplitude: float = 12.0  # local mode: fewer iterations, larger amplitude steps
     local_flip: bool = False  # local mode: also start from the 180° in-plane flip
+    local_starts: int = 3  # local mode: amplitude starts per orientation (best of the gallery's)
+    local_prune_after: int = 6  # local mode: coarse iterations before only the best start goes on
+    local_retry: float = 0.05  # local mode: share of images (highest cost) redone without pruning
 
 
 START_MODES = ("search", "priors", "network")
@@ -352,7 +357,8 @@ def global_search(
 
     For the integer coarse-pixel shifts s within the search radius, the CTF-weighted correlation
     Re Σ_k w_k I_k e^{2πi k·s/d} C_k conj(G_mk) of every image with every gallery entry is one
-    real matrix product; it is normalised by each CTF-affected reference's norm.
+    real matrix product; it is normalised by each CTF-affected reference's norm. On a CPU the
+    images are searched SEARCH_CHUNK_CPU at a time (the product is images × shifts × entries).
     """
     d, dev = target.box, target.images_f.device
     scale = full_box / d
@@ -368,12 +374,19 @@ def global_search(
     phase = torch.exp(
         2j * math.pi * (lags[:, 0, None, None] * kx + lags[:, 1, None, None] * ky) / d
     )
-    x = (w * target.ctf * target.images_f)[:, None] * phase  # (B, S, d, d/2+1)
-    x = torch.cat([x.real, x.imag], -1).flatten(2)  # (B, S, 2K)
-    cc = x @ gallery.flat  # (B, S, M)
-    norm = torch.sqrt((w * target.ctf**2).flatten(1) @ gallery.power)
-    cc = cc / norm[:, None, :]
-    best, idx = cc.max(1)  # over shifts: (B, M)
+    n = len(target.images_f)
+    step = n if dev.type == "cuda" else SEARCH_CHUNK_CPU
+    best, idx = [], []
+    for i in range(0, n, step):
+        ctf, img = target.ctf[i : i + step], target.images_f[i : i + step]
+        x = (w * ctf * img)[:, None] * phase  # (b, S, d, d/2+1)
+        x = torch.cat([x.real, x.imag], -1).flatten(2)  # (b, S, 2K)
+        cc = x @ gallery.flat  # (b, S, M)
+        norm = torch.sqrt((w * ctf**2).flatten(1) @ gallery.power)
+        b, j = (cc / norm[:, None, :]).max(1)  # over shifts: (b, M)
+        best.append(b)
+        idx.append(j)
+    best, idx = torch.cat(best), torch.cat(idx)
     top = best.topk(min(64 * settings.candidates, best.shape[1]), dim=1).indices  # best first
     chosen = top.gather(
         1, geometry.separated(gallery.quat[top], settings.candidates, settings.min_separation_deg)
@@ -501,7 +514,7 @@ class Aligner:
         device: torch.device,
     ):
         self.s, self.box, self.px, self.dev = settings, box, pixel_size, device
-        self.batch = settings.batch or (128 if device.type == "cuda" else 8)
+        self.batch = settings.batch or (128 if device.type == "cuda" else 32)
         self.model = model.to(device)
         self.prior_sd = None
         if settings.amplitude_prior > 0:
@@ -517,13 +530,14 @@ class Aligner:
             )
 
     def start_amplitudes(
-        self, target: Target, rot: torch.Tensor, shift: torch.Tensor, amp: torch.Tensor
+        self, target: Target, rot: torch.Tensor, shift: torch.Tensor, amp: torch.Tensor, n: int
     ) -> torch.Tensor:
-        """Per local candidate (B,), the amplitudes (B, K) that correlate best at its start pose
-        among its own and those ± `gallery_amplitude` along each mode (as in the gallery)."""
+        """Per local candidate (R,), the `n` amplitude vectors (R, n, K) that correlate best at
+        its start pose among its own and those ± `gallery_amplitude` along each mode (as in the
+        gallery), best first."""
         g, k = self.s.gallery_amplitude, amp.shape[1]
         if g <= 0:
-            return amp
+            return amp[:, None]
         eye = torch.eye(k, dtype=amp.dtype, device=amp.device)
         steps = torch.cat([torch.zeros_like(eye[:1]), g * eye, -g * eye])  # (M, K)
         m = len(steps)
@@ -539,8 +553,41 @@ class Aligner:
                 self.s,
                 self.box,
             )
-        best = c.view(-1, m).argmax(1)
-        return trial.view(-1, m, k)[torch.arange(len(amp), device=amp.device), best]
+        best = c.view(-1, m).topk(min(n, m), 1).indices  # (R, n)
+        return trial.view(-1, m, k).gather(1, best[..., None].expand(-1, -1, k))
+
+    def refine_starts(
+        self,
+        target: Target,
+        rot0: torch.Tensor,
+        shift0: torch.Tensor,
+        amp0: torch.Tensor,
+        iterations: int,
+        s: AlignSettings,
+        prune: bool,
+    ) -> tuple[torch.Tensor, ...]:
+        """Local mode, coarse box: `refine`'s answer for each candidate (R,) refined from its
+        `local_starts` amplitude starts, the best objective kept; with `prune`, only each
+        candidate's best start goes on after `local_prune_after` iterations."""
+        starts = self.start_amplitudes(target, rot0, shift0, amp0, s.local_starts)  # (R, n, K)
+        r, n = starts.shape[:2]
+        rep = lambda x: x.repeat_interleave(n, 0)
+        many = Target(rep(target.images_f), rep(target.ctf), target.box, target.pixel_size)
+        first = min(iterations, s.local_prune_after) if prune and n > 1 else iterations
+        bound = Bound(s.local_max_angle_deg, s.local_max_shift_px, rep(shift0))
+        out = refine(
+            many, self.model, rep(rot0), rep(shift0), starts.reshape(r * n, -1), first, s,
+            self.box, self.prior_sd, bound=bound,
+        )  # fmt: skip
+        best = out[4].view(r, n).argmin(1) + torch.arange(r, device=rot0.device) * n
+        rot, shift, amp, score, objective, omega = (x[best] for x in out)
+        if first == iterations:
+            return rot, shift, amp, score, objective, omega
+        bound = Bound(s.local_max_angle_deg, s.local_max_shift_px, shift0)
+        return refine(
+            target, self.model, rot0, shift, amp, iterations - first, s, self.box,
+            self.prior_sd, omega, bound,
+        )  # fmt: skip
 
     def align(
         self,
@@ -549,10 +596,12 @@ class Aligner:
         rows: np.ndarray,
         has_ctf: bool,
         start: Start | None = None,
+        prune: bool = True,
     ) -> dict:
         """Estimate (euler (B,3), shifts_px (B,2), amplitudes (B,K), cost (B,), objective (B,))
         for one batch; the objective is what the refinement minimised (-NCC without a prior).
-        Candidates come from the global search, or with `start` from local_candidates."""
+        Candidates come from the global search, or with `start` from local_candidates, each
+        refined from several amplitude starts (`refine_starts`, pruned unless `prune` is off)."""
         imgs = torch.as_tensor(images, dtype=torch.float32, device=self.dev)
         coarse = make_target(imgs, ctf_params, rows, self.coarse, self.px, has_ctf)
         eul, sh, amp_init, iterations, s = self.candidates(coarse, start)
@@ -563,14 +612,17 @@ class Aligner:
         f32 = lambda x: torch.tensor(x, dtype=torch.float32, device=self.dev)
         rot0 = geometry.euler_to_matrix(f32(eul.reshape(-1, 3)))
         shift0, amp0 = f32(sh.reshape(-1, 2)), f32(amp_init.reshape(-1, self.model.n_modes))
-        bound = None
-        if start is not None:
+        if start is None:
+            bound = None
+            rot, shift, amp, _, objective, omega = refine(
+                coarse_c, self.model, rot0, shift0, amp0, iterations[0], s, self.box,
+                self.prior_sd,
+            )  # fmt: skip
+        else:
             bound = Bound(s.local_max_angle_deg, s.local_max_shift_px, shift0)
-            amp0 = self.start_amplitudes(coarse_c, rot0, shift0, amp0)
-        rot, shift, amp, _, objective, omega = refine(
-            coarse_c, self.model, rot0, shift0, amp0, iterations[0], s, self.box, self.prior_sd,
-            bound=bound,
-        )  # fmt: skip
+            rot, shift, amp, _, objective, omega = self.refine_starts(
+                coarse_c, rot0, shift0, amp0, iterations[0], s, prune
+            )
         best = objective.view(len(imgs), c).argmin(1) + torch.arange(len(imgs), device=self.dev) * c
         # stage 2: the best candidate at the full box (local: still bound to its start)
         full = make_target(imgs, ctf_params, rows, self.box, self.px, has_ctf)
@@ -626,6 +678,7 @@ def align_best(
     rows: np.ndarray,
     has_ctf: bool,
     start: Start | None = None,
+    prune: bool = True,
 ) -> dict[str, np.ndarray]:
     """Align one batch against every reference; each image keeps the lowest objective.
 
@@ -639,7 +692,7 @@ def align_best(
         undeformed = Start(start.euler, start.shifts_px, zero, start.candidates)
         starts = [start] + [undeformed] * (len(aligners) - 1)
     runs = [
-        a.align(images, ctf_params, rows, has_ctf, st)
+        a.align(images, ctf_params, rows, has_ctf, st, prune=prune)
         for a, st in zip(aligners, starts, strict=True)
     ]
     choice = np.argmin(np.stack([r["objective"] for r in runs]), 0)
@@ -656,15 +709,41 @@ def align_rows(
     start: Start | None = None,
 ) -> dict[str, np.ndarray]:
     """Align the particle rows `rows` in batches against one or several references; local
-    mode when `start` (one row per particle of `ps`) is given."""
+    mode when `start` (one row per particle of `ps`) is given. In local mode, the
+    `local_retry` share of the images left with the highest cost are refined again with every
+    amplitude start carried through the coarse stage (no pruning), each keeping the better
+    answer."""
     aligners = [aligner] if isinstance(aligner, Aligner) else list(aligner)
+    result = align_batches(ps, rows, aligners, desc, start)
+    fraction = aligners[0].s.local_retry
+    n = min(len(rows), math.ceil(fraction * len(rows)))
+    if start is None or n == 0 or aligners[0].s.local_starts < 2:
+        return result
+    worst = np.argsort(result["cost"], kind="stable")[len(rows) - n :]
+    again = align_batches(ps, rows[worst], aligners, f"{desc} (retried)", start, prune=False)
+    out, better = keep_better(result, worst, again)
+    log.info(
+        "refined again without pruning the %d images with the highest cost: %d improved", n, better
+    )
+    return out
+
+
+def align_batches(
+    ps: ParticleSet,
+    rows: np.ndarray,
+    aligners: list[Aligner],
+    desc: str,
+    start: Start | None,
+    prune: bool = True,
+) -> dict[str, np.ndarray]:
+    """`align_best` over `rows` in batches of the first aligner's size, with progress."""
     ctf_params = ps.ctf_params()
     parts: list[dict] = []
     bs = aligners[0].batch
     for first in tqdm(range(0, len(rows), bs), desc=desc, unit="batch", mininterval=10):
         r = rows[first : first + bs]
         st = None if start is None else start.take(r)
-        parts.append(align_best(aligners, ps.images[r], ctf_params, r, ps.has_ctf, st))
+        parts.append(align_best(aligners, ps.images[r], ctf_params, r, ps.has_ctf, st, prune))
     if not parts:
         k = aligners[0].model.n_modes
         return {
@@ -676,6 +755,18 @@ def align_rows(
             "reference": np.zeros(0, dtype=int),
         }
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def keep_better(
+    result: dict[str, np.ndarray], rows: np.ndarray, again: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], int]:
+    """`result` with its entries `rows` replaced by `again`'s where its objective is lower, and
+    how many were."""
+    better = again["objective"] < result["objective"][rows]
+    out = {k: v.copy() for k, v in result.items()}
+    for k in out:
+        out[k][rows[better]] = again[k][better]
+    return out, int(better.sum())
 
 
 def escalate(
@@ -697,14 +788,9 @@ def escalate(
     search = replace(settings, start="search")
     aligners = [Aligner(r, ps.box, ps.pixel_size, search, device) for r in references]
     again = align_rows(ps, rows[worst], aligners, "hemnma (escalated)")
-    better = again["objective"] < result["objective"][worst]
-    out = {k: v.copy() for k, v in result.items()}
-    for k in out:
-        out[k][worst[better]] = again[k][better]
+    out, better = keep_better(result, worst, again)
     log.info(
-        "escalated the %d images with the highest cost to the global search: %d improved",
-        n,
-        int(better.sum()),
+        "escalated the %d images with the highest cost to the global search: %d improved", n, better
     )
     return out
 
@@ -787,7 +873,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--batch",
         type=int,
         default=None,
-        help="images aligned at once (default: 8 on a CPU, 128 on a GPU)",
+        help="images aligned at once (default: 32 on a CPU, 128 on a GPU)",
     )
     p.add_argument(
         "--sigma-angstrom", type=float, default=d.sigma_angstrom, help="atom Gaussian width (Å)"
@@ -831,6 +917,26 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="local mode: also try the 180° in-plane flip",
     )
     p.add_argument(
+        "--local-starts",
+        type=int,
+        default=d.local_starts,
+        help="local mode: amplitude starts per orientation, the best-correlating of the start's "
+        "own and ± --gallery-amplitude along each mode",
+    )
+    p.add_argument(
+        "--local-prune-after",
+        type=int,
+        default=d.local_prune_after,
+        help="local mode: coarse iterations after which only each orientation's best start goes on",
+    )
+    p.add_argument(
+        "--local-retry",
+        type=float,
+        default=d.local_retry,
+        help="local mode: share of the images, those left with the highest cost, refined again "
+        "without pruning; each keeps the better answer",
+    )
+    p.add_argument(
         "--escalate",
         type=float,
         default=0.0,
@@ -856,6 +962,9 @@ def settings_from_args(args: argparse.Namespace) -> AlignSettings:
         local_max_shift_px=args.local_max_shift_px,
         local_iterations=tuple(args.local_iterations),
         local_flip=args.local_flip,
+        local_starts=args.local_starts,
+        local_prune_after=args.local_prune_after,
+        local_retry=args.local_retry,
     )
 
 
@@ -873,6 +982,10 @@ def main(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
     if not 0.0 <= args.escalate <= 1.0 or (args.escalate > 0 and settings.start == "search"):
         raise InputError(f"--escalate {args.escalate:g}: a fraction in [0, 1], local mode only")
+    if not 0.0 <= settings.local_retry <= 1.0:
+        raise InputError(f"--local-retry {settings.local_retry:g}: a fraction in [0, 1]")
+    if settings.local_starts < 1 or settings.local_prune_after < 1:
+        raise InputError("--local-starts and --local-prune-after: at least 1")
     numbers = references[0].mode_numbers
     start = None if settings.start == "search" else read_start(ps, settings.start, numbers)
     aligners = [Aligner(r, ps.box, ps.pixel_size, settings, device) for r in references]
