@@ -158,7 +158,8 @@ def test_amplitude_starts_are_the_best_correlating_gallery_models(noise_free, mo
 
 def test_pruning_goes_on_with_each_orientations_best_start(noise_free, monkeypatch):
     """Three starts per orientation refined for `local_prune_after` coarse iterations, then only
-    the one with the lowest objective for the rest; without pruning all three go the whole way."""
+    the one with the lowest objective for the rest, anchored at the start's rotation with the ω
+    it reached; without pruning (or with one start) all go the whole way."""
     d, star, aligner = noise_free
     monkeypatch.chdir(d)
     ps = ParticleSet(star)
@@ -167,7 +168,8 @@ def test_pruning_goes_on_with_each_orientations_best_start(noise_free, monkeypat
 
     def recorded(target, model, rot0, shift0, amp0, iterations, *a, **k):
         out = real(target, model, rot0, shift0, amp0, iterations, *a, **k)
-        calls.append((len(rot0), iterations, amp0, out[2], out[4]))
+        omega0 = a[3] if len(a) > 3 else k.get("omega0")
+        calls.append((len(rot0), iterations, rot0, amp0, omega0, out))
         return out
 
     real = hemnma.refine
@@ -176,16 +178,23 @@ def test_pruning_goes_on_with_each_orientations_best_start(noise_free, monkeypat
     al = aligner(ps, local_starts=3, local_prune_after=6, local_iterations=(10, 5))
     al.align(ps.images[rows], ps.ctf_params(), rows, True, start)
     assert [c[:2] for c in calls] == [(6, 6), (2, 4), (2, 5)]
-    best = calls[0][4].view(2, 3).argmin(1) + torch.tensor([0, 3])
-    torch.testing.assert_close(calls[1][2], calls[0][3][best])  # the best start goes on
+    first = calls[0][5]  # rot, shift, amp, ncc, objective, ω
+    best = first[4].view(2, 3).argmin(1) + torch.tensor([0, 3])
+    torch.testing.assert_close(calls[1][3], first[2][best])  # the best start goes on ...
+    torch.testing.assert_close(calls[1][4], first[5][best])  # ... from the ω it reached
+    torch.testing.assert_close(calls[1][2], calls[0][2][::3])  # about the start's rotation
     calls.clear()
     al.align(ps.images[rows], ps.ctf_params(), rows, True, start, prune=False)
     assert [c[:2] for c in calls] == [(6, 10), (2, 5)]
+    calls.clear()
+    aligner(ps, local_starts=1).align(ps.images[rows], ps.ctf_params(), rows, True, start)
+    assert [c[:2] for c in calls] == [(2, 25), (2, 25)]
 
 
 def test_retry_redoes_the_highest_cost_images_without_pruning(noise_free, monkeypatch):
     """Two starts 90° off leave their images unexplained: with local_retry 0.5 exactly those two
-    are refined again, unpruned, and every image keeps its lower objective."""
+    are refined again, unpruned; each keeps the lower objective of the two runs, the others are
+    untouched. Without pruning (one start) there is nothing to retry."""
     d, star, aligner = noise_free
     monkeypatch.chdir(d)
     ps = ParticleSet(star)
@@ -197,18 +206,30 @@ def test_retry_redoes_the_highest_cost_images_without_pruning(noise_free, monkey
     real = hemnma.Aligner.align
 
     def recorded(self, images, ctf, r, has_ctf, st, prune=True):
-        seen.append((list(r), prune))
+        seen.append((sorted(r), prune))
         return real(self, images, ctf, r, has_ctf, st, prune=prune)
 
     monkeypatch.setattr(hemnma.Aligner, "align", recorded)
-    al = aligner(ps, local_iterations=(6, 4), local_retry=0.5)
-    first = hemnma.align_rows(
-        ps, rows, aligner(ps, local_iterations=(6, 4), local_retry=0.0), start=start
-    )
-    res = hemnma.align_rows(ps, rows, al, start=start)
-    assert [(sorted(r), p) for r, p in seen[1:]] == [([0, 1, 2, 3], True), ([2, 3], False)]
-    assert (first["cost"][2:] > first["cost"][:2].max()).all()
-    assert (res["objective"] <= first["objective"] + 1e-6).all()
+    kw = dict(local_iterations=(10, 4), local_prune_after=1)
+    pruned = hemnma.align_rows(ps, rows, aligner(ps, **kw, local_retry=0.0), start=start)
+    no_pruning = aligner(ps, **{**kw, "local_prune_after": 10})
+    unpruned = hemnma.align_rows(ps, rows[2:], no_pruning, start=start)
+    seen.clear()
+    res = hemnma.align_rows(ps, rows, aligner(ps, **kw, local_retry=0.5), start=start)
+    assert seen == [([0, 1, 2, 3], True), ([2, 3], False)]
+    assert (pruned["cost"][2:] > pruned["cost"][:2].max()).all()
+    better = unpruned["objective"] < pruned["objective"][2:]
+    assert better.any() and not better.all()  # both outcomes of the retry are checked
+    for key in ("euler", "amplitudes", "objective"):
+        np.testing.assert_array_equal(res[key][:2], pruned[key][:2])
+        for i in (2, 3):
+            lower = unpruned if unpruned["objective"][i - 2] < pruned["objective"][i] else pruned
+            np.testing.assert_array_equal(
+                res[key][i], lower[key][i - 2 if lower is unpruned else i]
+            )
+    seen.clear()
+    hemnma.align_rows(ps, rows, aligner(ps, **kw, local_starts=1, local_retry=0.5), start=start)
+    assert seen == [([0, 1, 2, 3], True)]
 
 
 def test_escalation_sends_the_worst_explained_images_to_the_global_search(noise_free, monkeypatch):
@@ -295,6 +316,8 @@ def test_priors_start_without_a_consensus_pose_is_a_one_line_error(
     assert "--escalate 0.2: a fraction in [0, 1], local mode only" in capsys.readouterr().err
     assert cli([*argv, "--local-retry", "1.5"]) == 2
     assert "--local-retry 1.5: a fraction in [0, 1]" in capsys.readouterr().err
+    assert cli([*argv, "--local-starts", "0"]) == 2
+    assert "--local-starts 0, --local-prune-after 6: each at least 1" in capsys.readouterr().err
     with pytest.raises(
         InputError, match=r"o\.star: --start network needs column\(s\) _rlnAngleRot,"
     ):

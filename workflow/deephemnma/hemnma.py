@@ -532,9 +532,9 @@ class Aligner:
     def start_amplitudes(
         self, target: Target, rot: torch.Tensor, shift: torch.Tensor, amp: torch.Tensor, n: int
     ) -> torch.Tensor:
-        """Per local candidate (R,), the `n` amplitude vectors (R, n, K) that correlate best at
-        its start pose among its own and those ± `gallery_amplitude` along each mode (as in the
-        gallery), best first."""
+        """Per local candidate (R,), the min(n, 2K + 1) amplitude vectors (R, ·, K) that correlate
+        best at its start pose among its own and those ± `gallery_amplitude` along each mode (as
+        in the gallery), best first; its own alone when `gallery_amplitude` is 0."""
         g, k = self.s.gallery_amplitude, amp.shape[1]
         if g <= 0:
             return amp[:, None]
@@ -568,7 +568,8 @@ class Aligner:
     ) -> tuple[torch.Tensor, ...]:
         """Local mode, coarse box: `refine`'s answer for each candidate (R,) refined from its
         `local_starts` amplitude starts, the best objective kept; with `prune`, only each
-        candidate's best start goes on after `local_prune_after` iterations."""
+        candidate's best start goes on after `local_prune_after` iterations (with a fresh step
+        schedule over the remaining ones: a warm restart)."""
         starts = self.start_amplitudes(target, rot0, shift0, amp0, s.local_starts)  # (R, n, K)
         r, n = starts.shape[:2]
         rep = lambda x: x.repeat_interleave(n, 0)
@@ -600,8 +601,9 @@ class Aligner:
     ) -> dict:
         """Estimate (euler (B,3), shifts_px (B,2), amplitudes (B,K), cost (B,), objective (B,))
         for one batch; the objective is what the refinement minimised (-NCC without a prior).
-        Candidates come from the global search, or with `start` from local_candidates, each
-        refined from several amplitude starts (`refine_starts`, pruned unless `prune` is off)."""
+        Candidates come from the global search, or with `start` from local_candidates; local
+        candidates are refined from several amplitude starts (`refine_starts`, pruned unless
+        `prune` is off)."""
         imgs = torch.as_tensor(images, dtype=torch.float32, device=self.dev)
         coarse = make_target(imgs, ctf_params, rows, self.coarse, self.px, has_ctf)
         eul, sh, amp_init, iterations, s = self.candidates(coarse, start)
@@ -709,23 +711,32 @@ def align_rows(
     start: Start | None = None,
 ) -> dict[str, np.ndarray]:
     """Align the particle rows `rows` in batches against one or several references; local
-    mode when `start` (one row per particle of `ps`) is given. In local mode, the
-    `local_retry` share of the images left with the highest cost are refined again with every
-    amplitude start carried through the coarse stage (no pruning), each keeping the better
+    mode when `start` (one row per particle of `ps`) is given. In local mode, when the starts
+    are pruned, the `local_retry` share of `rows` left with the highest cost are refined again
+    with every amplitude start carried through the coarse stage, each keeping the better
     answer."""
     aligners = [aligner] if isinstance(aligner, Aligner) else list(aligner)
     result = align_batches(ps, rows, aligners, desc, start)
-    fraction = aligners[0].s.local_retry
-    n = min(len(rows), math.ceil(fraction * len(rows)))
-    if start is None or n == 0 or aligners[0].s.local_starts < 2:
+    s = aligners[0].s
+    pruned = s.local_starts > 1 and s.gallery_amplitude > 0
+    pruned = pruned and s.local_iterations[0] > s.local_prune_after
+    worst = highest_cost(result["cost"], s.local_retry)
+    if start is None or not pruned or not len(worst):
         return result
-    worst = np.argsort(result["cost"], kind="stable")[len(rows) - n :]
     again = align_batches(ps, rows[worst], aligners, f"{desc} (retried)", start, prune=False)
     out, better = keep_better(result, worst, again)
     log.info(
-        "refined again without pruning the %d images with the highest cost: %d improved", n, better
+        "refined again without pruning the %d images with the highest cost: %d improved",
+        len(worst),
+        better,
     )
     return out
+
+
+def highest_cost(cost: np.ndarray, fraction: float) -> np.ndarray:
+    """Indices of the ⌈fraction · len⌉ entries of `cost` with the highest values."""
+    n = min(len(cost), math.ceil(fraction * len(cost)))
+    return np.argsort(cost, kind="stable")[len(cost) - n :]
 
 
 def align_batches(
@@ -781,16 +792,17 @@ def escalate(
     """`result` of local refinement of `rows`, with the `fraction` of images left with the
     highest cost (a start outside the right basin leaves the image unexplained) aligned again
     from the global search; each of them keeps the answer with the lower objective."""
-    n = min(len(rows), math.ceil(fraction * len(rows)))
-    if n == 0:
+    worst = highest_cost(result["cost"], fraction)
+    if not len(worst):
         return result
-    worst = np.argsort(result["cost"], kind="stable")[len(rows) - n :]
     search = replace(settings, start="search")
     aligners = [Aligner(r, ps.box, ps.pixel_size, search, device) for r in references]
     again = align_rows(ps, rows[worst], aligners, "hemnma (escalated)")
     out, better = keep_better(result, worst, again)
     log.info(
-        "escalated the %d images with the highest cost to the global search: %d improved", n, better
+        "escalated the %d images with the highest cost to the global search: %d improved",
+        len(worst),
+        better,
     )
     return out
 
@@ -921,7 +933,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d.local_starts,
         help="local mode: amplitude starts per orientation, the best-correlating of the start's "
-        "own and ± --gallery-amplitude along each mode",
+        "own and ± --gallery-amplitude along each mode (at most 2K + 1; 1 when that is 0)",
     )
     p.add_argument(
         "--local-prune-after",
@@ -933,8 +945,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--local-retry",
         type=float,
         default=d.local_retry,
-        help="local mode: share of the images, those left with the highest cost, refined again "
-        "without pruning; each keeps the better answer",
+        help="local mode: share of the images (of each MPI rank's), those left with the highest "
+        "cost, refined again without pruning; each keeps the better answer",
     )
     p.add_argument(
         "--escalate",
@@ -984,8 +996,11 @@ def main(args: argparse.Namespace) -> None:
         raise InputError(f"--escalate {args.escalate:g}: a fraction in [0, 1], local mode only")
     if not 0.0 <= settings.local_retry <= 1.0:
         raise InputError(f"--local-retry {settings.local_retry:g}: a fraction in [0, 1]")
-    if settings.local_starts < 1 or settings.local_prune_after < 1:
-        raise InputError("--local-starts and --local-prune-after: at least 1")
+    if min(settings.local_starts, settings.local_prune_after) < 1:
+        raise InputError(
+            f"--local-starts {settings.local_starts}, --local-prune-after "
+            f"{settings.local_prune_after}: each at least 1"
+        )
     numbers = references[0].mode_numbers
     start = None if settings.start == "search" else read_start(ps, settings.start, numbers)
     aligners = [Aligner(r, ps.box, ps.pixel_size, settings, device) for r in references]
