@@ -724,13 +724,7 @@ def align_rows(
     if start is None or not pruned or not len(worst):
         return result
     again = align_batches(ps, rows[worst], aligners, f"{desc} (retried)", start, prune=False)
-    out, better = keep_better(result, worst, again)
-    log.info(
-        "refined again without pruning the %d images with the highest cost: %d improved",
-        len(worst),
-        better,
-    )
-    return out
+    return keep_better(result, worst, again, "refined again without pruning")
 
 
 def highest_cost(cost: np.ndarray, fraction: float) -> np.ndarray:
@@ -769,15 +763,16 @@ def align_batches(
 
 
 def keep_better(
-    result: dict[str, np.ndarray], rows: np.ndarray, again: dict[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray], int]:
-    """`result` with its entries `rows` replaced by `again`'s where its objective is lower, and
-    how many were."""
+    result: dict[str, np.ndarray], rows: np.ndarray, again: dict[str, np.ndarray], what: str
+) -> dict[str, np.ndarray]:
+    """`result` with its entries `rows` replaced by `again`'s where its objective is lower; logs
+    how many were, `what` naming how `again` was made."""
     better = again["objective"] < result["objective"][rows]
     out = {k: v.copy() for k, v in result.items()}
     for k in out:
         out[k][rows[better]] = again[k][better]
-    return out, int(better.sum())
+    log.info("%s the %d images with the highest cost: %d improved", what, len(rows), better.sum())
+    return out
 
 
 def escalate(
@@ -798,13 +793,7 @@ def escalate(
     search = replace(settings, start="search")
     aligners = [Aligner(r, ps.box, ps.pixel_size, search, device) for r in references]
     again = align_rows(ps, rows[worst], aligners, "hemnma (escalated)")
-    out, better = keep_better(result, worst, again)
-    log.info(
-        "escalated the %d images with the highest cost to the global search: %d improved",
-        len(worst),
-        better,
-    )
-    return out
+    return keep_better(result, worst, again, "escalated to the global search")
 
 
 def result_table(
