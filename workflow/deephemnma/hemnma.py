@@ -94,6 +94,13 @@ class AlignSettings:
     local_prune_after: int = 6  # local mode: coarse iterations before only the best start goes on
     local_retry: float = 0.05  # local mode: share of images (highest cost) redone without pruning
 
+    @property
+    def local_pruned(self) -> bool:
+        """Whether local refinement prunes its amplitude starts: several of them (which needs
+        gallery models) and more coarse iterations than `local_prune_after`."""
+        several = self.local_starts > 1 and self.gallery_amplitude > 0
+        return several and self.local_iterations[0] > self.local_prune_after
+
 
 START_MODES = ("search", "priors", "network")
 
@@ -574,7 +581,7 @@ class Aligner:
         r, n = starts.shape[:2]
         rep = lambda x: x.repeat_interleave(n, 0)
         many = Target(rep(target.images_f), rep(target.ctf), target.box, target.pixel_size)
-        first = min(iterations, s.local_prune_after) if prune and n > 1 else iterations
+        first = s.local_prune_after if prune and s.local_pruned else iterations
         bound = Bound(s.local_max_angle_deg, s.local_max_shift_px, rep(shift0))
         out = refine(
             many, self.model, rep(rot0), rep(shift0), starts.reshape(r * n, -1), first, s,
@@ -718,10 +725,8 @@ def align_rows(
     aligners = [aligner] if isinstance(aligner, Aligner) else list(aligner)
     result = align_batches(ps, rows, aligners, desc, start)
     s = aligners[0].s
-    pruned = s.local_starts > 1 and s.gallery_amplitude > 0
-    pruned = pruned and s.local_iterations[0] > s.local_prune_after
     worst = highest_cost(result["cost"], s.local_retry)
-    if start is None or not pruned or not len(worst):
+    if start is None or not s.local_pruned or not len(worst):
         return result
     again = align_batches(ps, rows[worst], aligners, f"{desc} (retried)", start, prune=False)
     return keep_better(result, worst, again, "refined again without pruning")
