@@ -24,7 +24,8 @@ and each fitted reference's RMSD to the closed and to the open structure.
 
 Usage: python bench/conformations.py [--particles closed|mixture] [--n-images 200] [--modes 3]
        [--references open|both] [--amplitude-prior 0] [--spread 0] [--from-truth]
-       [--candidates 4] [--gallery-amplitude 100] [--reference-update 0]
+       [--candidates 4] [--retry 0.05] [--retry-candidates 16] [--gallery-amplitude 100]
+       [--reference-update 0]
        [--update-groups flagged|kmeans] [--update-n-groups 2]
 """
 
@@ -108,6 +109,8 @@ def main() -> None:
     p.add_argument("--amplitude-prior", type=float, default=0.0)
     d = hemnma.AlignSettings()
     p.add_argument("--candidates", type=int, default=d.candidates)
+    p.add_argument("--retry", type=float, default=d.retry, help="share searched again")
+    p.add_argument("--retry-candidates", type=int, default=d.retry_candidates)
     p.add_argument("--gallery-amplitude", type=float, default=d.gallery_amplitude)
     p.add_argument("--closed-fraction", type=float, default=0.5, help="of a mixture")
     p.add_argument("--spread", type=float, default=0.0, help="std of amplitudes along own modes")
@@ -171,6 +174,8 @@ def main() -> None:
     settings = hemnma.AlignSettings(
         amplitude_prior=a.amplitude_prior,
         candidates=a.candidates,
+        retry=a.retry,
+        retry_candidates=a.retry_candidates,
         gallery_amplitude=a.gallery_amplitude,
     )
     used = refs if a.references == "both" else refs[:1]
@@ -179,7 +184,8 @@ def main() -> None:
     print(
         f"HEMNMA on {a.n_images} {a.particles} AK particles, 64 px, 2.2 Å/px, CTF + SNR 0.1, "
         f"spread {a.spread:g}; references: {a.references}; {a.modes} modes; "
-        f"amplitude prior {a.amplitude_prior:g}; {a.candidates} candidates, gallery "
+        f"amplitude prior {a.amplitude_prior:g}; {a.candidates} candidates (the {a.retry:.0%} "
+        f"highest-cost images: {a.retry_candidates}), gallery "
         f"±{a.gallery_amplitude:g}; {platform.machine()} CPU, {threads} thread(s)"
     )
     print(
@@ -280,13 +286,9 @@ def align_and_report(
     cpu = torch.device("cpu")
     aligners = [hemnma.Aligner(r, cfg.box, cfg.pixel_size, settings, cpu) for r in used]
     t0 = time.perf_counter()
-    parts = []
-    bs = aligners[0].batch
-    for start in range(0, a.n_images, bs):
-        r = np.arange(start, min(start + bs, a.n_images))
-        parts.append(hemnma.align_best(aligners, images[r], ctf, r, True))
+    ps = SimpleNamespace(images=images, ctf_params=lambda: ctf, has_ctf=True)
+    res = hemnma.align_rows(ps, np.arange(a.n_images), aligners)  # as the workflow's shards
     wall = time.perf_counter() - t0
-    res = {k: np.concatenate([x[k] for x in parts]) for k in parts[0]}
     amps = hemnma.common_amplitudes(used, res["reference"], res["amplitudes"])
 
     ang = geometry.euler_distance_deg(res["euler"], true_euler)

@@ -6,7 +6,7 @@ distance to ground truth (mean/std, degrees), |amplitude error| per mode, shift 
 seconds per image per CPU core (wall × threads / images).
 
 Usage: python bench/hemnma.py [--n-images 200] [--box 128] [--no-noise] [--amplitude-prior 0]
-       [--threads 1]
+       [--retry 0.05] [--retry-candidates 16] [--threads 1]
 """
 
 import argparse
@@ -58,6 +58,8 @@ def main() -> None:
     p.add_argument("--no-noise", action="store_true", help="no noise and no CTF")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--candidates", type=int, default=hemnma.AlignSettings.candidates)
+    p.add_argument("--retry", type=float, default=hemnma.AlignSettings.retry)
+    p.add_argument("--retry-candidates", type=int, default=hemnma.AlignSettings.retry_candidates)
     p.add_argument("--n-directions", type=int, default=hemnma.AlignSettings.n_directions)
     p.add_argument("--amplitude-prior", type=float, default=hemnma.AlignSettings.amplitude_prior)
     p.add_argument(
@@ -76,6 +78,8 @@ def main() -> None:
             batch=a.batch,
             max_shift_px=6.0 * a.box / 128,
             candidates=a.candidates,
+            retry=a.retry,
+            retry_candidates=a.retry_candidates,
             n_directions=a.n_directions,
             amplitude_prior=a.amplitude_prior,
         )
@@ -104,6 +108,7 @@ def main() -> None:
     )
     cond = "no noise, no CTF" if a.no_noise else "CTF + SNR 0.1"
     cond += f", amplitude prior {a.amplitude_prior:g}" if a.amplitude_prior else ""
+    cond += f"; {a.retry:.0%} searched again with {a.retry_candidates} candidates"
     print(f"HEMNMA on {a.n_images} images, {a.box} px, {cond}; {where}")
     print(
         f"  angular distance to truth: mean {ang.mean():.2f} deg, std {ang.std():.2f} deg, "

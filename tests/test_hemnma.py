@@ -109,6 +109,44 @@ def test_global_search_finds_the_orientation(adk_model_files, tmp_path, monkeypa
     assert np.median(best) < 12.0
 
 
+def test_retry_searches_the_worst_explained_images_again(adk_model_files, tmp_path, monkeypatch):
+    """Images 2 and 5 are offered only orientations 90° off by the first search and stay
+    unexplained: a retry share of 1/4 searches exactly those two again, with retry_candidates
+    candidates, and finds them; the other images keep the first answer exactly."""
+    star = simulate(tmp_path, adk_model_files, 8, 32, 4.4, True, seed=3)
+    monkeypatch.chdir(tmp_path)
+    ps = ParticleSet(star)
+    model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
+    real, calls = hemnma.global_search, []
+
+    def spoiled(target, gallery, settings, full_box):
+        eul, sh, amp = real(target, gallery, settings, full_box)
+        calls.append((len(target.images_f), settings.candidates))
+        if settings.candidates == 2:  # the first search
+            eul[[2, 5], :, 1] += 90.0
+        return eul, sh, amp
+
+    monkeypatch.setattr(hemnma, "global_search", spoiled)
+    settings = hemnma.AlignSettings(candidates=2, retry_candidates=6, iterations=(20, 30))
+    align = lambda retry: hemnma.align_rows(
+        ps,
+        np.arange(len(ps)),
+        hemnma.Aligner(model, 32, 4.4, replace(settings, retry=retry), torch.device("cpu")),
+    )
+    first = align(0.0)
+    res = align(0.25)
+    assert calls == [(8, 2), (8, 2), (2, 6)]
+    before = geometry.euler_distance_deg(first["euler"], ps.euler())
+    after = geometry.euler_distance_deg(res["euler"], ps.euler())
+    print(f"first search {before.round(1)}; after the retry {after.round(1)}")
+    assert before[[2, 5]].min() > 30.0 and after.max() < 1.5
+    assert (res["objective"][[2, 5]] < first["objective"][[2, 5]]).all()
+    for key in ("euler", "amplitudes", "objective"):
+        np.testing.assert_array_equal(
+            np.delete(res[key], [2, 5], 0), np.delete(first[key], [2, 5], 0)
+        )
+
+
 def test_separated_candidates_follow_the_greedy_rule():
     """Each row's choice equals the greedy loop written out: walk the candidates best first,
     keep one if it is more than the separation from every one kept, repeat the last if short."""

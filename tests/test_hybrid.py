@@ -184,7 +184,7 @@ def test_pruning_goes_on_with_each_orientations_best_start(noise_free, monkeypat
     torch.testing.assert_close(calls[1][4], first[5][best])  # ... from the ω it reached
     torch.testing.assert_close(calls[1][2], calls[0][2][::3])  # about the start's rotation
     calls.clear()
-    al.align(ps.images[rows], ps.ctf_params(), rows, True, start, prune=False)
+    al.align(ps.images[rows], ps.ctf_params(), rows, True, start, thorough=True)
     assert [c[:2] for c in calls] == [(6, 10), (2, 5)]
     calls.clear()
     aligner(ps, local_starts=1).align(ps.images[rows], ps.ctf_params(), rows, True, start)
@@ -205,9 +205,9 @@ def test_retry_redoes_the_highest_cost_images_without_pruning(noise_free, monkey
     seen = []
     real = hemnma.Aligner.align
 
-    def recorded(self, images, ctf, r, has_ctf, st, prune=True):
-        seen.append((sorted(r), prune))
-        return real(self, images, ctf, r, has_ctf, st, prune=prune)
+    def recorded(self, images, ctf, r, has_ctf, st, thorough=False):
+        seen.append((sorted(r), thorough))
+        return real(self, images, ctf, r, has_ctf, st, thorough=thorough)
 
     monkeypatch.setattr(hemnma.Aligner, "align", recorded)
     kw = dict(local_iterations=(10, 4), local_prune_after=1)
@@ -216,7 +216,7 @@ def test_retry_redoes_the_highest_cost_images_without_pruning(noise_free, monkey
     unpruned = hemnma.align_rows(ps, rows[2:], no_pruning, start=start)
     seen.clear()
     res = hemnma.align_rows(ps, rows, aligner(ps, **kw, local_retry=0.5), start=start)
-    assert seen == [([0, 1, 2, 3], True), ([2, 3], False)]
+    assert seen == [([0, 1, 2, 3], False), ([2, 3], True)]
     assert (pruned["cost"][2:] > pruned["cost"][:2].max()).all()
     better = unpruned["objective"] < pruned["objective"][2:]
     assert better.any() and not better.all()  # both outcomes of the retry are checked
@@ -229,7 +229,7 @@ def test_retry_redoes_the_highest_cost_images_without_pruning(noise_free, monkey
             )
     seen.clear()
     hemnma.align_rows(ps, rows, aligner(ps, **kw, local_starts=1, local_retry=0.5), start=start)
-    assert seen == [([0, 1, 2, 3], True)]
+    assert seen == [([0, 1, 2, 3], False)]
 
 
 def test_escalation_sends_the_worst_explained_images_to_the_global_search(noise_free, monkeypatch):
@@ -316,6 +316,8 @@ def test_priors_start_without_a_consensus_pose_is_a_one_line_error(
     assert "--escalate 0.2: a fraction in [0, 1], local mode only" in capsys.readouterr().err
     assert cli([*argv, "--local-retry", "1.5"]) == 2
     assert "--local-retry 1.5: a fraction in [0, 1]" in capsys.readouterr().err
+    assert cli([*argv, "--retry", "-0.1"]) == 2
+    assert "--retry -0.1: a fraction in [0, 1]" in capsys.readouterr().err
     assert cli([*argv, "--local-starts", "0"]) == 2
     assert "--local-starts 0, --local-prune-after 6: each at least 1" in capsys.readouterr().err
     with pytest.raises(

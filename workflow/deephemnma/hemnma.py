@@ -74,6 +74,8 @@ class AlignSettings:
     n_directions: int = 400
     psi_step: float = 10.0
     candidates: int = 4
+    retry: float = 0.05  # global search: share of images (highest cost) searched again
+    retry_candidates: int = 16  # candidates of that second search
     gallery_amplitude: float = 100.0  # gallery models: undeformed and ± this along each mode
     min_separation_deg: float = 20.0
     max_shift_px: float = 6.0  # search window, pixels of the full box
@@ -92,7 +94,7 @@ class AlignSettings:
     local_flip: bool = False  # local mode: also start from the 180° in-plane flip
     local_starts: int = 3  # local mode: amplitude starts per orientation (best of the gallery's)
     local_prune_after: int = 6  # local mode: coarse iterations before only the best start goes on
-    local_retry: float = 0.05  # local mode: share of images (highest cost) redone without pruning
+    local_retry: float = 0.1  # local mode: share of images (highest cost) redone without pruning
 
     @property
     def local_pruned(self) -> bool:
@@ -604,16 +606,16 @@ class Aligner:
         rows: np.ndarray,
         has_ctf: bool,
         start: Start | None = None,
-        prune: bool = True,
+        thorough: bool = False,
     ) -> dict:
         """Estimate (euler (B,3), shifts_px (B,2), amplitudes (B,K), cost (B,), objective (B,))
         for one batch; the objective is what the refinement minimised (-NCC without a prior).
-        Candidates come from the global search, or with `start` from local_candidates; local
-        candidates are refined from several amplitude starts (`refine_starts`, pruned unless
-        `prune` is off)."""
+        Candidates come from the global search (`retry_candidates` of them when `thorough`), or
+        with `start` from local_candidates; local candidates are refined from several amplitude
+        starts (`refine_starts`, pruned unless `thorough`)."""
         imgs = torch.as_tensor(images, dtype=torch.float32, device=self.dev)
         coarse = make_target(imgs, ctf_params, rows, self.coarse, self.px, has_ctf)
-        eul, sh, amp_init, iterations, s = self.candidates(coarse, start)
+        eul, sh, amp_init, iterations, s = self.candidates(coarse, start, thorough)
         # stage 1: all candidates at the coarse box
         c = eul.shape[1]
         rep = lambda x: x.repeat_interleave(c, 0)
@@ -630,7 +632,7 @@ class Aligner:
         else:
             bound = Bound(s.local_max_angle_deg, s.local_max_shift_px, shift0)
             rot, shift, amp, _, objective, omega = self.refine_starts(
-                coarse_c, rot0, shift0, amp0, iterations[0], s, prune
+                coarse_c, rot0, shift0, amp0, iterations[0], s, prune=not thorough
             )
         best = objective.view(len(imgs), c).argmin(1) + torch.arange(len(imgs), device=self.dev) * c
         # stage 2: the best candidate at the full box (local: still bound to its start)
@@ -647,16 +649,17 @@ class Aligner:
         return alignment_result(*out[:5])
 
     def candidates(
-        self, coarse: Target, start: Start | None
+        self, coarse: Target, start: Start | None, thorough: bool = False
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int], AlignSettings]:
         """(Euler angles, shifts, amplitudes) of the candidates (B, C, ·), the iterations of the
-        two stages and the refinement settings: from the global search, or around `start` with
-        the local iterations and amplitude step."""
+        two stages and the refinement settings: from the global search (`retry_candidates` of
+        them when `thorough`), or around `start` with the local iterations and amplitude step."""
         s = self.s
         if start is None:
             if self.gallery is None:
                 raise ValueError(f"start {s.start!r} needs starting values")
-            eul, sh, amp = global_search(coarse, self.gallery, s, self.box)
+            search = replace(s, candidates=s.retry_candidates) if thorough else s
+            eul, sh, amp = global_search(coarse, self.gallery, search, self.box)
             return eul, sh, amp, s.iterations, s
         eul, sh, amp = local_candidates(start, s.local_flip)
         return eul, sh, amp, s.local_iterations, replace(s, lr_amplitude=s.local_lr_amplitude)
@@ -687,9 +690,10 @@ def align_best(
     rows: np.ndarray,
     has_ctf: bool,
     start: Start | None = None,
-    prune: bool = True,
+    thorough: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Align one batch against every reference; each image keeps the lowest objective.
+    """Align one batch against every reference (`Aligner.align`, passing `thorough`); each
+    image keeps the lowest objective.
 
     Adds 'reference' (B,), the 0-based index of the chosen aligner. A `start`'s amplitudes are on
     the first reference's modes: the other references start undeformed, from the same
@@ -701,7 +705,7 @@ def align_best(
         undeformed = Start(start.euler, start.shifts_px, zero, start.candidates)
         starts = [start] + [undeformed] * (len(aligners) - 1)
     runs = [
-        a.align(images, ctf_params, rows, has_ctf, st, prune=prune)
+        a.align(images, ctf_params, rows, has_ctf, st, thorough=thorough)
         for a, st in zip(aligners, starts, strict=True)
     ]
     choice = np.argmin(np.stack([r["objective"] for r in runs]), 0)
@@ -718,18 +722,24 @@ def align_rows(
     start: Start | None = None,
 ) -> dict[str, np.ndarray]:
     """Align the particle rows `rows` in batches against one or several references; local
-    mode when `start` (one row per particle of `ps`) is given. In local mode, when the starts
-    are pruned, the `local_retry` share of `rows` left with the highest cost are refined again
-    with every amplitude start carried through the coarse stage, each keeping the better
-    answer."""
+    mode when `start` (one row per particle of `ps`) is given. Then the images left with the
+    highest cost are aligned again, more thoroughly, each keeping the better answer: the `retry`
+    share searched with `retry_candidates` candidates (global search, when more than
+    `candidates`), or the `local_retry` share refined with every amplitude start carried
+    through the coarse stage (local mode, when the starts are pruned)."""
     aligners = [aligner] if isinstance(aligner, Aligner) else list(aligner)
     result = align_batches(ps, rows, aligners, desc, start)
     s = aligners[0].s
-    worst = highest_cost(result["cost"], s.local_retry)
-    if start is None or not s.local_pruned or not len(worst):
+    if start is None:
+        share, more = s.retry, s.retry_candidates > s.candidates
+        what = f"searched again with {s.retry_candidates} candidates"
+    else:
+        share, more, what = s.local_retry, s.local_pruned, "refined again without pruning"
+    worst = highest_cost(result["cost"], share)
+    if not more or not len(worst):
         return result
-    again = align_batches(ps, rows[worst], aligners, f"{desc} (retried)", start, prune=False)
-    return keep_better(result, worst, again, "refined again without pruning")
+    again = align_batches(ps, rows[worst], aligners, f"{desc} (retried)", start, thorough=True)
+    return keep_better(result, worst, again, what)
 
 
 def highest_cost(cost: np.ndarray, fraction: float) -> np.ndarray:
@@ -744,7 +754,7 @@ def align_batches(
     aligners: list[Aligner],
     desc: str,
     start: Start | None,
-    prune: bool = True,
+    thorough: bool = False,
 ) -> dict[str, np.ndarray]:
     """`align_best` over `rows` in batches of the first aligner's size, with progress."""
     ctf_params = ps.ctf_params()
@@ -753,7 +763,7 @@ def align_batches(
     for first in tqdm(range(0, len(rows), bs), desc=desc, unit="batch", mininterval=10):
         r = rows[first : first + bs]
         st = None if start is None else start.take(r)
-        parts.append(align_best(aligners, ps.images[r], ctf_params, r, ps.has_ctf, st, prune))
+        parts.append(align_best(aligners, ps.images[r], ctf_params, r, ps.has_ctf, st, thorough))
     if not parts:
         k = aligners[0].model.n_modes
         return {
@@ -860,6 +870,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="orientations kept from the search for refinement",
     )
     p.add_argument(
+        "--retry",
+        type=float,
+        default=d.retry,
+        help="global search: share of the images (of each MPI rank's), those left with the "
+        "highest cost, searched again with --retry-candidates candidates; each keeps the better "
+        "answer",
+    )
+    p.add_argument(
+        "--retry-candidates",
+        type=int,
+        default=d.retry_candidates,
+        help="global search: candidates of the retried images (no retry unless > --candidates)",
+    )
+    p.add_argument(
         "--gallery-amplitude",
         type=float,
         default=d.gallery_amplitude,
@@ -957,6 +981,8 @@ def settings_from_args(args: argparse.Namespace) -> AlignSettings:
         n_directions=args.n_directions,
         psi_step=args.psi_step,
         candidates=args.candidates,
+        retry=args.retry,
+        retry_candidates=args.retry_candidates,
         gallery_amplitude=args.gallery_amplitude,
         max_shift_px=args.max_shift_px,
         iterations=tuple(args.iterations),
@@ -988,8 +1014,9 @@ def main(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
     if not 0.0 <= args.escalate <= 1.0 or (args.escalate > 0 and settings.start == "search"):
         raise InputError(f"--escalate {args.escalate:g}: a fraction in [0, 1], local mode only")
-    if not 0.0 <= settings.local_retry <= 1.0:
-        raise InputError(f"--local-retry {settings.local_retry:g}: a fraction in [0, 1]")
+    for flag, share in [("--retry", settings.retry), ("--local-retry", settings.local_retry)]:
+        if not 0.0 <= share <= 1.0:
+            raise InputError(f"{flag} {share:g}: a fraction in [0, 1]")
     if min(settings.local_starts, settings.local_prune_after) < 1:
         raise InputError(
             f"--local-starts {settings.local_starts}, --local-prune-after "
