@@ -182,7 +182,9 @@ def main() -> None:
     p.add_argument("--iterations", type=int, nargs=2, default=d.local_iterations)
     p.add_argument("--starts", type=int, default=d.local_starts, help="amplitude starts")
     p.add_argument("--prune-after", type=int, default=d.local_prune_after)
-    p.add_argument("--retry", type=float, default=d.local_retry, help="share refined unpruned")
+    p.add_argument(
+        "--local-retry", type=float, default=d.local_retry, help="share refined unpruned"
+    )
     p.add_argument("--results", type=Path, default=None, help="a finished simulated run")
     p.add_argument("--skip-priors", action="store_true")
     p.add_argument("--ranks", type=int, default=1, help="the run's hemnma.ranks")
@@ -200,14 +202,14 @@ def main() -> None:
         local_iterations=tuple(a.iterations),
         local_starts=a.starts,
         local_prune_after=a.prune_after,
-        local_retry=a.retry,
+        local_retry=a.local_retry,
     )
     where = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(
         f"local HEMNMA: iterations {settings.local_iterations}, bound "
         f"{settings.local_max_angle_deg:g}° / {settings.local_max_shift_px:g} px, "
         f"{settings.local_starts} amplitude starts pruned after {settings.local_prune_after}, "
-        f"retry {settings.local_retry:g}; {where}"
+        f"local retry {settings.local_retry:g}, search retry {settings.retry:g}; {where}"
     )
     if not a.skip_priors:
         priors_figure(a, settings)

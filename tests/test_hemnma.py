@@ -112,7 +112,8 @@ def test_global_search_finds_the_orientation(adk_model_files, tmp_path, monkeypa
 def test_retry_searches_the_worst_explained_images_again(adk_model_files, tmp_path, monkeypatch):
     """Images 2 and 5 are offered only orientations 90° off by the first search and stay
     unexplained: a retry share of 1/4 searches exactly those two again, with retry_candidates
-    candidates, and finds them; the other images keep the first answer exactly."""
+    candidates, and finds them; the other images keep the first answer exactly. No retry when
+    it would search no more candidates than the first search."""
     star = simulate(tmp_path, adk_model_files, 8, 32, 4.4, True, seed=3)
     monkeypatch.chdir(tmp_path)
     ps = ParticleSet(star)
@@ -128,14 +129,17 @@ def test_retry_searches_the_worst_explained_images_again(adk_model_files, tmp_pa
 
     monkeypatch.setattr(hemnma, "global_search", spoiled)
     settings = hemnma.AlignSettings(candidates=2, retry_candidates=6, iterations=(20, 30))
-    align = lambda retry: hemnma.align_rows(
+    align = lambda **kw: hemnma.align_rows(
         ps,
         np.arange(len(ps)),
-        hemnma.Aligner(model, 32, 4.4, replace(settings, retry=retry), torch.device("cpu")),
+        hemnma.Aligner(model, 32, 4.4, replace(settings, **kw), torch.device("cpu")),
     )
-    first = align(0.0)
-    res = align(0.25)
+    first = align(retry=0.0)
+    res = align(retry=0.25)
     assert calls == [(8, 2), (8, 2), (2, 6)]
+    calls.clear()
+    align(retry=0.25, retry_candidates=2)  # no more candidates than the first search: no retry
+    assert calls == [(8, 2)]
     before = geometry.euler_distance_deg(first["euler"], ps.euler())
     after = geometry.euler_distance_deg(res["euler"], ps.euler())
     print(f"first search {before.round(1)}; after the retry {after.round(1)}")
@@ -217,6 +221,8 @@ def test_shard_cli_refuses_empty_shards(tmp_path, capsys):
 
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec (pip mpich) not on PATH")
 def test_mpi_two_ranks_equal_one_rank(adk_model_files, tmp_path):
+    """The answers do not depend on the number of MPI ranks, the search retry included (its
+    share is of all ranks' images together)."""
     simulate(tmp_path, adk_model_files, 6, 32, 4.4, True, seed=4)
     files = adk_model_files
     common = [
@@ -238,6 +244,12 @@ def test_mpi_two_ranks_equal_one_rank(adk_model_files, tmp_path):
         "10",
         "--batch",
         "2",
+        "--retry",
+        "0.34",  # 3 of the 6 images together (per rank: 2 of 3 on each)
+        "--candidates",
+        "1",
+        "--retry-candidates",
+        "8",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     subprocess.run(

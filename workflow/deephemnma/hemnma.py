@@ -37,7 +37,7 @@ import argparse
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -720,13 +720,15 @@ def align_rows(
     aligner: Aligner | Sequence[Aligner],
     desc: str = "hemnma",
     start: Start | None = None,
+    gather: Gather | None = None,
 ) -> dict[str, np.ndarray]:
-    """Align the particle rows `rows` in batches against one or several references; local
-    mode when `start` (one row per particle of `ps`) is given. Then the images left with the
-    highest cost are aligned again, more thoroughly, each keeping the better answer: the `retry`
-    share searched with `retry_candidates` candidates (global search, when more than
-    `candidates`), or the `local_retry` share refined with every amplitude start carried
-    through the coarse stage (local mode, when the starts are pruned)."""
+    """Align the particle rows `rows` in batches against one or several references, by the
+    global search, or in local mode when `start` (one row per particle of `ps`) is given. In
+    both modes the images left with the highest cost are then aligned again, more thoroughly,
+    each keeping the better answer: global search, the `retry` share with `retry_candidates`
+    candidates (when more than `candidates`); local mode, the `local_retry` share with every
+    amplitude start carried through the coarse stage (when the starts are pruned). Under MPI,
+    `gather` (see `redo_worst`) makes the shares of all ranks' images together."""
     aligners = [aligner] if isinstance(aligner, Aligner) else list(aligner)
     result = align_batches(ps, rows, aligners, desc, start)
     s = aligners[0].s
@@ -735,17 +737,41 @@ def align_rows(
         what = f"searched again with {s.retry_candidates} candidates"
     else:
         share, more, what = s.local_retry, s.local_pruned, "refined again without pruning"
-    worst = highest_cost(result["cost"], share)
-    if not more or not len(worst):
+    if not more:
         return result
-    again = align_batches(ps, rows[worst], aligners, f"{desc} (retried)", start, thorough=True)
-    return keep_better(result, worst, again, what)
+    redo = lambda worst: align_batches(
+        ps, rows[worst], aligners, f"{desc} (retried)", start, thorough=True
+    )
+    return redo_worst(result, share, redo, what, gather)
 
 
-def highest_cost(cost: np.ndarray, fraction: float) -> np.ndarray:
-    """Indices of the ⌈fraction · len⌉ entries of `cost` with the highest values."""
-    n = min(len(cost), math.ceil(fraction * len(cost)))
-    return np.argsort(cost, kind="stable")[len(cost) - n :]
+Gather = Callable[[np.ndarray], np.ndarray]  # one rank's array -> all ranks' (an MPI allgather)
+
+
+def redo_worst(
+    result: dict[str, np.ndarray],
+    share: float,
+    redo: Callable[[np.ndarray], dict[str, np.ndarray]],
+    what: str,
+    gather: Gather | None = None,
+) -> dict[str, np.ndarray]:
+    """`result` with its entries among the ⌈share · n⌉ of highest cost done again by `redo`
+    (their indices -> answers), each keeping the lower objective; logs how many improved, `what`
+    naming how they were redone. The n costs are `result`'s, or with `gather` every MPI rank's
+    (a collective call), so that the answers do not depend on how the images were split."""
+    cost = result["cost"]
+    every = cost if gather is None else gather(cost)
+    n = min(len(every), math.ceil(share * len(every)))
+    if not n:
+        return result
+    worst = np.flatnonzero(cost >= np.sort(every)[-n])
+    again = redo(worst)
+    better = again["objective"] < result["objective"][worst]
+    out = {k: v.copy() for k, v in result.items()}
+    for k in out:
+        out[k][worst[better]] = again[k][better]
+    log.info("%s the %d images with the highest cost: %d improved", what, len(worst), better.sum())
+    return out
 
 
 def align_batches(
@@ -777,19 +803,6 @@ def align_batches(
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
-def keep_better(
-    result: dict[str, np.ndarray], rows: np.ndarray, again: dict[str, np.ndarray], what: str
-) -> dict[str, np.ndarray]:
-    """`result` with its entries `rows` replaced by `again`'s where its objective is lower; logs
-    how many were, `what` naming how `again` was made."""
-    better = again["objective"] < result["objective"][rows]
-    out = {k: v.copy() for k, v in result.items()}
-    for k in out:
-        out[k][rows[better]] = again[k][better]
-    log.info("%s the %d images with the highest cost: %d improved", what, len(rows), better.sum())
-    return out
-
-
 def escalate(
     ps: ParticleSet,
     rows: np.ndarray,
@@ -798,17 +811,21 @@ def escalate(
     device: torch.device,
     result: dict[str, np.ndarray],
     fraction: float,
+    gather: Gather | None = None,
 ) -> dict[str, np.ndarray]:
     """`result` of local refinement of `rows`, with the `fraction` of images left with the
     highest cost (a start outside the right basin leaves the image unexplained) aligned again
-    from the global search; each of them keeps the answer with the lower objective."""
-    worst = highest_cost(result["cost"], fraction)
-    if not len(worst):
-        return result
+    from the global search (with its own `retry`); each of them keeps the answer with the lower
+    objective. `gather`: as `redo_worst`'s."""
     search = replace(settings, start="search")
-    aligners = [Aligner(r, ps.box, ps.pixel_size, search, device) for r in references]
-    again = align_rows(ps, rows[worst], aligners, "hemnma (escalated)")
-    return keep_better(result, worst, again, "escalated to the global search")
+    redo = lambda worst: align_rows(
+        ps,
+        rows[worst],
+        [Aligner(r, ps.box, ps.pixel_size, search, device) for r in references],
+        "hemnma (escalated)",
+        gather=gather,
+    )
+    return redo_worst(result, fraction, redo, "escalated to the global search", gather)
 
 
 def result_table(
@@ -873,9 +890,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--retry",
         type=float,
         default=d.retry,
-        help="global search: share of the images (of each MPI rank's), those left with the "
-        "highest cost, searched again with --retry-candidates candidates; each keeps the better "
-        "answer",
+        help="global search: share of the shard's images (all its MPI ranks together), those "
+        "left with the highest cost, searched again with --retry-candidates candidates; each "
+        "keeps the better answer",
     )
     p.add_argument(
         "--retry-candidates",
@@ -963,8 +980,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--local-retry",
         type=float,
         default=d.local_retry,
-        help="local mode: share of the images (of each MPI rank's), those left with the highest "
-        "cost, refined again without pruning; each keeps the better answer",
+        help="local mode: share of the shard's images (all its MPI ranks together), those left "
+        "with the highest cost, refined again without pruning; each keeps the better answer",
     )
     p.add_argument(
         "--escalate",
@@ -1026,9 +1043,10 @@ def main(args: argparse.Namespace) -> None:
     start = None if settings.start == "search" else read_start(ps, settings.start, numbers)
     aligners = [Aligner(r, ps.box, ps.pixel_size, settings, device) for r in references]
     rows = np.arange(len(ps))[rank::size]
-    result = align_rows(ps, rows, aligners, f"hemnma rank {rank}/{size}", start)
+    gather = (lambda x: np.concatenate(comm.allgather(x))) if size > 1 else None
+    result = align_rows(ps, rows, aligners, f"hemnma rank {rank}/{size}", start, gather)
     if args.escalate > 0:
-        result = escalate(ps, rows, references, settings, device, result, args.escalate)
+        result = escalate(ps, rows, references, settings, device, result, args.escalate, gather)
     gathered = comm.gather((rows, result), root=0)
     if rank == 0:
         order = np.concatenate([g[0] for g in gathered])
