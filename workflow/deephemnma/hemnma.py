@@ -714,6 +714,9 @@ def align_best(
     return out
 
 
+Gather = Callable[[np.ndarray], np.ndarray]  # one rank's array -> all ranks' (an MPI allgather)
+
+
 def align_rows(
     ps: ParticleSet,
     rows: np.ndarray,
@@ -743,9 +746,6 @@ def align_rows(
         ps, rows[worst], aligners, f"{desc} (retried)", start, thorough=True
     )
     return redo_worst(result, share, redo, what, gather)
-
-
-Gather = Callable[[np.ndarray], np.ndarray]  # one rank's array -> all ranks' (an MPI allgather)
 
 
 def redo_worst(
