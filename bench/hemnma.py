@@ -63,6 +63,12 @@ def main() -> None:
     p.add_argument("--n-directions", type=int, default=hemnma.AlignSettings.n_directions)
     p.add_argument("--amplitude-prior", type=float, default=hemnma.AlignSettings.amplitude_prior)
     p.add_argument(
+        "--coarse-cell",
+        type=float,
+        default=hemnma.AlignSettings.coarse_cell,
+        help="coarse refinement on pseudo-atoms per cube of this edge (coarse px); 0: atoms",
+    )
+    p.add_argument(
         "--threads", type=int, default=1, help="CPU threads (1: as one MPI rank per core runs)"
     )
     a = p.parse_args()
@@ -82,6 +88,7 @@ def main() -> None:
             retry_candidates=a.retry_candidates,
             n_directions=a.n_directions,
             amplitude_prior=a.amplitude_prior,
+            coarse_cell=a.coarse_cell,
         )
         t0 = time.perf_counter()
         al = hemnma.Aligner(
@@ -108,6 +115,9 @@ def main() -> None:
     )
     cond = "no noise, no CTF" if a.no_noise else "CTF + SNR 0.1"
     cond += f", amplitude prior {a.amplitude_prior:g}" if a.amplitude_prior else ""
+    cond += (
+        f", coarse cell {a.coarse_cell:g} px" if a.coarse_cell else ", coarse stage on the atoms"
+    )
     cond += f"; {a.retry:.0%} searched again with {a.retry_candidates} candidates"
     print(f"HEMNMA on {a.n_images} images, {a.box} px, {cond}; {where}")
     print(

@@ -185,6 +185,12 @@ def main() -> None:
     p.add_argument(
         "--local-retry", type=float, default=d.local_retry, help="share refined unpruned"
     )
+    p.add_argument(
+        "--coarse-cell",
+        type=float,
+        default=d.coarse_cell,
+        help="coarse refinement on pseudo-atoms per cube of this edge (coarse px); 0: atoms",
+    )
     p.add_argument("--results", type=Path, default=None, help="a finished simulated run")
     p.add_argument("--skip-priors", action="store_true")
     p.add_argument("--ranks", type=int, default=1, help="the run's hemnma.ranks")
@@ -203,13 +209,15 @@ def main() -> None:
         local_starts=a.starts,
         local_prune_after=a.prune_after,
         local_retry=a.local_retry,
+        coarse_cell=a.coarse_cell,
     )
     where = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(
         f"local HEMNMA: iterations {settings.local_iterations}, bound "
         f"{settings.local_max_angle_deg:g}° / {settings.local_max_shift_px:g} px, "
         f"{settings.local_starts} amplitude starts pruned after {settings.local_prune_after}, "
-        f"local retry {settings.local_retry:g}, search retry {settings.retry:g}; {where}"
+        f"local retry {settings.local_retry:g}, search retry {settings.retry:g}, coarse cell "
+        f"{settings.coarse_cell:g} px; {where}"
     )
     if not a.skip_priors:
         priors_figure(a, settings)

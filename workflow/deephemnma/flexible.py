@@ -90,6 +90,29 @@ class FlexibleModel:
         t = lambda a: None if a is None else torch.as_tensor(a, dtype=dtype, device=device)
         return replace(self, coords=t(self.coords), modes=t(self.modes), weights=t(self.weights))
 
+    def coarsened(self, cell: float) -> tuple[FlexibleModel, float]:
+        """The model as pseudo-atoms, one per occupied cube of `cell` Å: the weighted centroid
+        of its atoms, their summed weight, and their weighted mean mode vectors (exact: under
+        x₀ + Σₖ qₖ vₖ a centroid moves by its atoms' weighted mean displacement); with the atoms'
+        weighted RMS per-axis distance from their centroid (Å), the width the pseudo-atoms add
+        to the atoms'. Needs weights; numpy arrays in and out."""
+        arr = lambda a: np.asarray(a.cpu() if hasattr(a, "cpu") else a, dtype=float)
+        coords, modes, w = arr(self.coords), arr(self.modes), arr(self.weights)
+        _, group = np.unique(np.floor(coords / cell).astype(np.int64), axis=0, return_inverse=True)
+        group = group.ravel()
+        total = np.bincount(group, w)
+        mean = lambda a: (
+            np.stack([np.bincount(group, w * a[:, j]) for j in range(a.shape[1])], 1)
+            / total[:, None]
+        )
+        centre = mean(coords)
+        spread = float(np.sqrt((w * ((coords - centre[group]) ** 2).sum(1)).sum() / (3 * w.sum())))
+        pseudo = np.stack([mean(m) for m in modes])
+        coarse = replace(
+            self, coords=centre, modes=pseudo, weights=total, atom_ids=np.array([], dtype=str)
+        )
+        return coarse, spread
+
     def atoms(self, index: np.ndarray) -> FlexibleModel:
         """The model restricted to the atoms `index` (same modes, numbers and eigenvalues)."""
         ids = self.atom_ids[index] if len(self.atom_ids) == len(self.coords) else self.atom_ids

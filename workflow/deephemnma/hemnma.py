@@ -10,7 +10,10 @@ batched over images, identical on CPU and GPU:
    well-separated orientations are kept, with the amplitudes of the gallery model that matched;
 2. local refinement: amplitudes, a small rotation and the shift of each candidate are optimised by
    Adam on the normalised, CTF-aware correlation, first at the coarse box for all candidates, then
-   at the full box for the best one.
+   at the full box for the best one. At the coarse box the model is its pseudo-atoms (the atoms
+   merged per cube of `coarse_cell` coarse pixels, `FlexibleModel.coarsened`: 1.4 × faster
+   alignment, the same answers as measured); the gallery, the ranking of the coarse candidates
+   and the full-box stage use the atoms.
 
 Local mode (`start` = priors | network) skips step 1: each image starts from a given pose (the
 consensus refinement's priors `_rlnAngleRotPrior`..., or the pose and amplitude columns of a
@@ -71,6 +74,8 @@ class AlignSettings:
     """Search and refinement settings (defaults suit 64-128 px images of a ~50-70 Å protein)."""
 
     coarse_box: int = 32
+    coarse_cell: float = 0.7  # coarse refinement on pseudo-atoms per cube of this edge (coarse
+    # pixels); 0: on the atoms
     n_directions: int = 400
     psi_step: float = 10.0
     candidates: int = 4
@@ -447,6 +452,27 @@ def model_ncc(
     return ncc(torch.fft.rfft2(proj) * filt, target, w)
 
 
+def model_objective(
+    target: Target,
+    model: FlexibleModel,
+    rot: torch.Tensor,
+    shift: torch.Tensor,
+    amp: torch.Tensor,
+    settings: AlignSettings,
+    full_box: int,
+    prior_sd: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NCC, objective) (B,) of `model_ncc`'s arguments: the objective is -NCC, or with a prior
+    (per-mode std `prior_sd`, (K,)) the negative log posterior (M/2)·log(1 - NCC₊²) +
+    ½ Σ (q_k / sd_k)², M the number of Fourier terms compared."""
+    c = model_ncc(target, model, rot, shift, amp, settings, full_box)
+    if prior_sd is None:
+        return c, -c
+    n_terms = float(target.model_filter(settings.sigma_angstrom)[2].sum())
+    data = 0.5 * n_terms * torch.log1p(-(c.clamp(0.0, 1.0 - 1e-6) ** 2))
+    return c, data + 0.5 * ((amp / prior_sd) ** 2).sum(1)
+
+
 def refine(
     target: Target,
     model: FlexibleModel,
@@ -463,10 +489,9 @@ def refine(
     """Adam over (amplitudes, rotation, shift) of `model` (torch arrays). Returns rot, shift, amplitudes, ncc, objective
     and ω, the rotation vector (radians) of rot relative to `rot0`: rot = exp([ω]ₓ) rot0.
 
-    The objective is -NCC, or with a prior (per-mode std `prior_sd`, (K,)) the negative log
-    posterior (M/2)·log(1 - NCC₊²) + ½ Σ (q_k / sd_k)², M the number of Fourier terms compared.
-    ω starts at `omega0` (zero by default); with a `bound`, |ω| and the shift's distance to the
-    bound's centre are projected back into their limits after every step.
+    The objective is `model_objective`'s. ω starts at `omega0` (zero by default); with a
+    `bound`, |ω| and the shift's distance to the bound's centre are projected back into their
+    limits after every step.
     """
     if omega0 is None:
         omega0 = torch.zeros(len(rot0), 3, dtype=model.coords.dtype, device=model.coords.device)
@@ -481,15 +506,10 @@ def refine(
         ]
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=0.0)
-    n_terms = float(target.model_filter(settings.sigma_angstrom)[2].sum())
 
     def score() -> tuple[torch.Tensor, torch.Tensor]:
         rot = torch.linalg.matrix_exp(skew(omega)) @ rot0
-        c = model_ncc(target, model, rot, shift, amp, settings, full_box)
-        if prior_sd is None:
-            return c, -c
-        data = 0.5 * n_terms * torch.log1p(-(c.clamp(0.0, 1.0 - 1e-6) ** 2))
-        return c, data + 0.5 * ((amp / prior_sd) ** 2).sum(1)
+        return model_objective(target, model, rot, shift, amp, settings, full_box, prior_sd)
 
     for _ in range(iterations):
         opt.zero_grad(set_to_none=True)
@@ -532,11 +552,18 @@ class Aligner:
             prior = prior_std(model.eigenvalues, settings.amplitude_prior)
             self.prior_sd = torch.as_tensor(prior, dtype=torch.float32, device=device)
         self.coarse = min(settings.coarse_box, box)
+        coarse_px = pixel_size * box / self.coarse
+        self.coarse_model, self.coarse_spread = self.model, 0.0
+        if settings.coarse_cell > 0:
+            pseudo, self.coarse_spread = model.coarsened(settings.coarse_cell * coarse_px)
+            self.coarse_model = pseudo.to(device)
         self.gallery = None  # local modes need none
         if settings.start == "search":
-            self.gallery = Gallery(
-                self.model, self.coarse, pixel_size * box / self.coarse, settings
-            )
+            self.gallery = Gallery(self.model, self.coarse, coarse_px, settings)
+
+    def at_coarse(self, s: AlignSettings) -> AlignSettings:
+        """Settings `s` for the coarse model (its pseudo-atoms' width)."""
+        return replace(s, sigma_angstrom=math.hypot(s.sigma_angstrom, self.coarse_spread))
 
     def start_amplitudes(
         self, target: Target, rot: torch.Tensor, shift: torch.Tensor, amp: torch.Tensor, n: int
@@ -555,11 +582,11 @@ class Aligner:
         with torch.no_grad():
             c = model_ncc(
                 Target(rep(target.images_f), rep(target.ctf), target.box, target.pixel_size),
-                self.model,
+                self.coarse_model,
                 rep(rot),
                 rep(shift),
                 trial,
-                self.s,
+                self.at_coarse(self.s),
                 self.box,
             )
         best = c.view(-1, m).topk(min(n, m), 1).indices  # (R, n)
@@ -586,8 +613,8 @@ class Aligner:
         first = s.local_prune_after if prune and s.local_pruned else iterations
         bound = Bound(s.local_max_angle_deg, s.local_max_shift_px, rep(shift0))
         out = refine(
-            many, self.model, rep(rot0), rep(shift0), starts.reshape(r * n, -1), first, s,
-            self.box, self.prior_sd, bound=bound,
+            many, self.coarse_model, rep(rot0), rep(shift0), starts.reshape(r * n, -1), first,
+            self.at_coarse(s), self.box, self.prior_sd, bound=bound,
         )  # fmt: skip
         best = out[4].view(r, n).argmin(1) + torch.arange(r, device=rot0.device) * n
         rot, shift, amp, score, objective, omega = (x[best] for x in out)
@@ -595,8 +622,8 @@ class Aligner:
             return rot, shift, amp, score, objective, omega
         bound = Bound(s.local_max_angle_deg, s.local_max_shift_px, shift0)
         return refine(
-            target, self.model, rot0, shift, amp, iterations - first, s, self.box,
-            self.prior_sd, omega, bound,
+            target, self.coarse_model, rot0, shift, amp, iterations - first, self.at_coarse(s),
+            self.box, self.prior_sd, omega, bound,
         )  # fmt: skip
 
     def align(
@@ -626,14 +653,19 @@ class Aligner:
         if start is None:
             bound = None
             rot, shift, amp, _, objective, omega = refine(
-                coarse_c, self.model, rot0, shift0, amp0, iterations[0], s, self.box,
-                self.prior_sd,
+                coarse_c, self.coarse_model, rot0, shift0, amp0, iterations[0],
+                self.at_coarse(s), self.box, self.prior_sd,
             )  # fmt: skip
         else:
             bound = Bound(s.local_max_angle_deg, s.local_max_shift_px, shift0)
             rot, shift, amp, _, objective, omega = self.refine_starts(
                 coarse_c, rot0, shift0, amp0, iterations[0], s, prune=not thorough
             )
+        if c > 1 and self.coarse_model is not self.model:  # rank with the atoms themselves
+            with torch.no_grad():
+                objective = model_objective(
+                    coarse_c, self.model, rot, shift, amp, s, self.box, self.prior_sd
+                )[1]
         best = objective.view(len(imgs), c).argmin(1) + torch.arange(len(imgs), device=self.dev) * c
         # stage 2: the best candidate at the full box (local: still bound to its start)
         full = make_target(imgs, ctf_params, rows, self.box, self.px, has_ctf)
@@ -869,6 +901,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="box of the global search and the first refinement",
     )
     p.add_argument(
+        "--coarse-cell",
+        type=float,
+        default=d.coarse_cell,
+        help="coarse refinement on pseudo-atoms, the atoms merged per cube of this edge in "
+        "coarse-box pixels; 0: on the atoms",
+    )
+    p.add_argument(
         "--n-directions",
         type=int,
         default=d.n_directions,
@@ -995,6 +1034,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> AlignSettings:
     return AlignSettings(
         coarse_box=args.coarse_box,
+        coarse_cell=args.coarse_cell,
         n_directions=args.n_directions,
         psi_step=args.psi_step,
         candidates=args.candidates,
@@ -1031,6 +1071,8 @@ def main(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
     if not 0.0 <= args.escalate <= 1.0 or (args.escalate > 0 and settings.start == "search"):
         raise InputError(f"--escalate {args.escalate:g}: a fraction in [0, 1], local mode only")
+    if not settings.coarse_cell >= 0:
+        raise InputError(f"--coarse-cell {settings.coarse_cell:g}: at least 0 (0: the atoms)")
     for flag, share in [("--retry", settings.retry), ("--local-retry", settings.local_retry)]:
         if not 0.0 <= share <= 1.0:
             raise InputError(f"{flag} {share:g}: a fraction in [0, 1]")
