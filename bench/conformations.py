@@ -112,6 +112,7 @@ def main() -> None:
     p.add_argument("--retry", type=float, default=d.retry, help="share searched again")
     p.add_argument("--retry-candidates", type=int, default=d.retry_candidates)
     p.add_argument("--gallery-amplitude", type=float, default=d.gallery_amplitude)
+    p.add_argument("--coarse-cell", type=float, default=d.coarse_cell, help="0: coarse on atoms")
     p.add_argument("--closed-fraction", type=float, default=0.5, help="of a mixture")
     p.add_argument("--spread", type=float, default=0.0, help="std of amplitudes along own modes")
     p.add_argument("--flag-z", type=float, default=3.0)
@@ -177,6 +178,7 @@ def main() -> None:
         retry=a.retry,
         retry_candidates=a.retry_candidates,
         gallery_amplitude=a.gallery_amplitude,
+        coarse_cell=a.coarse_cell,
     )
     used = refs if a.references == "both" else refs[:1]
     true_euler = params[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
@@ -186,7 +188,8 @@ def main() -> None:
         f"spread {a.spread:g}; references: {a.references}; {a.modes} modes; "
         f"amplitude prior {a.amplitude_prior:g}; {a.candidates} candidates (the {a.retry:.0%} "
         f"highest-cost images: {a.retry_candidates}), gallery "
-        f"±{a.gallery_amplitude:g}; {platform.machine()} CPU, {threads} thread(s)"
+        f"±{a.gallery_amplitude:g}, coarse cell {a.coarse_cell:g}; {platform.machine()} CPU, "
+        f"{threads} thread(s)"
     )
     print(
         "  truth: LSQ amplitudes of closed on the open modes "

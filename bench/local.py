@@ -150,7 +150,7 @@ def hybrid_figure(a: argparse.Namespace) -> None:
         net = table_start(merged.set_index("rlnImageName").loc[names], ps.pixel_size)
         hybrid = table_start(hyb.set_index("rlnImageName").loc[names], ps.pixel_size)
         model = FlexibleModel.load(results / "model/model.npz", results / "model/modes.npz")
-        search = hemnma.AlignSettings()  # the workflow's defaults
+        search = hemnma.AlignSettings(coarse_cell=a.coarse_cell)  # the workflow's defaults
         full, per = timed(ps, rows, hemnma.Aligner(model, ps.box, ps.pixel_size, search, a.device))
     finally:
         os.chdir(cwd)

@@ -210,11 +210,22 @@ def test_coarsened_model_moves_and_projects_as_its_atoms(adk_model_files):
     centres = {tuple(np.round((w[i] @ x[i]) / w[i].sum(), 6)): i for i in cells.values()}
     assert len(centres) == len(coarse.coords) and np.isclose(coarse.weights.sum(), w.sum())
     sq = 0.0
-    for centre, rows in zip(coarse.coords, coarse.deform(q), strict=True):
+    for centre, moved, weight in zip(coarse.coords, coarse.deform(q), coarse.weights, strict=True):
         i = centres[tuple(np.round(centre, 6))]
-        np.testing.assert_allclose(rows, (w[i] @ y[i]) / w[i].sum(), atol=1e-9)
+        np.testing.assert_allclose(moved, (w[i] @ y[i]) / w[i].sum(), atol=1e-9)
+        assert np.isclose(weight, w[i].sum())
         sq += w[i] @ ((x[i] - centre) ** 2).sum(1)
     assert np.isclose(spread, np.sqrt(sq / (3 * w.sum())))
+    # an atom of zero weight alone in its cube adds nothing (no 0/0 pseudo-atom)
+    lone = replace(
+        model,
+        coords=np.vstack([model.coords, [[500.0, 500.0, 500.0]]]),
+        modes=np.concatenate([model.modes, np.ones((3, 1, 3))], 1),
+        weights=np.append(model.weights, 0.0),
+    )
+    again, spread_again = lone.coarsened(6.0)
+    np.testing.assert_array_equal(again.coords, coarse.coords)
+    assert spread_again == spread
 
     euler = torch.tensor([[10.0, 50.0, 30.0], [200.0, 120.0, -70.0]])
     rot, shift = geometry.euler_to_matrix(euler), torch.zeros(2, 2)
@@ -226,10 +237,25 @@ def test_coarsened_model_moves_and_projects_as_its_atoms(adk_model_files):
     sigma, filt, _ = image.model_filter(settings.sigma_angstrom)
     proj = imaging.project(atoms.deform(amp), rot, shift, atoms.weights, 32, 4.4, sigma)
     target = hemnma.Target(torch.fft.rfft2(proj) * filt, ones, 32, 4.4)
-    wide = replace(settings, sigma_angstrom=float(np.hypot(1.0, spread)))
+    wide = replace(settings, sigma_angstrom=float(np.hypot(settings.sigma_angstrom, spread)))
     ncc = lambda s: hemnma.model_ncc(target, pseudo, rot, shift, amp, s, 32)
     assert ncc(wide).min() > 0.998  # 0.9987; the misfit 1 - NCC less than half of without
     assert ((1 - ncc(wide)) < 0.5 * (1 - ncc(settings))).all()  # the spread (0.9963-0.9969)
+
+
+def test_aligner_coarse_stage_on_pseudo_atoms_of_coarse_pixels(adk_model_files):
+    """The aligner's coarse model: cubes of `coarse_cell` coarse-box pixels (here 0.7 × 4.4 Å
+    for 64-px images of 2.2 Å at a 32-px coarse box), their spread added to the atoms' width;
+    coarse_cell 0 keeps the atoms themselves."""
+    model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
+    s = hemnma.AlignSettings(start="priors")
+    al = hemnma.Aligner(model, 64, 2.2, s, torch.device("cpu"))
+    pseudo, spread = model.coarsened(0.7 * 4.4)
+    np.testing.assert_allclose(al.coarse_model.coords.numpy(), pseudo.coords, atol=1e-4)
+    assert np.isclose(al.at_coarse(s).sigma_angstrom, np.hypot(s.sigma_angstrom, spread))
+    assert len(al.model.coords) == len(model.coords)
+    atoms = hemnma.Aligner(model, 64, 2.2, replace(s, coarse_cell=0.0), torch.device("cpu"))
+    assert atoms.coarse_model is atoms.model and atoms.at_coarse(s) == s
 
 
 def test_shard_rows():

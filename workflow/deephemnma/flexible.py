@@ -95,9 +95,13 @@ class FlexibleModel:
         of its atoms, their summed weight, and their weighted mean mode vectors (exact: under
         x₀ + Σₖ qₖ vₖ a centroid moves by its atoms' weighted mean displacement); with the atoms'
         weighted RMS per-axis distance from their centroid (Å), the width the pseudo-atoms add
-        to the atoms'. Needs weights; numpy arrays in and out."""
+        to the atoms'. Atoms of zero weight are left out. The mode vectors of the result are not
+        unit-norm. Numpy arrays in and out."""
+        if self.weights is None:
+            raise ValueError("coarsening a model needs its atoms' weights")
         arr = lambda a: np.asarray(a.cpu() if hasattr(a, "cpu") else a, dtype=float)
-        coords, modes, w = arr(self.coords), arr(self.modes), arr(self.weights)
+        keep = arr(self.weights) > 0
+        coords, modes, w = arr(self.coords)[keep], arr(self.modes)[:, keep], arr(self.weights)[keep]
         _, group = np.unique(np.floor(coords / cell).astype(np.int64), axis=0, return_inverse=True)
         group = group.ravel()
         total = np.bincount(group, w)

@@ -12,8 +12,8 @@ batched over images, identical on CPU and GPU:
    Adam on the normalised, CTF-aware correlation, first at the coarse box for all candidates, then
    at the full box for the best one. At the coarse box the model is its pseudo-atoms (the atoms
    merged per cube of `coarse_cell` coarse pixels, `FlexibleModel.coarsened`: 1.4 × faster
-   alignment, the same answers as measured); the gallery, the ranking of the coarse candidates
-   and the full-box stage use the atoms.
+   alignment, the same answers as measured), as in local mode's choice of amplitude starts; the
+   gallery, the ranking of the coarse candidates and the full-box stage use the atoms.
 
 Local mode (`start` = priors | network) skips step 1: each image starts from a given pose (the
 consensus refinement's priors `_rlnAngleRotPrior`..., or the pose and amplitude columns of a
