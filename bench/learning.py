@@ -134,7 +134,7 @@ def fit(
     in_channels = 1 if extra is None else 1 + extra.shape[1]
     net = build_network(a.arch, n_out, in_channels).to(memory_format=torch.channels_last)
     inputs = lambda x, v: preprocess(x, box) if v is None else torch.cat([preprocess(x, box), v], 1)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4, fused=True)
     steps = epochs * (n_train // 64)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, train.warmup_cosine(steps))
     bf16 = bf16_supported(torch.device("cpu"))
@@ -153,7 +153,7 @@ def fit(
             y = train.target_values(param, rep, e, s, lab["amplitudes"][idx])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 pred = net(inputs(x, v).contiguous(memory_format=torch.channels_last))
-            loss, _ = train.loss_and_metric(param, rep, pred, y, mean, std)
+            loss = train.batch_loss(param, rep, pred, y, mean, std)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

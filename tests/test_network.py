@@ -969,7 +969,7 @@ def test_variance_head_ranks_the_noisier_images_as_less_certain():
     for _ in range(epochs):
         net.train()
         for i in torch.randperm(1000).split(32):
-            loss, _ = train.loss_and_metric("shifts", "so3grid", net(x[i]), shifts[i], mean, std)
+            loss = train.batch_loss("shifts", "so3grid", net(x[i]), shifts[i], mean, std)
             opt.zero_grad()
             loss.backward()
             opt.step()
