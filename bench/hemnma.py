@@ -69,6 +69,12 @@ def main() -> None:
         help="coarse refinement on pseudo-atoms per cube of this edge (coarse px); 0: atoms",
     )
     p.add_argument(
+        "--full-cell",
+        type=float,
+        default=hemnma.AlignSettings.full_cell,
+        help="full-box refinement on pseudo-atoms per cube of this edge (full-box px); 0: atoms",
+    )
+    p.add_argument(
         "--threads", type=int, default=1, help="CPU threads (1: as one MPI rank per core runs)"
     )
     a = p.parse_args()
@@ -89,6 +95,7 @@ def main() -> None:
             n_directions=a.n_directions,
             amplitude_prior=a.amplitude_prior,
             coarse_cell=a.coarse_cell,
+            full_cell=a.full_cell,
         )
         t0 = time.perf_counter()
         al = hemnma.Aligner(
@@ -118,6 +125,7 @@ def main() -> None:
     cond += (
         f", coarse cell {a.coarse_cell:g} px" if a.coarse_cell else ", coarse stage on the atoms"
     )
+    cond += f", full-box cell {a.full_cell:g} px" if a.full_cell else ", full box on the atoms"
     cond += f"; {a.retry:.0%} searched again with {a.retry_candidates} candidates"
     print(f"HEMNMA on {a.n_images} images, {a.box} px, {cond}; {where}")
     print(

@@ -150,7 +150,7 @@ def hybrid_figure(a: argparse.Namespace) -> None:
         net = table_start(merged.set_index("rlnImageName").loc[names], ps.pixel_size)
         hybrid = table_start(hyb.set_index("rlnImageName").loc[names], ps.pixel_size)
         model = FlexibleModel.load(results / "model/model.npz", results / "model/modes.npz")
-        search = hemnma.AlignSettings(coarse_cell=a.coarse_cell)  # the workflow's defaults
+        search = hemnma.AlignSettings(coarse_cell=a.coarse_cell, full_cell=a.full_cell)
         full, per = timed(ps, rows, hemnma.Aligner(model, ps.box, ps.pixel_size, search, a.device))
     finally:
         os.chdir(cwd)
@@ -191,6 +191,12 @@ def main() -> None:
         default=d.coarse_cell,
         help="coarse refinement on pseudo-atoms per cube of this edge (coarse px); 0: atoms",
     )
+    p.add_argument(
+        "--full-cell",
+        type=float,
+        default=d.full_cell,
+        help="full-box refinement on pseudo-atoms per cube of this edge (full-box px); 0: atoms",
+    )
     p.add_argument("--results", type=Path, default=None, help="a finished simulated run")
     p.add_argument("--skip-priors", action="store_true")
     p.add_argument("--ranks", type=int, default=1, help="the run's hemnma.ranks")
@@ -210,6 +216,7 @@ def main() -> None:
         local_prune_after=a.prune_after,
         local_retry=a.local_retry,
         coarse_cell=a.coarse_cell,
+        full_cell=a.full_cell,
     )
     where = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(
@@ -217,7 +224,7 @@ def main() -> None:
         f"{settings.local_max_angle_deg:g}° / {settings.local_max_shift_px:g} px, "
         f"{settings.local_starts} amplitude starts pruned after {settings.local_prune_after}, "
         f"local retry {settings.local_retry:g}, search retry {settings.retry:g}, coarse cell "
-        f"{settings.coarse_cell:g} px; {where}"
+        f"{settings.coarse_cell:g} px, full-box cell {settings.full_cell:g} px; {where}"
     )
     if not a.skip_priors:
         priors_figure(a, settings)

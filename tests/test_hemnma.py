@@ -243,10 +243,12 @@ def test_coarsened_model_moves_and_projects_as_its_atoms(adk_model_files):
     assert ((1 - ncc(wide)) < 0.5 * (1 - ncc(settings))).all()  # the spread (0.9963-0.9969)
 
 
-def test_aligner_coarse_stage_on_pseudo_atoms_of_coarse_pixels(adk_model_files):
+def test_aligner_stages_on_pseudo_atoms_of_their_pixels(adk_model_files):
     """The aligner's coarse model: cubes of `coarse_cell` coarse-box pixels (here 0.7 × 4.4 Å
-    for 64-px images of 2.2 Å at a 32-px coarse box), their spread added to the atoms' width;
-    coarse_cell 0 keeps the atoms themselves."""
+    for 64-px images of 2.2 Å at a 32-px coarse box), its full-box model: cubes of `full_cell`
+    full-box pixels (1.0 × 2.2 Å) but never coarser than the coarse stage's (32-px images of
+    4.4 Å: 0.7 × 4.4 Å), each's spread added to the atoms' width; a cell of 0 keeps the atoms
+    themselves."""
     model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
     s = hemnma.AlignSettings(start="priors")
     al = hemnma.Aligner(model, 64, 2.2, s, torch.device("cpu"))
@@ -254,8 +256,18 @@ def test_aligner_coarse_stage_on_pseudo_atoms_of_coarse_pixels(adk_model_files):
     np.testing.assert_allclose(al.coarse_model.coords.numpy(), pseudo.coords, atol=1e-4)
     assert np.isclose(al.at_coarse(s).sigma_angstrom, np.hypot(s.sigma_angstrom, spread))
     assert len(al.model.coords) == len(model.coords)
-    atoms = hemnma.Aligner(model, 64, 2.2, replace(s, coarse_cell=0.0), torch.device("cpu"))
-    assert atoms.coarse_model is atoms.model and atoms.at_coarse(s) == s
+    fine, fine_spread = model.coarsened(1.0 * 2.2)
+    assert len(pseudo.coords) < len(fine.coords) < len(model.coords)  # 845 < 1,204 < 1,656
+    np.testing.assert_allclose(al.full_model.coords.numpy(), fine.coords, atol=1e-4)
+    assert np.isclose(al.at_full(s).sigma_angstrom, np.hypot(s.sigma_angstrom, fine_spread))
+    assert 0 < fine_spread < spread
+    small = hemnma.Aligner(model, 32, 4.4, s, torch.device("cpu"))
+    np.testing.assert_allclose(small.full_model.coords.numpy(), pseudo.coords, atol=1e-4)
+    assert np.isclose(small.full_spread, spread)
+    none = replace(s, coarse_cell=0.0, full_cell=0.0)
+    atoms = hemnma.Aligner(model, 64, 2.2, none, torch.device("cpu"))
+    assert atoms.coarse_model is atoms.model and atoms.at_coarse(none) == none
+    assert atoms.full_model is atoms.model and atoms.at_full(none) == none
 
 
 def test_shard_rows():

@@ -320,6 +320,8 @@ def test_priors_start_without_a_consensus_pose_is_a_one_line_error(
     assert "--retry -0.1: a fraction in [0, 1]" in capsys.readouterr().err
     assert cli([*argv, "--coarse-cell", "-1"]) == 2
     assert "--coarse-cell -1: at least 0 (0: the atoms)" in capsys.readouterr().err
+    assert cli([*argv, "--full-cell", "nan"]) == 2
+    assert "--full-cell nan: at least 0 (0: the atoms)" in capsys.readouterr().err
     assert cli([*argv, "--local-starts", "0"]) == 2
     assert "--local-starts 0, --local-prune-after 6: each at least 1" in capsys.readouterr().err
     with pytest.raises(

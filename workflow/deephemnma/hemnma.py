@@ -12,8 +12,10 @@ batched over images, identical on CPU and GPU:
    Adam on the normalised, CTF-aware correlation, first at the coarse box for all candidates, then
    at the full box for the best one. At the coarse box the model is its pseudo-atoms (the atoms
    merged per cube of `coarse_cell` coarse pixels, `FlexibleModel.coarsened`: 1.4 × faster
-   alignment, the same answers as measured), as in local mode's choice of amplitude starts; the
-   gallery, the ranking of the coarse candidates and the full-box stage use the atoms.
+   alignment, the same answers as measured), as in local mode's choice of amplitude starts; at
+   the full box, pseudo-atoms per cube of `full_cell` full-box pixels, at most the coarse cube
+   (at 64 px 1,204 of AK's 1,656 atoms, 0.3 Å of spread at a 5 Å resolution limit); the
+   gallery and the ranking of the coarse candidates use the atoms.
 
 Local mode (`start` = priors | network) skips step 1: each image starts from a given pose (the
 consensus refinement's priors `_rlnAngleRotPrior`..., or the pose and amplitude columns of a
@@ -76,6 +78,8 @@ class AlignSettings:
     coarse_box: int = 32
     coarse_cell: float = 0.7  # coarse refinement on pseudo-atoms per cube of this edge (coarse
     # pixels); 0: on the atoms
+    full_cell: float = 1.0  # and the full-box refinement, per cube of this edge (full-box
+    # pixels), at most the coarse stage's cube
     n_directions: int = 400
     psi_step: float = 10.0
     candidates: int = 4
@@ -553,10 +557,21 @@ class Aligner:
             self.prior_sd = torch.as_tensor(prior, dtype=torch.float32, device=device)
         self.coarse = min(settings.coarse_box, box)
         coarse_px = pixel_size * box / self.coarse
-        self.coarse_model, self.coarse_spread = self.model, 0.0
-        if settings.coarse_cell > 0:
-            pseudo, self.coarse_spread = model.coarsened(settings.coarse_cell * coarse_px)
-            self.coarse_model = pseudo.to(device)
+
+        def pseudo_atoms(cell: float) -> tuple[FlexibleModel, float]:
+            """The model as pseudo-atoms per cube of `cell` Å and their spread (Å); 0: the atoms."""
+            if cell <= 0:
+                return self.model, 0.0
+            pseudo, spread = model.coarsened(cell)
+            return pseudo.to(device), spread
+
+        coarse_cell = settings.coarse_cell * coarse_px
+        self.coarse_model, self.coarse_spread = pseudo_atoms(coarse_cell)
+        # never coarser than the coarse stage (32-px images of 4.4 Å, noise-free, refined locally
+        # on cubes of one pixel: 0.69° from the truth, on the coarse stage's 0.41°)
+        self.full_model, self.full_spread = pseudo_atoms(
+            min(settings.full_cell * pixel_size, coarse_cell)
+        )
         self.gallery = None  # local modes need none
         if settings.start == "search":
             self.gallery = Gallery(self.model, self.coarse, coarse_px, settings)
@@ -564,6 +579,10 @@ class Aligner:
     def at_coarse(self, s: AlignSettings) -> AlignSettings:
         """Settings `s` for the coarse model (its pseudo-atoms' width)."""
         return replace(s, sigma_angstrom=math.hypot(s.sigma_angstrom, self.coarse_spread))
+
+    def at_full(self, s: AlignSettings) -> AlignSettings:
+        """Settings `s` for the full-box model (its pseudo-atoms' width)."""
+        return replace(s, sigma_angstrom=math.hypot(s.sigma_angstrom, self.full_spread))
 
     def start_amplitudes(
         self, target: Target, rot: torch.Tensor, shift: torch.Tensor, amp: torch.Tensor, n: int
@@ -675,8 +694,8 @@ class Aligner:
             anchor, omega0 = rot0[best], omega[best]
             bound = Bound(bound.max_angle_deg, bound.max_shift_px, shift0[best])
         out = refine(
-            full, self.model, anchor, shift[best], amp[best], iterations[1], s, self.box,
-            self.prior_sd, omega0, bound,
+            full, self.full_model, anchor, shift[best], amp[best], iterations[1],
+            self.at_full(s), self.box, self.prior_sd, omega0, bound,
         )  # fmt: skip
         return alignment_result(*out[:5])
 
@@ -908,6 +927,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "coarse-box pixels; 0: on the atoms",
     )
     p.add_argument(
+        "--full-cell",
+        type=float,
+        default=d.full_cell,
+        help="full-box refinement on pseudo-atoms, the atoms merged per cube of this edge in "
+        "full-box pixels, at most the coarse stage's cube; 0: on the atoms",
+    )
+    p.add_argument(
         "--n-directions",
         type=int,
         default=d.n_directions,
@@ -1035,6 +1061,7 @@ def settings_from_args(args: argparse.Namespace) -> AlignSettings:
     return AlignSettings(
         coarse_box=args.coarse_box,
         coarse_cell=args.coarse_cell,
+        full_cell=args.full_cell,
         n_directions=args.n_directions,
         psi_step=args.psi_step,
         candidates=args.candidates,
@@ -1071,8 +1098,12 @@ def main(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
     if not 0.0 <= args.escalate <= 1.0 or (args.escalate > 0 and settings.start == "search"):
         raise InputError(f"--escalate {args.escalate:g}: a fraction in [0, 1], local mode only")
-    if not settings.coarse_cell >= 0:
-        raise InputError(f"--coarse-cell {settings.coarse_cell:g}: at least 0 (0: the atoms)")
+    for flag, cell in [
+        ("--coarse-cell", settings.coarse_cell),
+        ("--full-cell", settings.full_cell),
+    ]:
+        if not cell >= 0:
+            raise InputError(f"{flag} {cell:g}: at least 0 (0: the atoms)")
     for flag, share in [("--retry", settings.retry), ("--local-retry", settings.local_retry)]:
         if not 0.0 <= share <= 1.0:
             raise InputError(f"{flag} {share:g}: a fraction in [0, 1]")
