@@ -197,6 +197,12 @@ def main() -> None:
         default=d.full_cell,
         help="full-box refinement on pseudo-atoms per cube of this edge (full-box px); 0: atoms",
     )
+    p.add_argument(
+        "--local-coarse-cell",
+        type=float,
+        default=d.local_coarse_cell,
+        help="local refinement's coarse stage on pseudo-atoms per cube of this edge (coarse px)",
+    )
     p.add_argument("--results", type=Path, default=None, help="a finished simulated run")
     p.add_argument("--skip-priors", action="store_true")
     p.add_argument("--ranks", type=int, default=1, help="the run's hemnma.ranks")
@@ -217,6 +223,7 @@ def main() -> None:
         local_retry=a.local_retry,
         coarse_cell=a.coarse_cell,
         full_cell=a.full_cell,
+        local_coarse_cell=a.local_coarse_cell,
     )
     where = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(
@@ -224,7 +231,8 @@ def main() -> None:
         f"{settings.local_max_angle_deg:g}° / {settings.local_max_shift_px:g} px, "
         f"{settings.local_starts} amplitude starts pruned after {settings.local_prune_after}, "
         f"local retry {settings.local_retry:g}, search retry {settings.retry:g}, coarse cell "
-        f"{settings.coarse_cell:g} px, full-box cell {settings.full_cell:g} px; {where}"
+        f"{settings.coarse_cell:g} px (local {settings.local_coarse_cell:g}), full-box cell "
+        f"{settings.full_cell:g} px; {where}"
     )
     if not a.skip_priors:
         priors_figure(a, settings)

@@ -245,12 +245,22 @@ def test_coarsened_model_moves_and_projects_as_its_atoms(adk_model_files):
 
 def test_aligner_stages_on_pseudo_atoms_of_their_pixels(adk_model_files):
     """The aligner's coarse model: cubes of `coarse_cell` coarse-box pixels (here 0.7 × 4.4 Å
-    for 64-px images of 2.2 Å at a 32-px coarse box), its full-box model: cubes of `full_cell`
-    full-box pixels (1.0 × 2.2 Å) but never coarser than the coarse stage's (32-px images of
-    4.4 Å: 0.7 × 4.4 Å), each's spread added to the atoms' width; a cell of 0 keeps the atoms
-    themselves."""
+    for 64-px images of 2.2 Å at a 32-px coarse box; in local mode `local_coarse_cell`, 1.4 ×
+    4.4 Å, unless the coarse box is the full box), its full-box model: cubes of `full_cell` full-box pixels (1.0 × 2.2 Å) but never
+    coarser than the search's coarse stage's (32-px images of 4.4 Å: 0.7 × 4.4 Å, in both
+    modes), each's spread added to the atoms' width; a cell of 0 keeps the atoms themselves."""
     model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
-    s = hemnma.AlignSettings(start="priors")
+    local = hemnma.AlignSettings(start="priors")
+    al = hemnma.Aligner(model, 64, 2.2, local, torch.device("cpu"))
+    rough, rough_spread = model.coarsened(1.4 * 4.4)
+    np.testing.assert_allclose(al.coarse_model.coords.numpy(), rough.coords, atol=1e-4)
+    assert np.isclose(al.coarse_spread, rough_spread)
+    small = hemnma.Aligner(model, 32, 4.4, local, torch.device("cpu"))
+    assert small.coarse_model.coords.shape == model.coarsened(0.7 * 4.4)[0].coords.shape
+    np.testing.assert_allclose(
+        small.full_model.coords.numpy(), model.coarsened(0.7 * 4.4)[0].coords, atol=1e-4
+    )
+    s = hemnma.AlignSettings(n_directions=20)  # search: a small gallery
     al = hemnma.Aligner(model, 64, 2.2, s, torch.device("cpu"))
     pseudo, spread = model.coarsened(0.7 * 4.4)
     np.testing.assert_allclose(al.coarse_model.coords.numpy(), pseudo.coords, atol=1e-4)
@@ -260,7 +270,8 @@ def test_aligner_stages_on_pseudo_atoms_of_their_pixels(adk_model_files):
     assert len(pseudo.coords) < len(fine.coords) < len(model.coords)  # 845 < 1,204 < 1,656
     np.testing.assert_allclose(al.full_model.coords.numpy(), fine.coords, atol=1e-4)
     assert np.isclose(al.at_full(s).sigma_angstrom, np.hypot(s.sigma_angstrom, fine_spread))
-    assert 0 < fine_spread < spread
+    assert 0 < fine_spread < spread < rough_spread
+    assert len(rough.coords) < len(pseudo.coords)  # 216 < 845
     small = hemnma.Aligner(model, 32, 4.4, s, torch.device("cpu"))
     np.testing.assert_allclose(small.full_model.coords.numpy(), pseudo.coords, atol=1e-4)
     assert np.isclose(small.full_spread, spread)

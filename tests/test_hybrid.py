@@ -159,7 +159,7 @@ def test_amplitude_starts_are_the_best_correlating_gallery_models(noise_free, mo
 def test_pruning_goes_on_with_each_orientations_best_start(noise_free, monkeypatch):
     """Three starts per orientation refined for `local_prune_after` coarse iterations, then only
     the one with the lowest objective for the rest, anchored at the start's rotation with the ω
-    it reached; without pruning (or with one start) all go the whole way."""
+    it reached; thorough (the retry), all 2K + 1 starts go the whole way, with one start that one."""
     d, star, aligner = noise_free
     monkeypatch.chdir(d)
     ps = ParticleSet(star)
@@ -185,7 +185,7 @@ def test_pruning_goes_on_with_each_orientations_best_start(noise_free, monkeypat
     torch.testing.assert_close(calls[1][2], calls[0][2][::3])  # about the start's rotation
     calls.clear()
     al.align(ps.images[rows], ps.ctf_params(), rows, True, start, thorough=True)
-    assert [c[:2] for c in calls] == [(6, 10), (2, 5)]
+    assert [c[:2] for c in calls] == [(14, 10), (2, 5)]
     calls.clear()
     aligner(ps, local_starts=1).align(ps.images[rows], ps.ctf_params(), rows, True, start)
     assert [c[:2] for c in calls] == [(2, 25), (2, 25)]
@@ -193,8 +193,8 @@ def test_pruning_goes_on_with_each_orientations_best_start(noise_free, monkeypat
 
 def test_retry_redoes_the_highest_cost_images_without_pruning(noise_free, monkeypatch):
     """Two starts 90° off leave their images unexplained: with local_retry 0.5 exactly those two
-    are refined again, unpruned; each keeps the lower objective of the two runs, the others are
-    untouched. Without pruning (one start) there is nothing to retry."""
+    are refined again from every amplitude start, unpruned; each keeps the lower objective of the
+    two runs, the others are untouched. Without the gallery's starts there is nothing to retry."""
     d, star, aligner = noise_free
     monkeypatch.chdir(d)
     ps = ParticleSet(star)
@@ -212,7 +212,7 @@ def test_retry_redoes_the_highest_cost_images_without_pruning(noise_free, monkey
     monkeypatch.setattr(hemnma.Aligner, "align", recorded)
     kw = dict(local_iterations=(10, 4), local_prune_after=1)
     pruned = hemnma.align_rows(ps, rows, aligner(ps, **kw, local_retry=0.0), start=start)
-    no_pruning = aligner(ps, **{**kw, "local_prune_after": 10})
+    no_pruning = aligner(ps, **{**kw, "local_prune_after": 10, "local_starts": 7})
     unpruned = hemnma.align_rows(ps, rows[2:], no_pruning, start=start)
     seen.clear()
     res = hemnma.align_rows(ps, rows, aligner(ps, **kw, local_retry=0.5), start=start)
@@ -228,7 +228,9 @@ def test_retry_redoes_the_highest_cost_images_without_pruning(noise_free, monkey
                 res[key][i], lower[key][i - 2 if lower is unpruned else i]
             )
     seen.clear()
-    hemnma.align_rows(ps, rows, aligner(ps, **kw, local_starts=1, local_retry=0.5), start=start)
+    hemnma.align_rows(
+        ps, rows, aligner(ps, **kw, gallery_amplitude=0, local_retry=0.5), start=start
+    )
     assert seen == [([0, 1, 2, 3], False)]
 
 
@@ -322,6 +324,8 @@ def test_priors_start_without_a_consensus_pose_is_a_one_line_error(
     assert "--coarse-cell -1: at least 0 (0: the atoms)" in capsys.readouterr().err
     assert cli([*argv, "--full-cell", "nan"]) == 2
     assert "--full-cell nan: at least 0 (0: the atoms)" in capsys.readouterr().err
+    assert cli([*argv, "--local-coarse-cell", "-0.5"]) == 2
+    assert "--local-coarse-cell -0.5: at least 0 (0: the atoms)" in capsys.readouterr().err
     assert cli([*argv, "--local-starts", "0"]) == 2
     assert "--local-starts 0, --local-prune-after 6: each at least 1" in capsys.readouterr().err
     with pytest.raises(

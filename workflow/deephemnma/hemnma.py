@@ -12,10 +12,10 @@ batched over images, identical on CPU and GPU:
    Adam on the normalised, CTF-aware correlation, first at the coarse box for all candidates, then
    at the full box for the best one. At the coarse box the model is its pseudo-atoms (the atoms
    merged per cube of `coarse_cell` coarse pixels, `FlexibleModel.coarsened`: 1.4 × faster
-   alignment, the same answers as measured), as in local mode's choice of amplitude starts; at
-   the full box, pseudo-atoms per cube of `full_cell` full-box pixels, at most the coarse cube
-   (at 64 px 1,204 of AK's 1,656 atoms, 0.3 Å of spread at a 5 Å resolution limit); the
-   gallery and the ranking of the coarse candidates use the atoms.
+   alignment, the same answers as measured); at the full box, pseudo-atoms per cube of
+   `full_cell` full-box pixels, at most the coarse cube (at 64 px 1,204 of AK's 1,656 atoms,
+   0.3 Å of spread at a 5 Å resolution limit); the gallery and the ranking of the coarse
+   candidates use the atoms.
 
 Local mode (`start` = priors | network) skips step 1: each image starts from a given pose (the
 consensus refinement's priors `_rlnAngleRotPrior`..., or the pose and amplitude columns of a
@@ -23,7 +23,9 @@ network's inferred STAR), optionally also from its 180° in-plane flip and from 
 network's other orientation candidates (`_dhAngleCandidate<j>*`); each start takes, of its
 amplitudes and those ± `gallery_amplitude` along each mode, the ones that correlate best there;
 step 2 then runs as above with the rotation kept within `local_max_angle_deg` of its start and
-the shift within `local_max_shift_px` (projected after every step). With `--escalate`, the
+the shift within `local_max_shift_px` (projected after every step), its coarse stage on coarser
+pseudo-atoms (`local_coarse_cell`: a start near the answer needs less detail than a search's
+candidates). With `--escalate`, the
 fraction of images left with the highest cost is aligned again by the global search.
 
 The cost of each image is 1 - (final normalised correlation); under MPI, ranks split the images.
@@ -104,6 +106,8 @@ class AlignSettings:
     local_starts: int = 3  # local mode: amplitude starts per orientation (best of the gallery's)
     local_prune_after: int = 6  # local mode: coarse iterations before only the best start goes on
     local_retry: float = 0.1  # local mode: share of images (highest cost) redone without pruning
+    local_coarse_cell: float = 1.4  # local mode: its coarse stage's cube (coarse pixels), when
+    # that stage's box is below the full box
 
     @property
     def local_pruned(self) -> bool:
@@ -566,9 +570,15 @@ class Aligner:
             return pseudo.to(device), spread
 
         coarse_cell = settings.coarse_cell * coarse_px
-        self.coarse_model, self.coarse_spread = pseudo_atoms(coarse_cell)
-        # never coarser than the coarse stage (32-px images of 4.4 Å, noise-free, refined locally
-        # on cubes of one pixel: 0.69° from the truth, on the coarse stage's 0.41°)
+        # local mode: coarser, unless its coarse stage is at the full box (32-px images of 4.4 Å,
+        # noise-free, from 8° off: 0.68° from the truth on cubes of 1.4 pixel, 0.32° on 0.7)
+        local = settings.local_coarse_cell if self.coarse < box else settings.coarse_cell
+        local *= coarse_px
+        self.coarse_model, self.coarse_spread = pseudo_atoms(
+            coarse_cell if settings.start == "search" else local
+        )
+        # never coarser than the search's coarse stage (32-px images of 4.4 Å, noise-free, refined
+        # locally on cubes of one pixel: 0.69° from the truth, on cubes of 0.7 pixel 0.41°)
         self.full_model, self.full_spread = pseudo_atoms(
             min(settings.full_cell * pixel_size, coarse_cell)
         )
@@ -622,10 +632,12 @@ class Aligner:
         prune: bool,
     ) -> tuple[torch.Tensor, ...]:
         """Local mode, coarse box: `refine`'s answer for each candidate (R,) refined from its
-        `local_starts` amplitude starts, the best objective kept; with `prune`, only each
-        candidate's best start goes on after `local_prune_after` iterations (with a fresh step
-        schedule over the remaining ones: a warm restart)."""
-        starts = self.start_amplitudes(target, rot0, shift0, amp0, s.local_starts)  # (R, n, K)
+        amplitude starts, the best objective kept. With `prune`, its `local_starts` best, of which
+        only the best goes on after `local_prune_after` iterations (with a fresh step schedule
+        over the remaining ones: a warm restart); without, every start the gallery's models give
+        (2K + 1), carried through."""
+        n = s.local_starts if prune else 2 * amp0.shape[1] + 1
+        starts = self.start_amplitudes(target, rot0, shift0, amp0, n)  # (R, n, K)
         r, n = starts.shape[:2]
         rep = lambda x: x.repeat_interleave(n, 0)
         many = Target(rep(target.images_f), rep(target.ctf), target.box, target.pixel_size)
@@ -658,7 +670,7 @@ class Aligner:
         for one batch; the objective is what the refinement minimised (-NCC without a prior).
         Candidates come from the global search (`retry_candidates` of them when `thorough`), or
         with `start` from local_candidates; local candidates are refined from several amplitude
-        starts (`refine_starts`, pruned unless `thorough`)."""
+        starts (`refine_starts`: pruned, or when `thorough` all the gallery's, unpruned)."""
         imgs = torch.as_tensor(images, dtype=torch.float32, device=self.dev)
         coarse = make_target(imgs, ctf_params, rows, self.coarse, self.px, has_ctf)
         eul, sh, amp_init, iterations, s = self.candidates(coarse, start, thorough)
@@ -780,8 +792,8 @@ def align_rows(
     global search, or in local mode when `start` (one row per particle of `ps`) is given. In
     both modes the images left with the highest cost are then aligned again, more thoroughly,
     each keeping the better answer: global search, the `retry` share with `retry_candidates`
-    candidates (when more than `candidates`); local mode, the `local_retry` share with every
-    amplitude start carried through the coarse stage (when the starts are pruned). Under MPI,
+    candidates (when more than `candidates`); local mode, the `local_retry` share from every
+    amplitude start the gallery's models give, unpruned (when there are such starts). Under MPI,
     `gather` (see `redo_worst`) makes the shares of all ranks' images together."""
     aligners = [aligner] if isinstance(aligner, Aligner) else list(aligner)
     result = align_batches(ps, rows, aligners, desc, start)
@@ -790,7 +802,8 @@ def align_rows(
         share, more = s.retry, s.retry_candidates > s.candidates
         what = f"searched again with {s.retry_candidates} candidates"
     else:
-        share, more, what = s.local_retry, s.local_pruned, "refined again without pruning"
+        share, more = s.local_retry, s.gallery_amplitude > 0
+        what = "refined again from every amplitude start"
     if not more:
         return result
     redo = lambda worst: align_batches(
@@ -1046,7 +1059,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=d.local_retry,
         help="local mode: share of the shard's images (all its MPI ranks together), those left "
-        "with the highest cost, refined again without pruning; each keeps the better answer",
+        "with the highest cost, refined again from every amplitude start (2K + 1), unpruned; "
+        "each keeps the better answer",
+    )
+    p.add_argument(
+        "--local-coarse-cell",
+        type=float,
+        default=d.local_coarse_cell,
+        help="local mode: its coarse refinement on pseudo-atoms per cube of this edge (coarse "
+        "px); 0: atoms",
     )
     p.add_argument(
         "--escalate",
@@ -1081,6 +1102,7 @@ def settings_from_args(args: argparse.Namespace) -> AlignSettings:
         local_starts=args.local_starts,
         local_prune_after=args.local_prune_after,
         local_retry=args.local_retry,
+        local_coarse_cell=args.local_coarse_cell,
     )
 
 
@@ -1101,6 +1123,7 @@ def main(args: argparse.Namespace) -> None:
     for flag, cell in [
         ("--coarse-cell", settings.coarse_cell),
         ("--full-cell", settings.full_cell),
+        ("--local-coarse-cell", settings.local_coarse_cell),
     ]:
         if not cell >= 0:
             raise InputError(f"{flag} {cell:g}: at least 0 (0: the atoms)")
