@@ -11,8 +11,8 @@
    (network/deephemnma.star), of its hybrid (network/hybrid.star) and of full HEMNMA run here on
    the same images; seconds per image per core.
 
-    flock /tmp/heavy.lock python bench/local.py [--n-images 256] [--box 64] [--results results]
-        [--skip-priors]
+    flock /tmp/heavy.lock python bench/local.py [--n-images 256] [--box 64] [--seed 7]
+        [--results results] [--skip-priors]
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ HEADER = [
 def priors_figure(a: argparse.Namespace, settings: hemnma.AlignSettings) -> None:
     rng = np.random.default_rng(1)
     with tempfile.TemporaryDirectory() as d:
-        reference_set(d, a.n_images, a.box, noise=True)
+        reference_set(d, a.n_images, a.box, noise=True, seed=a.seed)
         cwd = os.getcwd()
         os.chdir(d)
         try:
@@ -175,6 +175,7 @@ def main() -> None:
     d = hemnma.AlignSettings()
     p.add_argument("--n-images", type=int, default=256)
     p.add_argument("--box", type=int, default=64)
+    p.add_argument("--seed", type=int, default=7, help="the simulated particles' seed")
     p.add_argument("--perturb-deg", type=float, default=5.0)
     p.add_argument("--perturb-px", type=float, default=2.0)
     p.add_argument("--basin", type=float, nargs="*", default=[15.0, 30.0])
