@@ -246,20 +246,27 @@ def test_coarsened_model_moves_and_projects_as_its_atoms(adk_model_files):
 def test_aligner_stages_on_pseudo_atoms_of_their_pixels(adk_model_files):
     """The aligner's coarse model: cubes of `coarse_cell` coarse-box pixels (here 0.7 × 4.4 Å
     for 64-px images of 2.2 Å at a 32-px coarse box; in local mode `local_coarse_cell`, 1.4 ×
-    4.4 Å, unless the coarse box is the full box), its full-box model: cubes of `full_cell` full-box pixels (1.0 × 2.2 Å) but never
-    coarser than the search's coarse stage's (32-px images of 4.4 Å: 0.7 × 4.4 Å, in both
-    modes), each's spread added to the atoms' width; a cell of 0 keeps the atoms themselves."""
+    4.4 Å, unless the coarse box is the full box), its full-box model: cubes of `full_cell`
+    full-box pixels (1.0 × 2.2 Å) but never coarser than `coarse_cell`'s, in both modes (32-px
+    images of 4.4 Å, or a full cell of 2 pixels: 0.7 × 4.4 Å), each's spread added to the
+    atoms' width; a cell of 0 keeps the atoms themselves."""
     model = FlexibleModel.load(adk_model_files / "model.npz", adk_model_files / "modes.npz")
     local = hemnma.AlignSettings(start="priors")
     al = hemnma.Aligner(model, 64, 2.2, local, torch.device("cpu"))
     rough, rough_spread = model.coarsened(1.4 * 4.4)
     np.testing.assert_allclose(al.coarse_model.coords.numpy(), rough.coords, atol=1e-4)
     assert np.isclose(al.coarse_spread, rough_spread)
+    search_cube, search_spread = model.coarsened(0.7 * 4.4)
     small = hemnma.Aligner(model, 32, 4.4, local, torch.device("cpu"))
-    assert small.coarse_model.coords.shape == model.coarsened(0.7 * 4.4)[0].coords.shape
-    np.testing.assert_allclose(
-        small.full_model.coords.numpy(), model.coarsened(0.7 * 4.4)[0].coords, atol=1e-4
+    for m in (small.coarse_model, small.full_model):
+        np.testing.assert_allclose(m.coords.numpy(), search_cube.coords, atol=1e-4)
+    assert np.isclose(small.coarse_spread, search_spread)
+    wide = hemnma.Aligner(model, 64, 2.2, replace(local, full_cell=2.0), torch.device("cpu"))
+    np.testing.assert_allclose(wide.full_model.coords.numpy(), search_cube.coords, atol=1e-4)
+    atoms = hemnma.Aligner(
+        model, 64, 2.2, replace(local, local_coarse_cell=0.0), torch.device("cpu")
     )
+    assert atoms.coarse_model is atoms.model
     s = hemnma.AlignSettings(n_directions=20)  # search: a small gallery
     al = hemnma.Aligner(model, 64, 2.2, s, torch.device("cpu"))
     pseudo, spread = model.coarsened(0.7 * 4.4)

@@ -1,5 +1,7 @@
 """Local HEMNMA refinement from a given pose (priors, networks) and the hybrid select/combine steps."""
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -232,6 +234,22 @@ def test_retry_redoes_the_highest_cost_images_without_pruning(noise_free, monkey
         ps, rows, aligner(ps, **kw, gallery_amplitude=0, local_retry=0.5), start=start
     )
     assert seen == [([0, 1, 2, 3], False)]
+    seen.clear()  # one start: the retry still tries 3
+    hemnma.align_rows(ps, rows, aligner(ps, **kw, local_starts=1, local_retry=0.5), start=start)
+    assert seen == [([0, 1, 2, 3], False), ([2, 3], True)]
+
+
+def test_local_retry_starts():
+    """The retry's amplitude starts: 3 × `local_starts` of the 2K + 1, 1 without gallery models;
+    it runs only where it differs from the first pass (more starts, or unpruned)."""
+    s = hemnma.AlignSettings(start="priors")
+    assert [s.local_retry_starts(k) for k in (1, 3, 10)] == [3, 7, 9]
+    assert replace(s, gallery_amplitude=0).local_retry_starts(3) == 1
+    assert s.local_retry_helps(3) and replace(s, local_starts=1).local_retry_helps(3)
+    assert not replace(s, gallery_amplitude=0).local_retry_helps(3)
+    every = replace(s, local_starts=7, local_iterations=(5, 25))  # all 7, never pruned
+    assert not every.local_pruned and not every.local_retry_helps(3)
+    assert every.local_retry_helps(10)  # 21 starts: the first pass takes 7, the retry all 21
 
 
 def test_escalation_sends_the_worst_explained_images_to_the_global_search(noise_free, monkeypatch):

@@ -13,7 +13,7 @@ batched over images, identical on CPU and GPU:
    at the full box for the best one. At the coarse box the model is its pseudo-atoms (the atoms
    merged per cube of `coarse_cell` coarse pixels, `FlexibleModel.coarsened`: 1.4 × faster
    alignment, the same answers as measured); at the full box, pseudo-atoms per cube of
-   `full_cell` full-box pixels, at most the coarse cube (at 64 px 1,204 of AK's 1,656 atoms,
+   `full_cell` full-box pixels, at most `coarse_cell`'s cube (at 64 px 1,204 of AK's 1,656 atoms,
    0.3 Å of spread at a 5 Å resolution limit); the gallery and the ranking of the coarse
    candidates use the atoms.
 
@@ -81,7 +81,7 @@ class AlignSettings:
     coarse_cell: float = 0.7  # coarse refinement on pseudo-atoms per cube of this edge (coarse
     # pixels); 0: on the atoms
     full_cell: float = 1.0  # and the full-box refinement, per cube of this edge (full-box
-    # pixels), at most the coarse stage's cube
+    # pixels), at most `coarse_cell`'s cube
     n_directions: int = 400
     psi_step: float = 10.0
     candidates: int = 4
@@ -105,7 +105,8 @@ class AlignSettings:
     local_flip: bool = False  # local mode: also start from the 180° in-plane flip
     local_starts: int = 3  # local mode: amplitude starts per orientation (best of the gallery's)
     local_prune_after: int = 6  # local mode: coarse iterations before only the best start goes on
-    local_retry: float = 0.1  # local mode: share of images (highest cost) redone without pruning
+    local_retry: float = 0.1  # local mode: share of images (highest cost) redone from more
+    # amplitude starts (`local_retry_starts`), unpruned
     local_coarse_cell: float = 1.4  # local mode: its coarse stage's cube (coarse pixels), when
     # that stage's box is below the full box
 
@@ -115,6 +116,19 @@ class AlignSettings:
         gallery models) and more coarse iterations than `local_prune_after`."""
         several = self.local_starts > 1 and self.gallery_amplitude > 0
         return several and self.local_iterations[0] > self.local_prune_after
+
+    def local_retry_starts(self, n_modes: int) -> int:
+        """Amplitude starts of the local retry: the best-correlating 3 × `local_starts` of the
+        2K + 1 the gallery's models give (all 7 for 3 modes); 1 without gallery models."""
+        if self.gallery_amplitude <= 0:
+            return 1
+        return min(3 * self.local_starts, 2 * n_modes + 1)
+
+    def local_retry_helps(self, n_modes: int) -> bool:
+        """Whether the local retry refines differently from the first pass: more starts, or
+        its starts unpruned."""
+        more = self.local_retry_starts(n_modes) > min(self.local_starts, 2 * n_modes + 1)
+        return self.gallery_amplitude > 0 and (self.local_pruned or more)
 
 
 START_MODES = ("search", "priors", "network")
@@ -634,9 +648,9 @@ class Aligner:
         """Local mode, coarse box: `refine`'s answer for each candidate (R,) refined from its
         amplitude starts, the best objective kept. With `prune`, its `local_starts` best, of which
         only the best goes on after `local_prune_after` iterations (with a fresh step schedule
-        over the remaining ones: a warm restart); without, every start the gallery's models give
-        (2K + 1), carried through."""
-        n = s.local_starts if prune else 2 * amp0.shape[1] + 1
+        over the remaining ones: a warm restart); without, its `local_retry_starts` best, carried
+        through."""
+        n = s.local_starts if prune else s.local_retry_starts(amp0.shape[1])
         starts = self.start_amplitudes(target, rot0, shift0, amp0, n)  # (R, n, K)
         r, n = starts.shape[:2]
         rep = lambda x: x.repeat_interleave(n, 0)
@@ -670,7 +684,7 @@ class Aligner:
         for one batch; the objective is what the refinement minimised (-NCC without a prior).
         Candidates come from the global search (`retry_candidates` of them when `thorough`), or
         with `start` from local_candidates; local candidates are refined from several amplitude
-        starts (`refine_starts`: pruned, or when `thorough` all the gallery's, unpruned)."""
+        starts (`refine_starts`: pruned, or when `thorough` more of them, unpruned)."""
         imgs = torch.as_tensor(images, dtype=torch.float32, device=self.dev)
         coarse = make_target(imgs, ctf_params, rows, self.coarse, self.px, has_ctf)
         eul, sh, amp_init, iterations, s = self.candidates(coarse, start, thorough)
@@ -792,8 +806,8 @@ def align_rows(
     global search, or in local mode when `start` (one row per particle of `ps`) is given. In
     both modes the images left with the highest cost are then aligned again, more thoroughly,
     each keeping the better answer: global search, the `retry` share with `retry_candidates`
-    candidates (when more than `candidates`); local mode, the `local_retry` share from every
-    amplitude start the gallery's models give, unpruned (when there are such starts). Under MPI,
+    candidates (when more than `candidates`); local mode, the `local_retry` share from
+    `local_retry_starts` amplitude starts, unpruned (when that differs from the first pass). Under MPI,
     `gather` (see `redo_worst`) makes the shares of all ranks' images together."""
     aligners = [aligner] if isinstance(aligner, Aligner) else list(aligner)
     result = align_batches(ps, rows, aligners, desc, start)
@@ -802,8 +816,8 @@ def align_rows(
         share, more = s.retry, s.retry_candidates > s.candidates
         what = f"searched again with {s.retry_candidates} candidates"
     else:
-        share, more = s.local_retry, s.gallery_amplitude > 0
-        what = "refined again from every amplitude start"
+        share, more = s.local_retry, s.local_retry_helps(aligners[0].model.n_modes)
+        what = "refined again from more amplitude starts, unpruned"
     if not more:
         return result
     redo = lambda worst: align_batches(
@@ -944,7 +958,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=d.full_cell,
         help="full-box refinement on pseudo-atoms, the atoms merged per cube of this edge in "
-        "full-box pixels, at most the coarse stage's cube; 0: on the atoms",
+        "full-box pixels, at most --coarse-cell's cube; 0: on the atoms",
     )
     p.add_argument(
         "--n-directions",
@@ -1059,15 +1073,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=d.local_retry,
         help="local mode: share of the shard's images (all its MPI ranks together), those left "
-        "with the highest cost, refined again from every amplitude start (2K + 1), unpruned; "
-        "each keeps the better answer",
+        "with the highest cost, refined again from the best-correlating 3 x --local-starts of the "
+        "2K + 1 amplitude starts, unpruned; each keeps the better answer",
     )
     p.add_argument(
         "--local-coarse-cell",
         type=float,
         default=d.local_coarse_cell,
         help="local mode: its coarse refinement on pseudo-atoms per cube of this edge (coarse "
-        "px); 0: atoms",
+        "px; where the coarse box is the full box, --coarse-cell's); 0: atoms",
     )
     p.add_argument(
         "--escalate",
