@@ -25,8 +25,8 @@ amplitudes and those ± `gallery_amplitude` along each mode, the ones that corre
 step 2 then runs as above with the rotation kept within `local_max_angle_deg` of its start and
 the shift within `local_max_shift_px` (projected after every step), its coarse stage on coarser
 pseudo-atoms (`local_coarse_cell`: a start near the answer needs less detail than a search's
-candidates). With `--escalate`, the
-fraction of images left with the highest cost is aligned again by the global search.
+candidates). With `--escalate`, the fraction of images left with the highest cost is aligned
+again by the global search.
 
 The cost of each image is 1 - (final normalised correlation); under MPI, ranks split the images.
 
@@ -128,7 +128,7 @@ class AlignSettings:
         """Whether the local retry refines differently from the first pass: more starts, or
         its starts unpruned."""
         more = self.local_retry_starts(n_modes) > min(self.local_starts, 2 * n_modes + 1)
-        return self.gallery_amplitude > 0 and (self.local_pruned or more)
+        return self.local_pruned or more
 
 
 START_MODES = ("search", "priors", "network")
@@ -577,24 +577,24 @@ class Aligner:
         coarse_px = pixel_size * box / self.coarse
 
         def pseudo_atoms(cell: float) -> tuple[FlexibleModel, float]:
-            """The model as pseudo-atoms per cube of `cell` Å and their spread (Å); 0: the atoms."""
+            """The model as pseudo-atoms per cube of `cell` Å, their spread (Å); 0: the atoms."""
             if cell <= 0:
                 return self.model, 0.0
             pseudo, spread = model.coarsened(cell)
             return pseudo.to(device), spread
 
-        coarse_cell = settings.coarse_cell * coarse_px
-        # local mode: coarser, unless its coarse stage is at the full box (32-px images of 4.4 Å,
-        # noise-free, from 8° off: 0.68° from the truth on cubes of 1.4 pixel, 0.32° on 0.7)
-        local = settings.local_coarse_cell if self.coarse < box else settings.coarse_cell
-        local *= coarse_px
-        self.coarse_model, self.coarse_spread = pseudo_atoms(
-            coarse_cell if settings.start == "search" else local
-        )
+        search_cube = settings.coarse_cell * coarse_px
+        cell = settings.coarse_cell
+        if settings.start != "search" and self.coarse < box:
+            # local mode: coarser, unless its coarse stage is at the full box (32-px images of
+            # 4.4 Å, noise-free, from 8° off: 0.68° from the truth on cubes of 1.4 pixel, 0.32°
+            # on cubes of 0.7)
+            cell = settings.local_coarse_cell
+        self.coarse_model, self.coarse_spread = pseudo_atoms(cell * coarse_px)
         # never coarser than the search's coarse stage (32-px images of 4.4 Å, noise-free, refined
         # locally on cubes of one pixel: 0.69° from the truth, on cubes of 0.7 pixel 0.41°)
         self.full_model, self.full_spread = pseudo_atoms(
-            min(settings.full_cell * pixel_size, coarse_cell)
+            min(settings.full_cell * pixel_size, search_cube)
         )
         self.gallery = None  # local modes need none
         if settings.start == "search":
@@ -807,8 +807,8 @@ def align_rows(
     both modes the images left with the highest cost are then aligned again, more thoroughly,
     each keeping the better answer: global search, the `retry` share with `retry_candidates`
     candidates (when more than `candidates`); local mode, the `local_retry` share from
-    `local_retry_starts` amplitude starts, unpruned (when that differs from the first pass). Under MPI,
-    `gather` (see `redo_worst`) makes the shares of all ranks' images together."""
+    `local_retry_starts` amplitude starts, unpruned (when that differs from the first pass).
+    Under MPI, `gather` (see `redo_worst`) makes the shares of all ranks' images together."""
     aligners = [aligner] if isinstance(aligner, Aligner) else list(aligner)
     result = align_batches(ps, rows, aligners, desc, start)
     s = aligners[0].s
